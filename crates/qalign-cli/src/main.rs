@@ -1,0 +1,38 @@
+//! `qalign`: a thin command-line layer. Each subcommand parses its flags into a validated
+//! config and hands it to the library crates; nothing here does numerics.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "qalign", version, about = "Q-Align / OneAlign quality and aesthetics scoring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn human-score label files into the official SFT JSON (the level syllabus).
+    Syllabus(cmd::syllabus::Args),
+    /// Compare predictions with human scores: SRCC, PLCC, KRCC, RMSE with confidence intervals.
+    Eval(cmd::eval::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Syllabus(args) => cmd::syllabus::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(cmd::EXIT_ERROR)
+        }
+    }
+}

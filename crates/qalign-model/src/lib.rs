@@ -1,0 +1,1 @@
+//! mPLUG-Owl2 / OneAlign in candle: loads the official checkpoints unchanged and scores images.
