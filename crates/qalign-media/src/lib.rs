@@ -1,2 +1,6 @@
 //! Turns image and video files into the exact pixel tensors the official model sees:
 //! Pillow-exact image preprocessing and FFmpeg-based 1-fps video frame sampling.
+
+pub mod error;
+
+pub use error::MediaError;

@@ -1,0 +1,22 @@
+//! One error type for every media failure, so callers (CLI, scorer) can report
+//! which file broke and why without caring whether it was an image or a video.
+
+use std::path::PathBuf;
+
+/// Errors from decoding or preprocessing media files. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    /// The file could not be read (missing, permission denied, ...).
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but its contents are malformed, truncated or not media at all.
+    #[error("cannot decode {}: {message}", path.display())]
+    Decode { path: PathBuf, message: String },
+    /// The file (or a configuration) is valid but uses something this crate does not support.
+    #[error("unsupported input {}: {message}", path.display())]
+    Unsupported { path: PathBuf, message: String },
+}
