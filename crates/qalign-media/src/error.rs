@@ -19,4 +19,21 @@ pub enum MediaError {
     /// The file (or a configuration) is valid but uses something this crate does not support.
     #[error("unsupported input {}: {message}", path.display())]
     Unsupported { path: PathBuf, message: String },
+    /// An external program this crate drives (ffmpeg, ffprobe) is not installed or not found.
+    #[error("{tool} not found: install Debian's ffmpeg package or set {env_var} ({searched})")]
+    ToolNotFound {
+        tool: &'static str,
+        env_var: &'static str,
+        searched: String,
+    },
+    /// An external program could not be run on a file (spawn or pipe failure, not a bad input).
+    #[error("{} failed on {}: {message}", tool.display(), path.display())]
+    ToolFailed {
+        tool: PathBuf,
+        path: PathBuf,
+        message: String,
+    },
+    /// A caller-supplied setting is out of range (named as the option or argument).
+    #[error("invalid {name}: {message}")]
+    InvalidArgument { name: String, message: String },
 }
