@@ -1,0 +1,378 @@
+//! The training syllabus: human scores turned into the official SFT conversations.
+//!
+//! Q-Align is trained to *say* a rating word. Each labelled item becomes a two-turn
+//! conversation — a question drawn from a paraphrase pool, answered "The quality of the image is
+//! good." — with the word chosen by Eq. 1 over the dataset's own score range. The conversion
+//! precision (SRCC/PLCC between the MOS and the level number, the paper's Table 2) tells how much
+//! the discretisation costs.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::dataset::{Dataset, MediaKind};
+use crate::levels::{LevelError, LevelSet, ScoreRange};
+use crate::metrics::{self, MetricError};
+
+/// What is rated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Quality,
+    Aesthetics,
+}
+
+impl Task {
+    /// The word used in prompts: "quality" or "aesthetics".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Quality => "quality",
+            Task::Aesthetics => "aesthetics",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quality" => Ok(Task::Quality),
+            "aesthetics" => Ok(Task::Aesthetics),
+            other => Err(format!(
+                "unknown task {other:?}: expected \"quality\" or \"aesthetics\""
+            )),
+        }
+    }
+}
+
+/// The image marker that follows every question.
+pub const IMAGE_MARKER: &str = "<|image|>";
+
+const QUALITY_IMAGE: [&str; 9] = [
+    "What is your quality rating for this image?",
+    "What's your opinion on the quality of this picture?",
+    "How do you assess the quality of this image?",
+    "Could you evaluate the quality of this image?",
+    "How would you judge the quality of this image?",
+    "Rate the quality of this image.",
+    "Can you rate the quality of this picture?",
+    "How would you rate the quality of this image?",
+    "What do you think about the quality of this image?",
+];
+
+const QUALITY_VIDEO: [&str; 9] = [
+    "What is your quality rating for this video?",
+    "What's your opinion on the quality of this video?",
+    "How do you assess the quality of this video?",
+    "Could you evaluate the quality of this video?",
+    "How would you judge the quality of this video?",
+    "Rate the quality of this video.",
+    "Can you rate the quality of this video?",
+    "How would you rate the quality of this video?",
+    "What do you think about the quality of this video?",
+];
+
+const AESTHETICS_IMAGE: [&str; 9] = [
+    "What is your aesthetics rating for this image?",
+    "What's your opinion on the aesthetics of this picture?",
+    "How do you assess the aesthetics of this image?",
+    "Could you evaluate the aesthetics of this image?",
+    "How would you judge the aesthetics of this image?",
+    "Rate the aesthetics of this image.",
+    "Can you rate the aesthetics of this picture?",
+    "How would you rate the aesthetics of this image?",
+    "What do you think about the aesthetics of this image?",
+];
+
+const AESTHETICS_VIDEO: [&str; 9] = [
+    "What is your aesthetics rating for this video?",
+    "What's your opinion on the aesthetics of this video?",
+    "How do you assess the aesthetics of this video?",
+    "Could you evaluate the aesthetics of this video?",
+    "How would you judge the aesthetics of this video?",
+    "Rate the aesthetics of this video.",
+    "Can you rate the aesthetics of this video?",
+    "How would you rate the aesthetics of this video?",
+    "What do you think about the aesthetics of this video?",
+];
+
+/// The paraphrased questions for a task and input (quality/image is the official KonIQ pool).
+pub fn question_pool(task: Task, input: MediaKind) -> &'static [&'static str] {
+    match (task, input) {
+        (Task::Quality, MediaKind::Image) => &QUALITY_IMAGE,
+        (Task::Quality, MediaKind::Video) => &QUALITY_VIDEO,
+        (Task::Aesthetics, MediaKind::Image) => &AESTHETICS_IMAGE,
+        (Task::Aesthetics, MediaKind::Video) => &AESTHETICS_VIDEO,
+    }
+}
+
+/// The answer sentence: "The quality of the image is good."
+pub fn answer_sentence(task: Task, input: MediaKind, word: &str) -> String {
+    format!("The {task} of the {input} is {word}.")
+}
+
+/// Errors while building a syllabus.
+#[derive(Debug, thiserror::Error)]
+pub enum SyllabusError {
+    #[error("--fraction must lie in (0, 1], got {0}")]
+    BadFraction(f64),
+    #[error("no label files given")]
+    NoDatasets,
+    #[error("dataset {dataset}: {source}")]
+    Range { dataset: String, source: LevelError },
+    #[error("dataset {dataset}, record {index} ({path}): {source}")]
+    Item {
+        dataset: String,
+        index: usize,
+        path: String,
+        source: LevelError,
+    },
+    #[error("dataset {dataset}, record {index} ({path}) is a {found}, but --input is {expected}")]
+    WrongInput {
+        dataset: String,
+        index: usize,
+        path: String,
+        found: MediaKind,
+        expected: MediaKind,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to build the syllabus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyllabusOptions {
+    pub task: Task,
+    pub input: MediaKind,
+    /// Bin over this range instead of each dataset's own min and max.
+    pub range: Option<ScoreRange>,
+    /// Keep a seeded random subset of this fraction of each dataset (few-shot).
+    pub fraction: Option<f64>,
+    /// Seeds both the subset and the question draws.
+    pub seed: u64,
+    pub levels: LevelSet,
+}
+
+impl SyllabusOptions {
+    pub fn new(task: Task, input: MediaKind) -> Self {
+        Self {
+            task,
+            input,
+            range: None,
+            fraction: None,
+            seed: 0,
+            levels: LevelSet::itu(),
+        }
+    }
+}
+
+/// One conversation turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub from: String,
+    pub value: String,
+}
+
+/// One item of the official SFT JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SftItem {
+    pub id: String,
+    pub image: String,
+    pub conversations: Vec<Turn>,
+}
+
+/// Level word → count, serialised as a JSON object in level order (best → worst).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelCounts(pub Vec<(String, usize)>);
+
+impl Serialize for LevelCounts {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (word, count) in &self.0 {
+            map.serialize_entry(word, count)?;
+        }
+        map.end()
+    }
+}
+
+/// The conversion precision of one dataset (paper Table 2).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConversionReport {
+    pub name: String,
+    /// Items written (the subset when a fraction was asked for).
+    pub n: usize,
+    /// The binned range.
+    pub m: f64,
+    #[serde(rename = "M")]
+    pub max: f64,
+    /// SRCC / PLCC between each written item's MOS and its level number; NaN (JSON null) when
+    /// undefined, e.g. every item got the same level.
+    pub srcc: f64,
+    pub plcc: f64,
+    pub level_counts: LevelCounts,
+}
+
+/// A built syllabus: the SFT items of all datasets, in input order, and one report each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Syllabus {
+    pub items: Vec<SftItem>,
+    pub reports: Vec<ConversionReport>,
+}
+
+/// Build the SFT items of several datasets (mixing), each binned over its own range (or
+/// `options.range`). Deterministic for a given seed.
+pub fn build_syllabus(datasets: &[Dataset], options: &SyllabusOptions) -> Result<Syllabus, SyllabusError> {
+    if datasets.is_empty() {
+        return Err(SyllabusError::NoDatasets);
+    }
+    if let Some(f) = options.fraction
+        && !(f > 0.0 && f <= 1.0)
+    {
+        return Err(SyllabusError::BadFraction(f));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let pool = question_pool(options.task, options.input);
+    let levels = &options.levels;
+    let mut items = Vec::new();
+    let mut reports = Vec::new();
+    for dataset in datasets {
+        let range = match options.range {
+            Some(r) => r,
+            None => ScoreRange::of(&dataset.scores()).map_err(|source| SyllabusError::Range {
+                dataset: dataset.name.clone(),
+                source,
+            })?,
+        };
+        let selected = select(dataset.items.len(), options.fraction, &mut rng);
+        let mut mos = Vec::with_capacity(selected.len());
+        let mut level_numbers = Vec::with_capacity(selected.len());
+        let mut counts = vec![0usize; levels.n_levels()];
+        for index in selected {
+            let item = &dataset.items[index];
+            if item.kind != options.input {
+                return Err(SyllabusError::WrongInput {
+                    dataset: dataset.name.clone(),
+                    index,
+                    path: item.path.clone(),
+                    found: item.kind,
+                    expected: options.input,
+                });
+            }
+            let level = levels
+                .level_of(item.score, range)
+                .map_err(|source| SyllabusError::Item {
+                    dataset: dataset.name.clone(),
+                    index,
+                    path: item.path.clone(),
+                    source,
+                })?;
+            let question = pool[rng.random_range(0..pool.len() as u64) as usize];
+            let word = levels.word(level);
+            counts[levels.n_levels() - level.number()] += 1;
+            mos.push(item.score);
+            level_numbers.push(level.number() as f64);
+            items.push(SftItem {
+                id: format!("{}->{}", file_name(&item.path), item.score),
+                image: item.path.clone(),
+                conversations: vec![
+                    Turn {
+                        from: "human".to_string(),
+                        value: format!("{question}\n{IMAGE_MARKER}"),
+                    },
+                    Turn {
+                        from: "gpt".to_string(),
+                        value: answer_sentence(options.task, options.input, word),
+                    },
+                ],
+            });
+        }
+        let (srcc, plcc) = conversion_precision(&mos, &level_numbers);
+        reports.push(ConversionReport {
+            name: dataset.name.clone(),
+            n: mos.len(),
+            m: range.min(),
+            max: range.max(),
+            srcc,
+            plcc,
+            level_counts: LevelCounts(levels.words().iter().cloned().zip(counts).collect()),
+        });
+    }
+    Ok(Syllabus { items, reports })
+}
+
+/// SRCC and PLCC between MOS and level numbers; NaN where undefined.
+pub fn conversion_precision(mos: &[f64], level_numbers: &[f64]) -> (f64, f64) {
+    let or_nan = |r: Result<f64, MetricError>| r.unwrap_or(f64::NAN);
+    (
+        or_nan(metrics::srcc(mos, level_numbers)),
+        or_nan(metrics::plcc(mos, level_numbers)),
+    )
+}
+
+/// Indices of the items to keep, in file order: all of them, or round(F·n) (at least 1)
+/// drawn without replacement.
+fn select(n: usize, fraction: Option<f64>, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    match fraction {
+        None => (0..n).collect(),
+        Some(f) => {
+            let k = ((f * n as f64).round() as usize).clamp(1.min(n), n);
+            let mut picked = sample(rng, n, k).into_vec();
+            picked.sort_unstable();
+            picked
+        }
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit(['/', '\\']).next().unwrap_or(path)
+}
+
+/// Write `value` as pretty JSON to `path` atomically: into a temporary file in the same folder,
+/// flushed, then renamed over `path`, so readers never see a half-written file.
+pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), SyllabusError> {
+    let write_error = |source: std::io::Error| SyllabusError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| write_error(std::io::Error::other("the output path has no file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut writer = std::io::BufWriter::new(file);
+        serde_json::to_writer_pretty(&mut writer, value).map_err(std::io::Error::other)?;
+        writer.write_all(b"\n")?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(write_error)
+}
