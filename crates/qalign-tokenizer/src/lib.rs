@@ -1,2 +1,23 @@
 //! A pure-Rust reader and encoder for the LLaMA SentencePiece `tokenizer.model`, plus the
 //! official `tokenizer_image_token` splicing and the Q-Align prompt strings.
+//!
+//! Q-Align reads its score from the logits after the last prompt token, so the prompt ids must
+//! match the official Python stack bit for bit; this crate reproduces SentencePiece BPE (and
+//! Hugging Face's slow `LlamaTokenizer`, `legacy=false`) without Python or C++.
+
+mod bpe;
+pub mod conversation;
+mod error;
+mod image;
+pub mod prompts;
+mod proto;
+mod tokenizer;
+
+pub use conversation::{
+    IGNORE_INDEX, MODEL_MAX_LENGTH, Message, Speaker, TrainingTokens, VICUNA_V1_SYSTEM,
+    single_turn_training_text, tokenize_for_training, vicuna_v1_prompt,
+};
+pub use error::{Result, TokenizerError};
+pub use image::{IMAGE_MARKER, IMAGE_TOKEN_INDEX, level_token_ids, tokenize_with_image};
+pub use prompts::{InputKind, LEVEL_WORDS, Task, scorer_prompt};
+pub use tokenizer::{PieceKind, SPACE_SYMBOL, Tokenizer};
