@@ -51,6 +51,8 @@ fn ids_i64(value: &Value) -> Vec<i64> {
 
 #[test]
 fn model_metadata() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
     let tok = tokenizer();
     assert_eq!(tok.vocab_size(), 32000);
     assert_eq!((tok.unk_id(), tok.bos_id(), tok.eos_id()), (0, 1, 2));
