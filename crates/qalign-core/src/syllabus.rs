@@ -288,7 +288,7 @@ pub fn build_syllabus(datasets: &[Dataset], options: &SyllabusOptions) -> Result
             mos.push(item.score);
             level_numbers.push(level.number() as f64);
             items.push(SftItem {
-                id: format!("{}->{}", file_name(&item.path), item.score),
+                id: format!("{}->{}", file_name(&item.path), python_float_repr(item.score)),
                 image: item.path.clone(),
                 conversations: vec![
                     Turn {
@@ -337,6 +337,25 @@ fn select(n: usize, fraction: Option<f64>, rng: &mut ChaCha8Rng) -> Vec<usize> {
             picked
         }
     }
+}
+
+/// The MOS as Python's `repr(float)` writes it (the official ids were made with Python):
+/// the shortest text that reads back to the same value, "67.0" for integers, and exponent
+/// form ("1e-05", "1e+16") below 1e-4 or from 1e16 on.
+pub fn python_float_repr(v: f64) -> String {
+    let magnitude = v.abs();
+    if !v.is_finite() || (magnitude != 0.0 && !(1e-4..1e16).contains(&magnitude)) {
+        let text = format!("{v:e}");
+        return match text.split_once('e') {
+            Some((mantissa, exp)) => {
+                let (sign, digits) = exp.strip_prefix('-').map_or(("+", exp), |d| ("-", d));
+                format!("{mantissa}e{sign}{digits:0>2}")
+            }
+            None => text,
+        };
+    }
+    let text = format!("{v}");
+    if text.contains('.') { text } else { format!("{text}.0") }
 }
 
 fn file_name(path: &str) -> &str {

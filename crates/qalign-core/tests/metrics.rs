@@ -1,0 +1,270 @@
+//! Metrics against scipy on real label data. The reference values were computed once with
+//! scipy 1.17.1 / numpy 2.4 (`spearmanr`, `pearsonr`, `kendalltau`, and `curve_fit` with pyiqa's
+//! starting point for the logistic) on the same files and the same deterministic transforms.
+
+mod common;
+
+use common::{assert_close, labels};
+use qalign_core::dataset::{Columns, read_labels};
+use qalign_core::metrics::logistic::fitted_metrics;
+use qalign_core::metrics::{
+    self, BootstrapOptions, Logistic4, MetricError, Metrics, Side, average_ranks, bootstrap,
+};
+
+const TOL: f64 = 1e-9;
+
+fn mos(file: &str) -> Vec<f64> {
+    read_labels(&labels(file), &Columns::default())
+        .unwrap()
+        .scores()
+}
+
+fn check(name: &str, x: &[f64], y: &[f64], expected: [f64; 4]) {
+    let m = Metrics::compute(x, y).unwrap();
+    assert_eq!(m.n, x.len());
+    assert_close(m.srcc, expected[0], TOL, &format!("{name} SRCC"));
+    assert_close(m.plcc, expected[1], TOL, &format!("{name} PLCC"));
+    assert_close(m.krcc, expected[2], TOL, &format!("{name} KRCC"));
+    assert_close(m.rmse, expected[3], TOL, &format!("{name} RMSE"));
+}
+
+#[test]
+fn koniq_mos_against_official_levels() {
+    let ds = read_labels(&labels("train_koniq.json"), &Columns::default()).unwrap();
+    let words = ["bad", "poor", "fair", "good", "excellent"];
+    let x = ds.scores();
+    let y: Vec<f64> = ds
+        .items
+        .iter()
+        .map(|i| {
+            let w = i.answer_level_word().unwrap();
+            (words.iter().position(|&v| v == w).unwrap() + 1) as f64
+        })
+        .collect();
+    assert_eq!(x.len(), 7046);
+    check(
+        "koniq",
+        &x,
+        &y,
+        [
+            0.951690227341178,
+            0.9605520609333121,
+            0.844239402053305,
+            56.77831790535728,
+        ],
+    );
+}
+
+#[test]
+fn livec_mos_against_shifted_mos() {
+    let x = mos("livec.json");
+    let y: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + ((i * 37) % 101) as f64 * 0.5)
+        .collect();
+    check(
+        "livec",
+        &x,
+        &y,
+        [
+            0.7837840852667397,
+            0.8147046424909985,
+            0.5832343381285585,
+            28.937094394447357,
+        ],
+    );
+}
+
+#[test]
+fn csiq_ties_on_both_sides() {
+    let x = mos("csiq.json");
+    let y: Vec<f64> = (0..x.len()).map(|i| ((i * 37) % 11) as f64).collect();
+    check(
+        "csiq",
+        &x,
+        &y,
+        [
+            -0.011885253676209753,
+            -0.014293583688868383,
+            -0.008569584246349918,
+            5.63965515340551,
+        ],
+    );
+}
+
+#[test]
+fn kadid_negative_correlation() {
+    let x = mos("test_kadid.json");
+    let y: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| -(v * v) + (i % 7) as f64 * 0.25)
+        .collect();
+    check(
+        "kadid",
+        &x,
+        &y,
+        [
+            -0.9956538060149147,
+            -0.9858601970357824,
+            -0.9461350021119658,
+            14.731912474433521,
+        ],
+    );
+}
+
+#[test]
+fn average_ranks_match_scipy_rankdata() {
+    assert_eq!(
+        average_ranks(&[10.0, 20.0, 10.0, 30.0, 20.0, 10.0]),
+        vec![2.0, 4.5, 2.0, 6.0, 4.5, 2.0]
+    );
+}
+
+#[test]
+fn kendall_small_cases() {
+    // Perfect agreement, perfect disagreement, and a hand-counted case with ties:
+    // x = [1,2,2,3], y = [1,3,2,2]: concordant 3, discordant 1, x-ties 1, y-ties 1,
+    // tau_b = (3−1)/sqrt((6−1)(6−1)) = 0.4.
+    assert_close(metrics::krcc(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]).unwrap(), 1.0, 0.0, "+1");
+    assert_close(metrics::krcc(&[1.0, 2.0, 3.0], &[6.0, 5.0, 4.0]).unwrap(), -1.0, 0.0, "-1");
+    assert_close(
+        metrics::krcc(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 2.0]).unwrap(),
+        0.4,
+        1e-15,
+        "ties",
+    );
+}
+
+#[test]
+fn degenerate_inputs_are_errors_not_panics() {
+    assert_eq!(
+        Metrics::compute(&[1.0, 2.0], &[1.0, 2.0]),
+        Err(MetricError::TooFewPairs(2))
+    );
+    assert_eq!(metrics::srcc(&[], &[]), Err(MetricError::TooFewPairs(0)));
+    assert_eq!(
+        metrics::plcc(&[1.0, 2.0, 3.0], &[1.0, 2.0]),
+        Err(MetricError::LengthMismatch { first: 3, second: 2 })
+    );
+    assert_eq!(
+        metrics::srcc(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]),
+        Err(MetricError::Constant(Side::First))
+    );
+    assert_eq!(
+        metrics::krcc(&[1.0, 2.0, 3.0], &[5.0, 5.0, 5.0]),
+        Err(MetricError::Constant(Side::Second))
+    );
+    assert!(matches!(
+        metrics::plcc(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.0]),
+        Err(MetricError::NonFinite { side: Side::First, index: 1, .. })
+    ));
+    assert!(matches!(
+        metrics::rmse(&[1.0, 2.0, 3.0], &[1.0, 2.0, f64::INFINITY]),
+        Err(MetricError::NonFinite { side: Side::Second, index: 2, .. })
+    ));
+    // RMSE is defined for constant vectors.
+    assert_eq!(metrics::rmse(&[1.0; 3], &[1.0; 3]), Ok(0.0));
+    assert!(Logistic4::fit(&[2.0; 4], &[1.0, 2.0, 3.0, 4.0]).is_err());
+}
+
+#[test]
+fn logistic_fit_matches_scipy_curve_fit() {
+    let y = mos("livec.json");
+    let x: Vec<f64> = y
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v / (100.0 - v)).ln() + ((i * 37) % 101) as f64 * 0.01)
+        .collect();
+    let fit = fitted_metrics(&x, &y).unwrap();
+    // scipy `curve_fit` from pyiqa's start, run to convergence (ftol = xtol = gtol = 1e-15; its
+    // default 1.5e-8 stops ~4e-5 short in β2): popt = [96.24190808680181, -2.5755361931191034,
+    // 0.2986125246117232, 1.0982677419918954], SSE 39939.1790612776.
+    let expected = [
+        96.24190808680181,
+        -2.5755361931191034,
+        0.2986125246117232,
+        1.0982677419918954,
+    ];
+    for (k, (&got, &want)) in fit.curve.beta.iter().zip(&expected).enumerate() {
+        assert_close(got, want, 1e-5 * want.abs().max(1.0), &format!("beta{}", k + 1));
+    }
+    assert_close(fit.plcc, 0.9575575839022197, 1e-9, "fitted PLCC");
+    assert_close(fit.rmse, 5.845104922020203, 1e-9, "fitted RMSE");
+    // Raw PLCC for comparison (scipy 0.9513760805519967): the fit helps, as expected.
+    assert_close(metrics::plcc(&x, &y).unwrap(), 0.9513760805519967, TOL, "raw PLCC");
+}
+
+#[test]
+fn logistic_recovers_an_exact_curve() {
+    let truth = Logistic4 {
+        beta: [80.0, 10.0, 3.0, 0.5],
+    };
+    let x: Vec<f64> = (0..200).map(|i| 1.0 + 4.0 * i as f64 / 199.0).collect();
+    let y: Vec<f64> = x.iter().map(|&v| truth.eval(v)).collect();
+    let fit = Logistic4::fit(&x, &y).unwrap();
+    for (got, want) in fit.beta.iter().zip(truth.beta) {
+        assert_close(got.abs(), want, 1e-6, "beta");
+    }
+}
+
+#[test]
+fn bootstrap_is_seeded_and_brackets_the_estimate() {
+    let x = mos("livec.json");
+    let y: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + ((i * 37) % 101) as f64 * 0.5)
+        .collect();
+    let opts = BootstrapOptions {
+        resamples: 200,
+        seed: 7,
+        confidence: 0.95,
+    };
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let count = |k: usize| {
+        calls.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
+    };
+    let a = bootstrap(&x, &y, opts, &count).unwrap();
+    assert_eq!(calls.into_inner(), 200);
+    let b = bootstrap(&x, &y, opts, &|_| {}).unwrap();
+    assert_eq!(a, b, "same seed, same intervals");
+    let c = bootstrap(&x, &y, BootstrapOptions { seed: 8, ..opts }, &|_| {}).unwrap();
+    assert_ne!(a.srcc, c.srcc, "another seed, other intervals");
+    let m = Metrics::compute(&x, &y).unwrap();
+    for (name, iv, point) in [
+        ("srcc", a.srcc, m.srcc),
+        ("plcc", a.plcc, m.plcc),
+        ("krcc", a.krcc, m.krcc),
+        ("rmse", a.rmse, m.rmse),
+    ] {
+        assert!(iv.low < point && point < iv.high, "{name}: {iv:?} vs {point}");
+        // With n = 1169 the 95% interval of a correlation near 0.8 is a few hundredths wide.
+        assert!(iv.high - iv.low < 0.2 * point.abs().max(1.0), "{name}: {iv:?}");
+    }
+    assert_eq!(a.degenerate_resamples, 0);
+}
+
+#[test]
+fn bootstrap_of_tiny_samples_skips_constant_resamples() {
+    let x = [1.0, 2.0, 3.0];
+    let y = [1.0, 3.0, 2.0];
+    let opts = BootstrapOptions {
+        resamples: 300,
+        seed: 1,
+        confidence: 0.9,
+    };
+    let ci = bootstrap(&x, &y, opts, &|_| {}).unwrap();
+    // P(all three draws equal) = 3/27, so about 33 of 300 resamples are constant.
+    assert!(ci.degenerate_resamples > 10 && ci.degenerate_resamples < 70);
+    assert!(ci.srcc.low >= -1.0 && ci.srcc.high <= 1.0);
+    assert!(matches!(
+        bootstrap(&x, &y, BootstrapOptions { resamples: 0, ..opts }, &|_| {}),
+        Err(MetricError::InvalidOption(_))
+    ));
+    assert!(matches!(
+        bootstrap(&x, &y, BootstrapOptions { confidence: 1.0, ..opts }, &|_| {}),
+        Err(MetricError::InvalidOption(_))
+    ));
+}
