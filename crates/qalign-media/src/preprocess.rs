@@ -1,0 +1,418 @@
+//! The checkpoint's `preprocessor_config.json` (a transformers `CLIPImageProcessor`) and the full
+//! Q-Align image pipeline: RGB8 → `expand2square` → resize → center crop → rescale → normalise →
+//! CHW f32. Each step follows transformers 4.36 + Pillow so the tensor equals the official one.
+
+use std::path::Path;
+
+use image::RgbImage;
+use serde::Deserialize;
+
+use crate::MediaError;
+use crate::image::{DecodeOptions, expand2square, load_rgb};
+use crate::resize::{ResampleFilter, resize};
+
+/// CLIP's (and Q-Align's) normalisation constants.
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// A normalised image tensor: 3 channels (RGB), channel-first, `data[c * height * width + y *
+/// width + x]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pixels {
+    pub data: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Pixels {
+    pub const CHANNELS: usize = 3;
+
+    /// The tensor shape, `[3, height, width]`.
+    pub fn shape(&self) -> [usize; 3] {
+        [Self::CHANNELS, self.height, self.width]
+    }
+}
+
+/// Target of the resize step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTarget {
+    /// The short side becomes `n`, the long side `int(n · long / short)` (aspect kept).
+    ShortestEdge(u32),
+    /// Exactly `width` × `height`.
+    Exact { height: u32, width: u32 },
+}
+
+/// `size` as written in the JSON: `448`, `{"shortest_edge": 448}` or `{"height": h, "width": w}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Int(i64),
+    Map(std::collections::BTreeMap<String, i64>),
+}
+
+fn positive(value: i64, what: &str) -> Result<u32, String> {
+    u32::try_from(value)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{what} must be a positive integer, got {value}"))
+}
+
+impl TryFrom<RawSize> for ResizeTarget {
+    type Error = String;
+    fn try_from(raw: RawSize) -> Result<Self, String> {
+        match raw {
+            // transformers' get_size_dict(int, default_to_square=False) for CLIP.
+            RawSize::Int(n) => Ok(Self::ShortestEdge(positive(n, "size")?)),
+            RawSize::Map(map) => {
+                let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+                match keys.as_slice() {
+                    ["shortest_edge"] => Ok(Self::ShortestEdge(positive(
+                        map["shortest_edge"],
+                        "size.shortest_edge",
+                    )?)),
+                    ["height", "width"] => Ok(Self::Exact {
+                        height: positive(map["height"], "size.height")?,
+                        width: positive(map["width"], "size.width")?,
+                    }),
+                    _ => Err(format!(
+                        "size must be an integer, {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}; got keys {keys:?}"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResizeTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawSize::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "size must be an integer or an object of integers ({\"shortest_edge\": n} or {\"height\": h, \"width\": w})",
+            )
+        })?;
+        Self::try_from(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl ResizeTarget {
+    /// Output `(width, height)` for an input of `width` × `height` (transformers'
+    /// `get_resize_output_image_size`, `default_to_square=False`).
+    pub fn output_size(self, width: u32, height: u32) -> (u32, u32) {
+        match self {
+            Self::Exact { height, width } => (width, height),
+            Self::ShortestEdge(n) => {
+                let (short, long) = (width.min(height), width.max(height));
+                if short == 0 {
+                    return (width, height);
+                }
+                // Python: int(n * long / short), true division then truncation.
+                let new_long = (f64::from(n) * f64::from(long) / f64::from(short)) as u32;
+                if width <= height {
+                    (n, new_long)
+                } else {
+                    (new_long, n)
+                }
+            }
+        }
+    }
+}
+
+/// `crop_size`: `448` (square) or `{"height": h, "width": w}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropSize {
+    pub height: u32,
+    pub width: u32,
+}
+
+impl<'de> Deserialize<'de> for CropSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let message = "crop_size must be an integer or {\"height\": h, \"width\": w}";
+        let raw = RawSize::deserialize(d).map_err(|_| serde::de::Error::custom(message))?;
+        let crop = match raw {
+            RawSize::Int(n) => {
+                let n = positive(n, "crop_size").map_err(serde::de::Error::custom)?;
+                CropSize {
+                    height: n,
+                    width: n,
+                }
+            }
+            RawSize::Map(map) if map.len() == 2 && map.contains_key("height") => {
+                let get = |k: &str| {
+                    map.get(k)
+                        .ok_or_else(|| format!("{message}; `{k}` is missing"))
+                        .and_then(|&v| positive(v, &format!("crop_size.{k}")))
+                        .map_err(serde::de::Error::custom)
+                };
+                CropSize {
+                    height: get("height")?,
+                    width: get("width")?,
+                }
+            }
+            RawSize::Map(_) => return Err(serde::de::Error::custom(message)),
+        };
+        Ok(crop)
+    }
+}
+
+/// A per-channel value, given as one number (applied to all channels) or three.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrThree {
+    One(f64),
+    Three([f64; 3]),
+}
+
+fn per_channel<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f64; 3], D::Error> {
+    match OneOrThree::deserialize(d) {
+        Ok(OneOrThree::One(v)) => Ok([v; 3]),
+        Ok(OneOrThree::Three(v)) => Ok(v),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a number or a list of 3 numbers (one per RGB channel)",
+        )),
+    }
+}
+
+fn resample_filter<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ResampleFilter, D::Error> {
+    let code = i64::deserialize(d)?;
+    u32::try_from(code)
+        .ok()
+        .and_then(ResampleFilter::from_pillow_code)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "resample {code} is not supported (use 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX or 5 HAMMING; 0 NEAREST is not implemented)"
+            ))
+        })
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rescale_factor() -> f64 {
+    1.0 / 255.0
+}
+fn default_size() -> ResizeTarget {
+    ResizeTarget::ShortestEdge(224)
+}
+fn default_crop() -> CropSize {
+    CropSize {
+        height: 224,
+        width: 224,
+    }
+}
+fn default_mean() -> [f64; 3] {
+    CLIP_MEAN
+}
+fn default_std() -> [f64; 3] {
+    CLIP_STD
+}
+fn default_filter() -> ResampleFilter {
+    ResampleFilter::Bicubic
+}
+
+/// The fields of `preprocessor_config.json` that matter, with `CLIPImageProcessor`'s defaults
+/// for missing ones. Other keys (`feature_extractor_type`, ...) are ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PreprocessConfig {
+    #[serde(default = "default_true")]
+    pub do_resize: bool,
+    #[serde(default = "default_size")]
+    pub size: ResizeTarget,
+    /// Pillow filter (`resample`, 3 = BICUBIC).
+    #[serde(
+        default = "default_filter",
+        rename = "resample",
+        deserialize_with = "resample_filter"
+    )]
+    pub resample: ResampleFilter,
+    #[serde(default = "default_true")]
+    pub do_center_crop: bool,
+    #[serde(default = "default_crop")]
+    pub crop_size: CropSize,
+    #[serde(default = "default_true")]
+    pub do_rescale: bool,
+    #[serde(default = "default_rescale_factor")]
+    pub rescale_factor: f64,
+    #[serde(default = "default_true")]
+    pub do_normalize: bool,
+    #[serde(default = "default_mean", deserialize_with = "per_channel")]
+    pub image_mean: [f64; 3],
+    #[serde(default = "default_std", deserialize_with = "per_channel")]
+    pub image_std: [f64; 3],
+    /// Images are always converted to RGB by the decoder; kept for completeness.
+    #[serde(default = "default_true")]
+    pub do_convert_rgb: bool,
+}
+
+impl PreprocessConfig {
+    /// The CLIP processor with a square `size` (OneAlign's checkpoint uses 448).
+    pub fn clip(size: u32) -> Self {
+        PreprocessConfig {
+            do_resize: true,
+            size: ResizeTarget::ShortestEdge(size),
+            resample: ResampleFilter::Bicubic,
+            do_center_crop: true,
+            crop_size: CropSize {
+                height: size,
+                width: size,
+            },
+            do_rescale: true,
+            rescale_factor: default_rescale_factor(),
+            do_normalize: true,
+            image_mean: CLIP_MEAN,
+            image_std: CLIP_STD,
+            do_convert_rgb: true,
+        }
+    }
+
+    /// Reads `preprocessor_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, MediaError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MediaError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the JSON text of a `preprocessor_config.json`; `source` names it in errors.
+    pub fn from_json_str(json: &str, source: &Path) -> Result<Self, MediaError> {
+        let config: Self = serde_json::from_str(json).map_err(|e| MediaError::Decode {
+            path: source.to_path_buf(),
+            message: format!("invalid preprocessor config: {e}"),
+        })?;
+        config.validate().map_err(|message| MediaError::Decode {
+            path: source.to_path_buf(),
+            message: format!("invalid preprocessor config: {message}"),
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.rescale_factor.is_finite() {
+            return Err(format!(
+                "rescale_factor must be finite, got {}",
+                self.rescale_factor
+            ));
+        }
+        if let Some(m) = self.image_mean.iter().find(|m| !m.is_finite()) {
+            return Err(format!("image_mean must be finite, got {m}"));
+        }
+        if let Some(s) = self
+            .image_std
+            .iter()
+            .find(|s| !(s.is_finite() && **s != 0.0))
+        {
+            return Err(format!("image_std must be finite and non-zero, got {s}"));
+        }
+        Ok(())
+    }
+
+    /// The `expand2square` fill colour: `int(255 · mean_c)` per channel ((122, 116, 104) for CLIP).
+    pub fn background(&self) -> [u8; 3] {
+        self.image_mean.map(|m| (255.0 * m).clamp(0.0, 255.0) as u8)
+    }
+
+    /// The Q-Align pipeline: `expand2square` with [`Self::background`], then the CLIP processor.
+    pub fn preprocess(&self, img: &RgbImage) -> Pixels {
+        self.clip_process(&expand2square(img, self.background()))
+    }
+
+    /// The CLIP processor alone (no square padding, as in the official `eval.py`).
+    pub fn clip_process(&self, img: &RgbImage) -> Pixels {
+        self.normalize(&self.resize_and_crop(img))
+    }
+
+    /// The 8-bit stage of the CLIP processor: Pillow resize (if `do_resize`), then center crop
+    /// (if `do_center_crop`).
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let resized = if self.do_resize {
+            let (w, h) = self.size.output_size(img.width(), img.height());
+            resize(img, w, h, self.resample)
+        } else {
+            img.clone()
+        };
+        if self.do_center_crop {
+            center_crop(&resized, self.crop_size.width, self.crop_size.height)
+        } else {
+            resized
+        }
+    }
+
+    /// The float stage: `float32(float64(u8) · rescale_factor)` (numpy's `image * scale` on a
+    /// uint8 array, then `astype(float32)`), then `(x − mean_c) / std_c` in f32, laid out CHW.
+    pub fn normalize(&self, img: &RgbImage) -> Pixels {
+        // One lookup table per channel: the output depends only on (channel, byte).
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            let mean = self.image_mean[c] as f32;
+            let std = self.image_std[c] as f32;
+            for (byte, out) in table.iter_mut().enumerate() {
+                let mut x = if self.do_rescale {
+                    (byte as f64 * self.rescale_factor) as f32
+                } else {
+                    byte as f32
+                };
+                if self.do_normalize {
+                    x = (x - mean) / std;
+                }
+                *out = x;
+            }
+        }
+        let (width, height) = (img.width() as usize, img.height() as usize);
+        let plane = width * height;
+        let mut data = vec![0f32; 3 * plane];
+        let (red, rest) = data.split_at_mut(plane);
+        let (green, blue) = rest.split_at_mut(plane);
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            red[i] = lut[0][usize::from(px[0])];
+            green[i] = lut[1][usize::from(px[1])];
+            blue[i] = lut[2][usize::from(px[2])];
+        }
+        Pixels {
+            data,
+            height,
+            width,
+        }
+    }
+}
+
+/// transformers' `center_crop`: window at `((H − h) // 2, (W − w) // 2)` (floor division);
+/// where the crop is larger than the image the missing pixels are 0.
+pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if (in_w, in_h) == (width, height) {
+        return img.clone();
+    }
+    let top = (i64::from(in_h) - i64::from(height)).div_euclid(2);
+    let left = (i64::from(in_w) - i64::from(width)).div_euclid(2);
+    let mut out = RgbImage::new(width, height);
+    // Overlap of the crop window with the image, in output coordinates.
+    let x0 = (-left).clamp(0, i64::from(width)) as u32;
+    let x1 = (i64::from(in_w) - left).clamp(0, i64::from(width)) as u32;
+    let y0 = (-top).clamp(0, i64::from(height)) as u32;
+    let y1 = (i64::from(in_h) - top).clamp(0, i64::from(height)) as u32;
+    if x0 >= x1 {
+        return out;
+    }
+    let out_stride = width as usize * 3;
+    let in_stride = in_w as usize * 3;
+    let span = (x1 - x0) as usize * 3;
+    let src = img.as_raw();
+    let dst: &mut [u8] = &mut out;
+    for y in y0..y1 {
+        let sy = (i64::from(y) + top) as usize;
+        let sx = (i64::from(x0) + left) as usize;
+        let from = sy * in_stride + sx * 3;
+        let to = y as usize * out_stride + x0 as usize * 3;
+        dst[to..to + span].copy_from_slice(&src[from..from + span]);
+    }
+    out
+}
+
+/// Loads an image file and runs the Q-Align pipeline on it.
+pub fn preprocess_path(
+    path: &Path,
+    config: &PreprocessConfig,
+    opts: &DecodeOptions,
+) -> Result<Pixels, MediaError> {
+    Ok(config.preprocess(&load_rgb(path, opts)?))
+}
