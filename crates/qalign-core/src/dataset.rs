@@ -64,10 +64,10 @@ impl fmt::Display for MediaKind {
 /// the record (0-based index in the file) and its line.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: malformed JSON at line {line}, column {column}: {message}", path.display())]
     Json {
@@ -231,10 +231,14 @@ struct RawRecord {
     answer: Option<String>,
 }
 
-fn read_records(path: &Path, columns: &Columns, role: Role) -> Result<Vec<RawRecord>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
+fn read_records(
+    path: &Path,
+    columns: &Columns,
+    role: Role,
+) -> Result<Vec<RawRecord>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|error| DatasetError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let ext = path
@@ -262,7 +266,12 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
     text[..start].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-fn read_json(path: &Path, text: &str, columns: &Columns, role: Role) -> Result<Vec<RawRecord>, DatasetError> {
+fn read_json(
+    path: &Path,
+    text: &str,
+    columns: &Columns,
+    role: Role,
+) -> Result<Vec<RawRecord>, DatasetError> {
     let json_error = |e: serde_json::Error| DatasetError::Json {
         path: path.to_path_buf(),
         line: e.line(),
@@ -326,7 +335,11 @@ fn keys_text(keys: &[&str]) -> String {
         .join(", ")
 }
 
-fn parse_json_record(map: &Map<String, Value>, columns: &Columns, role: Role) -> Result<RawRecord, String> {
+fn parse_json_record(
+    map: &Map<String, Value>,
+    columns: &Columns,
+    role: Role,
+) -> Result<RawRecord, String> {
     let path_keys: Vec<&str> = match &columns.path {
         Some(k) => vec![k.as_str()],
         None => role.path_keys().to_vec(),
@@ -334,7 +347,12 @@ fn parse_json_record(map: &Map<String, Value>, columns: &Columns, role: Role) ->
     let (path_key, path_value) = path_keys
         .iter()
         .find_map(|k| map.get(*k).map(|v| (*k, v)))
-        .ok_or_else(|| format!("no path: none of the keys {} is present", keys_text(&path_keys)))?;
+        .ok_or_else(|| {
+            format!(
+                "no path: none of the keys {} is present",
+                keys_text(&path_keys)
+            )
+        })?;
     let path = json_path(path_value).map_err(|m| format!("\"{path_key}\" {m}"))?;
 
     let id = map.get("id").and_then(Value::as_str).map(str::to_string);
@@ -349,14 +367,19 @@ fn parse_json_record(map: &Map<String, Value>, columns: &Columns, role: Role) ->
                 Role::Label => "nor an \"id\" of the form \"name->MOS\"",
                 Role::Prediction => "nor \"logits\" for the five ITU words",
             };
-            format!("no score: none of the keys {} {extra}", keys_text(&score_keys))
+            format!(
+                "no score: none of the keys {} {extra}",
+                keys_text(&score_keys)
+            )
         })??,
     };
     let answer = map
         .get("conversations")
         .and_then(Value::as_array)
         .and_then(|turns| {
-            turns.iter().find(|t| t.get("from").and_then(Value::as_str) == Some("gpt"))
+            turns
+                .iter()
+                .find(|t| t.get("from").and_then(Value::as_str) == Some("gpt"))
         })
         .and_then(|t| t.get("value"))
         .and_then(Value::as_str)
@@ -497,7 +520,10 @@ fn read_csv(
         };
         let media = row.get(path_col).unwrap_or("").to_string();
         if media.is_empty() {
-            return Err(record_error(format!("column \"{}\" is empty", &header[path_col])));
+            return Err(record_error(format!(
+                "column \"{}\" is empty",
+                &header[path_col]
+            )));
         }
         let score = parse_score_text(row.get(score_col).unwrap_or(""))
             .map_err(|m| record_error(format!("column \"{}\" {m}", &header[score_col])))?;

@@ -79,7 +79,9 @@ impl FromStr for Scale {
         match s {
             "1-5" => Ok(Scale::OneToFive),
             "0-1" => Ok(Scale::ZeroToOne),
-            other => Err(format!("unknown scale {other:?}: expected \"1-5\" or \"0-1\"")),
+            other => Err(format!(
+                "unknown scale {other:?}: expected \"1-5\" or \"0-1\""
+            )),
         }
     }
 }
@@ -200,7 +202,9 @@ impl LevelSet {
 
     /// The level with this number (1 = worst ..= N = best), if it exists.
     pub fn level(&self, number: usize) -> Option<Level> {
-        (1..=self.n_levels()).contains(&number).then_some(Level(number))
+        (1..=self.n_levels())
+            .contains(&number)
+            .then_some(Level(number))
     }
 
     /// The best level (N).
@@ -218,7 +222,10 @@ impl LevelSet {
     /// The level whose word is exactly `word`.
     pub fn level_of_word(&self, word: &str) -> Option<Level> {
         let n = self.n_levels();
-        self.words.iter().position(|w| w == word).map(|idx| Level(n - idx))
+        self.words
+            .iter()
+            .position(|w| w == word)
+            .map(|idx| Level(n - idx))
     }
 
     /// Upper edge of level `i` (0 ≤ i ≤ N): `m + i·(M − m)/N`, evaluated in f64 exactly in this
@@ -277,7 +284,10 @@ impl LevelSet {
     }
 
     /// The softmax of this set's level logits (ordered like the words).
-    pub fn distribution_from_logits(&self, logits: &[f32]) -> Result<LevelDistribution, LevelError> {
+    pub fn distribution_from_logits(
+        &self,
+        logits: &[f32],
+    ) -> Result<LevelDistribution, LevelError> {
         if logits.len() != self.n_levels() {
             return Err(LevelError::WrongCount {
                 expected: self.n_levels(),

@@ -9,6 +9,8 @@ pub mod plot;
 pub mod syllabus;
 
 pub use dataset::{Columns, Dataset, DatasetError, LabelItem, MediaKind, Prediction};
-pub use levels::{Level, LevelDistribution, LevelError, LevelSet, Scale, Score, ScoreRange, softmax};
+pub use levels::{
+    Level, LevelDistribution, LevelError, LevelSet, Scale, Score, ScoreRange, softmax,
+};
 pub use metrics::{MetricError, Metrics};
 pub use syllabus::Task;

@@ -90,13 +90,23 @@ impl Frame {
     }
     fn py(&self, y: f64) -> i32 {
         let h = (HEIGHT as i32 - TOP - BOTTOM) as f64;
-        HEIGHT as i32 - BOTTOM - ((y - self.y_range.0) / (self.y_range.1 - self.y_range.0) * h).round() as i32
+        HEIGHT as i32
+            - BOTTOM
+            - ((y - self.y_range.0) / (self.y_range.1 - self.y_range.0) * h).round() as i32
     }
 }
 
 fn finite_range(values: &[f64]) -> (f64, f64) {
-    let lo = values.iter().copied().filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
-    let hi = values.iter().copied().filter(|v| v.is_finite()).fold(f64::NEG_INFINITY, f64::max);
+    let lo = values
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let hi = values
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -132,7 +142,10 @@ fn ticks(range: (f64, f64)) -> (Vec<f64>, usize) {
     ((first..=last).map(|k| k as f64 * step).collect(), decimals)
 }
 
-fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &ScatterPlot<'_>) -> DrawResult<DB> {
+fn render<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    plot: &ScatterPlot<'_>,
+) -> DrawResult<DB> {
     area.fill(&WHITE)?;
     let frame = Frame {
         x_range: finite_range(plot.prediction),
@@ -149,7 +162,14 @@ fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &ScatterPlot<
         area.draw(&PathElement::new(vec![(x, y0), (x, y1)], grid))?;
         area.draw(&PathElement::new(vec![(x, y1), (x, y1 + 5)], ink))?;
         let label = format!("{t:.xd$}");
-        draw_text(area, &label, x - text_width(&label, 2) / 2, y1 + 10, 2, &ink)?;
+        draw_text(
+            area,
+            &label,
+            x - text_width(&label, 2) / 2,
+            y1 + 10,
+            2,
+            &ink,
+        )?;
     }
     let (yt, yd) = ticks(frame.y_range);
     for &t in &yt {
@@ -157,7 +177,14 @@ fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &ScatterPlot<
         area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grid))?;
         area.draw(&PathElement::new(vec![(x0 - 5, y), (x0, y)], ink))?;
         let label = format!("{t:.yd$}");
-        draw_text(area, &label, x0 - 10 - text_width(&label, 2), y - 7, 2, &ink)?;
+        draw_text(
+            area,
+            &label,
+            x0 - 10 - text_width(&label, 2),
+            y - 7,
+            2,
+            &ink,
+        )?;
     }
     area.draw(&Rectangle::new([(x0, y0), (x1, y1)], ink.stroke_width(1)))?;
 
@@ -172,21 +199,36 @@ fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &ScatterPlot<
         let steps = 240;
         let points: Vec<(i32, i32)> = (0..=steps)
             .map(|k| {
-                let x = frame.x_range.0 + (frame.x_range.1 - frame.x_range.0) * k as f64 / steps as f64;
+                let x =
+                    frame.x_range.0 + (frame.x_range.1 - frame.x_range.0) * k as f64 / steps as f64;
                 (frame.px(x), frame.py(curve.eval(x)))
             })
             .filter(|&(_, py)| (y0..=y1).contains(&py))
             .collect();
-        area.draw(&PathElement::new(points, RGBColor(214, 39, 40).stroke_width(2)))?;
+        area.draw(&PathElement::new(
+            points,
+            RGBColor(214, 39, 40).stroke_width(2),
+        ))?;
     }
 
     draw_text(area, plot.title, x0, 16, 2, &ink)?;
     let x_label = "PREDICTION";
-    draw_text(area, x_label, (x0 + x1 - text_width(x_label, 2)) / 2, HEIGHT as i32 - 26, 2, &ink)?;
+    draw_text(
+        area,
+        x_label,
+        (x0 + x1 - text_width(x_label, 2)) / 2,
+        HEIGHT as i32 - 26,
+        2,
+        &ink,
+    )?;
     draw_text(area, "MOS", 8, y0 - 2, 2, &ink)?;
     if plot.curve.is_some() {
         let legend = "LOGISTIC FIT";
         let lx = x1 - text_width(legend, 2) - 10;
+        area.draw(&Rectangle::new(
+            [(lx - 42, y0 + 4), (x1 - 4, y0 + 30)],
+            WHITE.mix(0.85).filled(),
+        ))?;
         area.draw(&PathElement::new(
             vec![(lx - 34, y0 + 17), (lx - 8, y0 + 17)],
             RGBColor(214, 39, 40).stroke_width(2),
@@ -275,7 +317,7 @@ fn draw_text<DB: DrawingBackend>(
                     let px = gx + col * scale;
                     let py = y + row as i32 * scale;
                     area.draw(&Rectangle::new(
-                        [(px, py), (px + scale - 1, py + scale - 1)],
+                        [(px, py), (px + scale, py + scale)],
                         color.filled(),
                     ))?;
                 }

@@ -131,16 +131,16 @@ pub enum SyllabusError {
     BadFraction(f64),
     #[error("no label files given")]
     NoDatasets,
-    #[error("dataset {dataset}: {source}")]
-    Range { dataset: String, source: LevelError },
-    #[error("dataset {dataset}, record {index} ({path}): {source}")]
+    #[error("dataset {dataset}: {error}")]
+    Range { dataset: String, error: LevelError },
+    #[error("dataset {dataset}, record {index} ({path}): {error}")]
     Item {
         dataset: String,
         index: usize,
         path: String,
-        source: LevelError,
+        error: LevelError,
     },
-    #[error("dataset {dataset}, record {index} ({path}) is a {found}, but --input is {expected}")]
+    #[error("dataset {dataset}, record {index} ({path}) is {} by its extension, but the input kind is {expected}", with_article(*found))]
     WrongInput {
         dataset: String,
         index: usize,
@@ -148,11 +148,18 @@ pub enum SyllabusError {
         found: MediaKind,
         expected: MediaKind,
     },
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {error}", path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+fn with_article(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::Image => "an image",
+        MediaKind::Video => "a video",
+    }
 }
 
 /// How to build the syllabus.
@@ -237,7 +244,10 @@ pub struct Syllabus {
 
 /// Build the SFT items of several datasets (mixing), each binned over its own range (or
 /// `options.range`). Deterministic for a given seed.
-pub fn build_syllabus(datasets: &[Dataset], options: &SyllabusOptions) -> Result<Syllabus, SyllabusError> {
+pub fn build_syllabus(
+    datasets: &[Dataset],
+    options: &SyllabusOptions,
+) -> Result<Syllabus, SyllabusError> {
     if datasets.is_empty() {
         return Err(SyllabusError::NoDatasets);
     }
@@ -254,9 +264,9 @@ pub fn build_syllabus(datasets: &[Dataset], options: &SyllabusOptions) -> Result
     for dataset in datasets {
         let range = match options.range {
             Some(r) => r,
-            None => ScoreRange::of(&dataset.scores()).map_err(|source| SyllabusError::Range {
+            None => ScoreRange::of(&dataset.scores()).map_err(|error| SyllabusError::Range {
                 dataset: dataset.name.clone(),
-                source,
+                error,
             })?,
         };
         let selected = select(dataset.items.len(), options.fraction, &mut rng);
@@ -274,21 +284,26 @@ pub fn build_syllabus(datasets: &[Dataset], options: &SyllabusOptions) -> Result
                     expected: options.input,
                 });
             }
-            let level = levels
-                .level_of(item.score, range)
-                .map_err(|source| SyllabusError::Item {
-                    dataset: dataset.name.clone(),
-                    index,
-                    path: item.path.clone(),
-                    source,
-                })?;
+            let level =
+                levels
+                    .level_of(item.score, range)
+                    .map_err(|error| SyllabusError::Item {
+                        dataset: dataset.name.clone(),
+                        index,
+                        path: item.path.clone(),
+                        error,
+                    })?;
             let question = pool[rng.random_range(0..pool.len() as u64) as usize];
             let word = levels.word(level);
             counts[levels.n_levels() - level.number()] += 1;
             mos.push(item.score);
             level_numbers.push(level.number() as f64);
             items.push(SftItem {
-                id: format!("{}->{}", file_name(&item.path), python_float_repr(item.score)),
+                id: format!(
+                    "{}->{}",
+                    file_name(&item.path),
+                    python_float_repr(item.score)
+                ),
                 image: item.path.clone(),
                 conversations: vec![
                     Turn {
@@ -355,7 +370,11 @@ pub fn python_float_repr(v: f64) -> String {
         };
     }
     let text = format!("{v}");
-    if text.contains('.') { text } else { format!("{text}.0") }
+    if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    }
 }
 
 fn file_name(path: &str) -> &str {
@@ -364,10 +383,13 @@ fn file_name(path: &str) -> &str {
 
 /// Write `value` as pretty JSON to `path` atomically: into a temporary file in the same folder,
 /// flushed, then renamed over `path`, so readers never see a half-written file.
-pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), SyllabusError> {
-    let write_error = |source: std::io::Error| SyllabusError::Write {
+pub fn write_json_atomic<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+) -> Result<(), SyllabusError> {
+    let write_error = |error: std::io::Error| SyllabusError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -5,9 +5,7 @@ mod common;
 use std::path::Path;
 
 use common::labels;
-use qalign_core::dataset::{
-    Columns, DatasetError, MediaKind, read_labels, read_predictions,
-};
+use qalign_core::dataset::{Columns, DatasetError, MediaKind, read_labels, read_predictions};
 use qalign_core::levels::ScoreRange;
 
 struct Expect {
@@ -24,22 +22,102 @@ struct Expect {
 fn every_label_schema_reads() {
     let cases = [
         // Training schema, MOS only in `id`.
-        Expect { file: "train_koniq.json", n: 7046, min: 6.68487394958, max: 85.0608108108, first_path: "koniq/10004473376.jpg", first_score: 77.3836206897, kind: MediaKind::Image },
-        Expect { file: "train_spaq.json", n: 8897, min: 2.0, max: 93.67, first_path: "spaq/07565.jpg", first_score: 63.6, kind: MediaKind::Image },
-        Expect { file: "test_kadid.json", n: 2000, min: 1.03, max: 4.83, first_path: "kadid10k/I66_01_01.png", first_score: 4.63, kind: MediaKind::Image },
+        Expect {
+            file: "train_koniq.json",
+            n: 7046,
+            min: 6.68487394958,
+            max: 85.0608108108,
+            first_path: "koniq/10004473376.jpg",
+            first_score: 77.3836206897,
+            kind: MediaKind::Image,
+        },
+        Expect {
+            file: "train_spaq.json",
+            n: 8897,
+            min: 2.0,
+            max: 93.67,
+            first_path: "spaq/07565.jpg",
+            first_score: 63.6,
+            kind: MediaKind::Image,
+        },
+        Expect {
+            file: "test_kadid.json",
+            n: 2000,
+            min: 1.03,
+            max: 4.83,
+            first_path: "kadid10k/I66_01_01.png",
+            first_score: 4.63,
+            kind: MediaKind::Image,
+        },
         // {img_path, gt_score float}.
-        Expect { file: "livec.json", n: 1169, min: 3.42, max: 92.4319526627219, first_path: "livec/t1.bmp", first_score: 63.963406174124174, kind: MediaKind::Image },
+        Expect {
+            file: "livec.json",
+            n: 1169,
+            min: 3.42,
+            max: 92.4319526627219,
+            first_path: "livec/t1.bmp",
+            first_score: 63.963406174124174,
+            kind: MediaKind::Image,
+        },
         // {img_path, gt_score string}.
-        Expect { file: "agi.json", n: 2982, min: 0.0, max: 4.488740784, first_path: "agi-cgi/AttnGAN_normal_000.jpg", first_score: 0.965602553, kind: MediaKind::Image },
+        Expect {
+            file: "agi.json",
+            n: 2982,
+            min: 0.0,
+            max: 4.488740784,
+            first_path: "agi-cgi/AttnGAN_normal_000.jpg",
+            first_score: 0.965602553,
+            kind: MediaKind::Image,
+        },
         // {image, gt_score float}.
-        Expect { file: "csiq.json", n: 750, min: 0.0, max: 1.0, first_path: "csiq/dst_imgs/awgn/1600.AWGN.1.png", first_score: 0.062, kind: MediaKind::Image },
-        Expect { file: "live.json", n: 982, min: 0.0, max: 84.48897154, first_path: "live/jp2k/img1.bmp", first_score: 0.0, kind: MediaKind::Image },
+        Expect {
+            file: "csiq.json",
+            n: 750,
+            min: 0.0,
+            max: 1.0,
+            first_path: "csiq/dst_imgs/awgn/1600.AWGN.1.png",
+            first_score: 0.062,
+            kind: MediaKind::Image,
+        },
+        Expect {
+            file: "live.json",
+            n: 982,
+            min: 0.0,
+            max: 84.48897154,
+            first_path: "live/jp2k/img1.bmp",
+            first_score: 0.0,
+            kind: MediaKind::Image,
+        },
         // Video, {img_path "<id>.mp4", gt_score}.
-        Expect { file: "konvid.json", n: 1200, min: 1.22, max: 4.64, first_path: "3339962845.mp4", first_score: 4.64, kind: MediaKind::Video },
+        Expect {
+            file: "konvid.json",
+            n: 1200,
+            min: 1.22,
+            max: 4.64,
+            first_path: "3339962845.mp4",
+            first_score: 4.64,
+            kind: MediaKind::Video,
+        },
         // Training schema + gt_score strings with trailing spaces.
-        Expect { file: "ft/cgi_test_split_1.json", n: 1197, min: 0.6, max: 4.39, first_path: "agi-cgi/movie_0138.jpg", first_score: 2.65, kind: MediaKind::Image },
+        Expect {
+            file: "ft/cgi_test_split_1.json",
+            n: 1197,
+            min: 0.6,
+            max: 4.39,
+            first_path: "agi-cgi/movie_0138.jpg",
+            first_score: 2.65,
+            kind: MediaKind::Image,
+        },
         // Video training schema, MOS in `id`, 8 image markers.
-        Expect { file: "ft/maxwell_train_split_1.json", n: 3634, min: 1.057142857, max: 4.742857143, first_path: "maxwell/0001.mp4", first_score: 1.057142857, kind: MediaKind::Video },
+        Expect {
+            file: "ft/maxwell_train_split_1.json",
+            n: 3634,
+            min: 1.057142857,
+            max: 4.742857143,
+            first_path: "maxwell/0001.mp4",
+            first_score: 1.057142857,
+            kind: MediaKind::Video,
+        },
     ];
     for e in cases {
         let ds = read_labels(&labels(e.file), &Columns::default())
@@ -64,7 +142,11 @@ fn training_schema_keeps_id_and_answer() {
         Some("The quality of the image is excellent.")
     );
     assert_eq!(first.answer_level_word(), Some("excellent"));
-    let maxwell = read_labels(&labels("ft/maxwell_train_split_1.json"), &Columns::default()).unwrap();
+    let maxwell = read_labels(
+        &labels("ft/maxwell_train_split_1.json"),
+        &Columns::default(),
+    )
+    .unwrap();
     assert_eq!(maxwell.items[0].answer_level_word(), Some("bad"));
 }
 
@@ -107,7 +189,10 @@ fn csv_with_quotes_and_custom_columns() {
     assert_eq!(preds[0].score, 1.25);
 
     let p = write(dir.path(), "tabs.tsv", "path\tscore\nx.png\t2\n");
-    assert_eq!(read_predictions(&p, &Columns::default()).unwrap()[0].score, 2.0);
+    assert_eq!(
+        read_predictions(&p, &Columns::default()).unwrap()[0].score,
+        2.0
+    );
 }
 
 #[test]
@@ -121,7 +206,10 @@ fn jsonl_concatenated_and_qalign_outputs() {
     );
     let preds = read_predictions(&p, &Columns::default()).unwrap();
     assert_eq!(
-        preds.iter().map(|p| (p.path.as_str(), p.score)).collect::<Vec<_>>(),
+        preds
+            .iter()
+            .map(|p| (p.path.as_str(), p.score))
+            .collect::<Vec<_>>(),
         vec![("a.jpg", 3.25), ("b.jpg", 0.5)]
     );
     // The official eval results: objects back to back, no separator; the iqa script logs only
@@ -138,7 +226,11 @@ fn jsonl_concatenated_and_qalign_outputs() {
     assert_eq!(preds[0].path, "x.jpg");
     let e = 1f64.exp();
     let wa5 = (5.0 + 4.0 * e + 3.0 + 2.0 + 1.0) / (4.0 + e);
-    assert!((preds[0].score - wa5).abs() < 1e-6, "{} vs {wa5}", preds[0].score);
+    assert!(
+        (preds[0].score - wa5).abs() < 1e-6,
+        "{} vs {wa5}",
+        preds[0].score
+    );
     assert_eq!((preds[1].path.as_str(), preds[1].score), ("y.mp4", 0.75));
     // The same file read as labels takes gt_score.
     let ds = read_labels(&p, &Columns::default()).unwrap();
@@ -156,49 +248,102 @@ fn bad_input_names_file_and_record() {
 
     let missing = dir.path().join("nope.json");
     let msg = err_text(read_labels(&missing, &c));
-    assert!(msg.contains("nope.json") && msg.contains("cannot read"), "{msg}");
+    assert!(
+        msg.contains("nope.json") && msg.contains("cannot read"),
+        "{msg}"
+    );
 
-    let p = write(dir.path(), "broken.json", "[{\"image\": \"a.jpg\", \"gt_score\": 1},\n {\"image\": ");
+    let p = write(
+        dir.path(),
+        "broken.json",
+        "[{\"image\": \"a.jpg\", \"gt_score\": 1},\n {\"image\": ",
+    );
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("broken.json") && msg.contains("malformed JSON at line 2"), "{msg}");
+    assert!(
+        msg.contains("broken.json") && msg.contains("malformed JSON at line 2"),
+        "{msg}"
+    );
 
-    let p = write(dir.path(), "text.json", "[{\"image\": \"a.jpg\", \"gt_score\": 1}, {\"image\": \"b.jpg\", \"gt_score\": \"high\"}]");
+    let p = write(
+        dir.path(),
+        "text.json",
+        "[{\"image\": \"a.jpg\", \"gt_score\": 1}, {\"image\": \"b.jpg\", \"gt_score\": \"high\"}]",
+    );
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("text.json: record 1") && msg.contains("\"gt_score\" is not a number (\"high\")"), "{msg}");
+    assert!(
+        msg.contains("text.json: record 1")
+            && msg.contains("\"gt_score\" is not a number (\"high\")"),
+        "{msg}"
+    );
 
-    let p = write(dir.path(), "lines.jsonl", "{\"path\": \"a.jpg\", \"score\": 1}\n\n{\"path\": \"b.jpg\"}\n");
+    let p = write(
+        dir.path(),
+        "lines.jsonl",
+        "{\"path\": \"a.jpg\", \"score\": 1}\n\n{\"path\": \"b.jpg\"}\n",
+    );
     let msg = err_text(read_predictions(&p, &c));
-    assert!(msg.contains("lines.jsonl: record 1 (line 3): no score"), "{msg}");
+    assert!(
+        msg.contains("lines.jsonl: record 1 (line 3): no score"),
+        "{msg}"
+    );
 
-    let p = write(dir.path(), "id.json", "[{\"image\": \"a.jpg\", \"id\": \"a.jpg->abc\"}]");
+    let p = write(
+        dir.path(),
+        "id.json",
+        "[{\"image\": \"a.jpg\", \"id\": \"a.jpg->abc\"}]",
+    );
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("record 0") && msg.contains("the MOS in \"id\" is not a number"), "{msg}");
+    assert!(
+        msg.contains("record 0") && msg.contains("the MOS in \"id\" is not a number"),
+        "{msg}"
+    );
 
     let p = write(dir.path(), "nopath.json", "[{\"gt_score\": 1}]");
     let msg = err_text(read_labels(&p, &c));
     assert!(msg.contains("no path"), "{msg}");
 
-    let p = write(dir.path(), "multi.json", "[{\"image\": [\"a.jpg\", \"b.jpg\"], \"gt_score\": 1}]");
+    let p = write(
+        dir.path(),
+        "multi.json",
+        "[{\"image\": [\"a.jpg\", \"b.jpg\"], \"gt_score\": 1}]",
+    );
     let msg = err_text(read_labels(&p, &c));
     assert!(msg.contains("multi-image"), "{msg}");
 
-    let p = write(dir.path(), "scalar.json", "[{\"image\": \"a.jpg\", \"gt_score\": 1}, 5]");
+    let p = write(
+        dir.path(),
+        "scalar.json",
+        "[{\"image\": \"a.jpg\", \"gt_score\": 1}, 5]",
+    );
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("record 1: expected a JSON object, found a number"), "{msg}");
+    assert!(
+        msg.contains("record 1: expected a JSON object, found a number"),
+        "{msg}"
+    );
 
     let p = write(dir.path(), "nan.csv", "path,score\na.jpg,1\nb.jpg,NaN\n");
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("nan.csv: record 1 (line 3)") && msg.contains("not a finite number"), "{msg}");
+    assert!(
+        msg.contains("nan.csv: record 1 (line 3)") && msg.contains("not a finite number"),
+        "{msg}"
+    );
 
     let p = write(dir.path(), "cols.csv", "file,rating\na.jpg,1\n");
     let msg = err_text(read_labels(&p, &c));
-    assert!(msg.contains("no score column") && msg.contains("file,rating"), "{msg}");
+    assert!(
+        msg.contains("no score column") && msg.contains("file,rating"),
+        "{msg}"
+    );
 
     let p = write(dir.path(), "ragged.csv", "path,score\na.jpg,1\nb.jpg\n");
     let msg = err_text(read_labels(&p, &c));
     assert!(msg.contains("ragged.csv: CSV error (line 3)"), "{msg}");
 
-    for (name, text) in [("empty.json", "[]"), ("blank.jsonl", "\n \n"), ("header.csv", "path,score\n")] {
+    for (name, text) in [
+        ("empty.json", "[]"),
+        ("blank.jsonl", "\n \n"),
+        ("header.csv", "path,score\n"),
+    ] {
         let p = write(dir.path(), name, text);
         let msg = err_text(read_labels(&p, &c));
         assert!(msg.ends_with(&format!("{name}: no records")), "{msg}");

@@ -49,7 +49,11 @@ fn edges_are_exact_and_closed_on_the_right() {
             let edge = m + (i as f64) * (big_m - m) / 5.0;
             assert_eq!(set.edge(r, i), edge);
             // Exactly on the edge: the lower level (intervals are closed on the right).
-            assert_eq!(set.level_of(edge, r).unwrap().number(), i, "edge {i} of [{m}, {big_m}]");
+            assert_eq!(
+                set.level_of(edge, r).unwrap().number(),
+                i,
+                "edge {i} of [{m}, {big_m}]"
+            );
             // One ulp above: the next level.
             assert_eq!(set.level_of(edge.next_up(), r).unwrap().number(), i + 1);
             // One ulp below: still the lower level.
@@ -140,7 +144,10 @@ fn custom_level_sets() {
         LevelSet::new(["a", "b", "a"]),
         Err(LevelError::BadWord(_))
     ));
-    assert!(matches!(LevelSet::new(["a", ""]), Err(LevelError::BadWord(_))));
+    assert!(matches!(
+        LevelSet::new(["a", ""]),
+        Err(LevelError::BadWord(_))
+    ));
     assert!(matches!(
         LevelSet::new(["a", " b"]),
         Err(LevelError::BadWord(_))
@@ -165,8 +172,17 @@ fn scale_names_serialise() {
     );
 }
 
+/// One scored prompt of the official fixtures.
+struct FixtureCase {
+    name: String,
+    logits: Vec<f32>,
+    probs: Vec<f64>,
+    score01: Option<f64>,
+    score15: f64,
+}
+
 /// Every (level_logits, level_probs, score01, score15) in the official fixtures.
-fn fixture_cases() -> Vec<(String, Vec<f32>, Vec<f64>, Option<f64>, f64)> {
+fn fixture_cases() -> Vec<FixtureCase> {
     let text = std::fs::read_to_string(fixtures().join("expected/expected.json")).unwrap();
     let e: serde_json::Value = serde_json::from_str(&text).unwrap();
     let floats = |v: &serde_json::Value| -> Vec<f64> {
@@ -178,16 +194,16 @@ fn fixture_cases() -> Vec<(String, Vec<f32>, Vec<f64>, Option<f64>, f64)> {
     };
     let mut cases = Vec::new();
     let mut push = |name: String, rec: &serde_json::Value| {
-        cases.push((
+        cases.push(FixtureCase {
             name,
-            floats(&rec["level_logits"])
+            logits: floats(&rec["level_logits"])
                 .iter()
                 .map(|&x| x as f32)
                 .collect(),
-            floats(&rec["level_probs"]),
-            rec.get("score01").and_then(|v| v.as_f64()),
-            rec["score15"].as_f64().unwrap(),
-        ));
+            probs: floats(&rec["level_probs"]),
+            score01: rec.get("score01").and_then(|v| v.as_f64()),
+            score15: rec["score15"].as_f64().unwrap(),
+        });
     };
     for (image, entry) in e["images"].as_object().unwrap() {
         for (task, rec) in entry["tasks"].as_object().unwrap() {
@@ -208,12 +224,24 @@ fn softmax_and_scores_match_the_official_fixtures() {
     let cases = fixture_cases();
     assert!(cases.len() >= 15, "found {} cases", cases.len());
     let set = LevelSet::itu();
-    for (name, logits, probs, score01, score15) in cases {
+    for FixtureCase {
+        name,
+        logits,
+        probs,
+        score01,
+        score15,
+    } in cases
+    {
         // Tolerances from fixtures/README.md: probabilities and score01 2e-6, score15 8e-6.
         let p32 = softmax(&logits);
         let dist = set.distribution_from_logits(&logits).unwrap();
         for k in 0..5 {
-            assert_close(f64::from(p32[k]), probs[k], 2e-6, &format!("{name} p[{k}] (f32)"));
+            assert_close(
+                f64::from(p32[k]),
+                probs[k],
+                2e-6,
+                &format!("{name} p[{k}] (f32)"),
+            );
             assert_close(dist.probs()[k], probs[k], 2e-6, &format!("{name} p[{k}]"));
         }
         if let Some(s01) = score01 {
@@ -225,8 +253,18 @@ fn softmax_and_scores_match_the_official_fixtures() {
         assert_close(s15.value, score15, 8e-6, &format!("{name} score15"));
         // hf = 1 + 4·github, both ways.
         let s01 = dist.score(Scale::ZeroToOne);
-        assert_close(dist.rescale(s01, Scale::OneToFive).value, s15.value, 1e-12, "rescale up");
-        assert_close(set.rescale(s15, Scale::ZeroToOne).value, s01.value, 1e-12, "rescale down");
+        assert_close(
+            dist.rescale(s01, Scale::OneToFive).value,
+            s15.value,
+            1e-12,
+            "rescale up",
+        );
+        assert_close(
+            set.rescale(s15, Scale::ZeroToOne).value,
+            s01.value,
+            1e-12,
+            "rescale down",
+        );
     }
 }
 
@@ -272,7 +310,12 @@ fn uncertainty_of_known_distributions() {
     let uniform = LevelDistribution::from_probs(vec![0.2; 5]).unwrap();
     assert_close(uniform.score(Scale::OneToFive).value, 3.0, 1e-12, "mean");
     assert_close(uniform.std(Scale::OneToFive), 2f64.sqrt(), 1e-12, "std 1-5");
-    assert_close(uniform.std(Scale::ZeroToOne), 2f64.sqrt() / 4.0, 1e-12, "std 0-1");
+    assert_close(
+        uniform.std(Scale::ZeroToOne),
+        2f64.sqrt() / 4.0,
+        1e-12,
+        "std 0-1",
+    );
     assert_close(uniform.entropy(), 5f64.ln(), 1e-12, "entropy uniform");
 
     let certain = LevelDistribution::from_probs(vec![0.0, 1.0, 0.0, 0.0, 0.0]).unwrap();
@@ -296,7 +339,12 @@ fn qbench_binary_form_is_the_two_level_case() {
         let p_good = 1.0 / (1.0 + (f64::from(poor) - f64::from(good)).exp());
         let dist = set.distribution_from_logits(&[good, poor]).unwrap();
         assert_close(dist.score(Scale::ZeroToOne).value, p_good, 1e-12, "p(good)");
-        assert_close(dist.score(Scale::OneToFive).value, 1.0 + p_good, 1e-12, "1..2 scale");
+        assert_close(
+            dist.score(Scale::OneToFive).value,
+            1.0 + p_good,
+            1e-12,
+            "1..2 scale",
+        );
         assert_close(
             dist.std(Scale::ZeroToOne),
             (p_good * (1.0 - p_good)).sqrt(),

@@ -127,8 +127,18 @@ fn kendall_small_cases() {
     // Perfect agreement, perfect disagreement, and a hand-counted case with ties:
     // x = [1,2,2,3], y = [1,3,2,2]: concordant 3, discordant 1, x-ties 1, y-ties 1,
     // tau_b = (3−1)/sqrt((6−1)(6−1)) = 0.4.
-    assert_close(metrics::krcc(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]).unwrap(), 1.0, 0.0, "+1");
-    assert_close(metrics::krcc(&[1.0, 2.0, 3.0], &[6.0, 5.0, 4.0]).unwrap(), -1.0, 0.0, "-1");
+    assert_close(
+        metrics::krcc(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]).unwrap(),
+        1.0,
+        0.0,
+        "+1",
+    );
+    assert_close(
+        metrics::krcc(&[1.0, 2.0, 3.0], &[6.0, 5.0, 4.0]).unwrap(),
+        -1.0,
+        0.0,
+        "-1",
+    );
     assert_close(
         metrics::krcc(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 2.0]).unwrap(),
         0.4,
@@ -146,7 +156,10 @@ fn degenerate_inputs_are_errors_not_panics() {
     assert_eq!(metrics::srcc(&[], &[]), Err(MetricError::TooFewPairs(0)));
     assert_eq!(
         metrics::plcc(&[1.0, 2.0, 3.0], &[1.0, 2.0]),
-        Err(MetricError::LengthMismatch { first: 3, second: 2 })
+        Err(MetricError::LengthMismatch {
+            first: 3,
+            second: 2
+        })
     );
     assert_eq!(
         metrics::srcc(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]),
@@ -158,11 +171,19 @@ fn degenerate_inputs_are_errors_not_panics() {
     );
     assert!(matches!(
         metrics::plcc(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.0]),
-        Err(MetricError::NonFinite { side: Side::First, index: 1, .. })
+        Err(MetricError::NonFinite {
+            side: Side::First,
+            index: 1,
+            ..
+        })
     ));
     assert!(matches!(
         metrics::rmse(&[1.0, 2.0, 3.0], &[1.0, 2.0, f64::INFINITY]),
-        Err(MetricError::NonFinite { side: Side::Second, index: 2, .. })
+        Err(MetricError::NonFinite {
+            side: Side::Second,
+            index: 2,
+            ..
+        })
     ));
     // RMSE is defined for constant vectors.
     assert_eq!(metrics::rmse(&[1.0; 3], &[1.0; 3]), Ok(0.0));
@@ -188,12 +209,22 @@ fn logistic_fit_matches_scipy_curve_fit() {
         1.0982677419918954,
     ];
     for (k, (&got, &want)) in fit.curve.beta.iter().zip(&expected).enumerate() {
-        assert_close(got, want, 1e-5 * want.abs().max(1.0), &format!("beta{}", k + 1));
+        assert_close(
+            got,
+            want,
+            1e-5 * want.abs().max(1.0),
+            &format!("beta{}", k + 1),
+        );
     }
     assert_close(fit.plcc, 0.9575575839022197, 1e-9, "fitted PLCC");
     assert_close(fit.rmse, 5.845104922020203, 1e-9, "fitted RMSE");
     // Raw PLCC for comparison (scipy 0.9513760805519967): the fit helps, as expected.
-    assert_close(metrics::plcc(&x, &y).unwrap(), 0.9513760805519967, TOL, "raw PLCC");
+    assert_close(
+        metrics::plcc(&x, &y).unwrap(),
+        0.9513760805519967,
+        TOL,
+        "raw PLCC",
+    );
 }
 
 #[test]
@@ -218,7 +249,7 @@ fn bootstrap_is_seeded_and_brackets_the_estimate() {
         .map(|(i, &v)| v + ((i * 37) % 101) as f64 * 0.5)
         .collect();
     let opts = BootstrapOptions {
-        resamples: 200,
+        resamples: 100,
         seed: 7,
         confidence: 0.95,
     };
@@ -227,7 +258,7 @@ fn bootstrap_is_seeded_and_brackets_the_estimate() {
         calls.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
     };
     let a = bootstrap(&x, &y, opts, &count).unwrap();
-    assert_eq!(calls.into_inner(), 200);
+    assert_eq!(calls.into_inner(), 100);
     let b = bootstrap(&x, &y, opts, &|_| {}).unwrap();
     assert_eq!(a, b, "same seed, same intervals");
     let c = bootstrap(&x, &y, BootstrapOptions { seed: 8, ..opts }, &|_| {}).unwrap();
@@ -239,9 +270,15 @@ fn bootstrap_is_seeded_and_brackets_the_estimate() {
         ("krcc", a.krcc, m.krcc),
         ("rmse", a.rmse, m.rmse),
     ] {
-        assert!(iv.low < point && point < iv.high, "{name}: {iv:?} vs {point}");
+        assert!(
+            iv.low < point && point < iv.high,
+            "{name}: {iv:?} vs {point}"
+        );
         // With n = 1169 the 95% interval of a correlation near 0.8 is a few hundredths wide.
-        assert!(iv.high - iv.low < 0.2 * point.abs().max(1.0), "{name}: {iv:?}");
+        assert!(
+            iv.high - iv.low < 0.2 * point.abs().max(1.0),
+            "{name}: {iv:?}"
+        );
     }
     assert_eq!(a.degenerate_resamples, 0);
 }
@@ -260,11 +297,63 @@ fn bootstrap_of_tiny_samples_skips_constant_resamples() {
     assert!(ci.degenerate_resamples > 10 && ci.degenerate_resamples < 70);
     assert!(ci.srcc.low >= -1.0 && ci.srcc.high <= 1.0);
     assert!(matches!(
-        bootstrap(&x, &y, BootstrapOptions { resamples: 0, ..opts }, &|_| {}),
+        bootstrap(
+            &x,
+            &y,
+            BootstrapOptions {
+                resamples: 0,
+                ..opts
+            },
+            &|_| {}
+        ),
         Err(MetricError::InvalidOption(_))
     ));
     assert!(matches!(
-        bootstrap(&x, &y, BootstrapOptions { confidence: 1.0, ..opts }, &|_| {}),
+        bootstrap(
+            &x,
+            &y,
+            BootstrapOptions {
+                confidence: 1.0,
+                ..opts
+            },
+            &|_| {}
+        ),
         Err(MetricError::InvalidOption(_))
     ));
+}
+
+/// Kendall tau-b by direct O(n²) pair counting, the textbook definition.
+fn naive_tau_b(x: &[f64], y: &[f64]) -> f64 {
+    let (mut c, mut d, mut tx, mut ty) = (0i64, 0i64, 0i64, 0i64);
+    for i in 0..x.len() {
+        for j in i + 1..x.len() {
+            let sx = (x[i] - x[j]).signum() * f64::from(u8::from(x[i] != x[j]));
+            let sy = (y[i] - y[j]).signum() * f64::from(u8::from(y[i] != y[j]));
+            match (sx == 0.0, sy == 0.0) {
+                (true, true) => {}
+                (true, false) => tx += 1,
+                (false, true) => ty += 1,
+                (false, false) if sx == sy => c += 1,
+                _ => d += 1,
+            }
+        }
+    }
+    (c - d) as f64 / (((c + d + tx) as f64) * ((c + d + ty) as f64)).sqrt()
+}
+
+proptest::proptest! {
+    #[test]
+    fn knight_kendall_equals_pair_counting(
+        pairs in proptest::collection::vec((0u8..6, 0u8..6), 3..60)
+    ) {
+        let x: Vec<f64> = pairs.iter().map(|p| f64::from(p.0)).collect();
+        let y: Vec<f64> = pairs.iter().map(|p| f64::from(p.1)).collect();
+        match metrics::krcc(&x, &y) {
+            Ok(tau) => proptest::prop_assert!((tau - naive_tau_b(&x, &y)).abs() < 1e-12),
+            Err(MetricError::Constant(_)) => {
+                proptest::prop_assert!(x.iter().all(|&v| v == x[0]) || y.iter().all(|&v| v == y[0]))
+            }
+            Err(e) => proptest::prop_assert!(false, "{e}"),
+        }
+    }
 }

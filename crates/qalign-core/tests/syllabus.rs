@@ -7,8 +7,7 @@ use common::{assert_close, labels};
 use qalign_core::dataset::{Columns, Dataset, LabelItem, MediaKind, read_labels};
 use qalign_core::levels::{LevelSet, ScoreRange};
 use qalign_core::syllabus::{
-    SftItem, SyllabusError, SyllabusOptions, Task, build_syllabus, question_pool,
-    write_json_atomic,
+    SftItem, SyllabusError, SyllabusOptions, Task, build_syllabus, question_pool, write_json_atomic,
 };
 
 fn dataset(file: &str) -> Dataset {
@@ -79,18 +78,30 @@ fn items_have_the_official_shape() {
     let mut used = [0usize; 9];
     for (item, source) in s.items.iter().zip(&ds.items) {
         assert_eq!(item.image, source.path);
-        assert_eq!(item.id, source.id.clone().unwrap(), "the id round-trips name->MOS");
+        assert_eq!(
+            item.id,
+            source.id.clone().unwrap(),
+            "the id round-trips name->MOS"
+        );
         assert_eq!(item.conversations.len(), 2);
         assert_eq!(item.conversations[0].from, "human");
         assert_eq!(item.conversations[1].from, "gpt");
-        let question = item.conversations[0].value.strip_suffix("\n<|image|>").unwrap();
+        let question = item.conversations[0]
+            .value
+            .strip_suffix("\n<|image|>")
+            .unwrap();
         used[pool.iter().position(|q| *q == question).unwrap()] += 1;
         assert!(["excellent", "good", "fair", "poor", "bad"].contains(&level_word(item)));
     }
     // Questions are drawn about uniformly (7046 / 9 ≈ 783 each).
     assert!(used.iter().all(|&u| (650..=920).contains(&u)), "{used:?}");
     let json = serde_json::to_value(&s.items[0]).unwrap();
-    let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(keys, ["conversations", "id", "image"]);
 }
 
@@ -103,7 +114,10 @@ fn video_and_aesthetics_wording() {
     )
     .unwrap();
     assert_eq!(s.items[0].id, "0001.mp4->1.057142857");
-    assert_eq!(s.items[0].conversations[1].value, "The quality of the video is bad.");
+    assert_eq!(
+        s.items[0].conversations[1].value,
+        "The quality of the video is bad."
+    );
     assert!(s.items[0].conversations[0].value.contains("video"));
 
     let ds = dataset("csiq.json");
@@ -113,7 +127,11 @@ fn video_and_aesthetics_wording() {
     )
     .unwrap();
     assert!(s.items[0].conversations[0].value.contains("aesthetics"));
-    assert!(s.items[0].conversations[1].value.starts_with("The aesthetics of the image is "));
+    assert!(
+        s.items[0].conversations[1]
+            .value
+            .starts_with("The aesthetics of the image is ")
+    );
 
     // An image file with --input video is an error naming the record.
     let err = build_syllabus(
@@ -121,7 +139,10 @@ fn video_and_aesthetics_wording() {
         &SyllabusOptions::new(Task::Quality, MediaKind::Video),
     )
     .unwrap_err();
-    assert!(matches!(err, SyllabusError::WrongInput { index: 0, .. }), "{err}");
+    assert!(
+        matches!(err, SyllabusError::WrongInput { index: 0, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -137,7 +158,10 @@ fn seeded_output_is_deterministic() {
     assert_ne!(a.items, c.items, "another seed draws other questions");
     // The levels do not depend on the seed.
     let words = |s: &qalign_core::syllabus::Syllabus| {
-        s.items.iter().map(|i| i.conversations[1].value.clone()).collect::<Vec<_>>()
+        s.items
+            .iter()
+            .map(|i| i.conversations[1].value.clone())
+            .collect::<Vec<_>>()
     };
     assert_eq!(words(&a), words(&c));
 }
@@ -152,16 +176,29 @@ fn fraction_selects_a_seeded_subset_binned_over_the_full_range() {
     let few = build_syllabus(std::slice::from_ref(&ds), &opts).unwrap();
     assert_eq!(few.items.len(), 1409); // round(0.2 · 7046)
     assert_eq!(few.reports[0].n, 1409);
-    assert_eq!(few.reports[0].m, full.reports[0].m, "range of the whole file");
+    assert_eq!(
+        few.reports[0].m, full.reports[0].m,
+        "range of the whole file"
+    );
     // A subset, in file order, with the same level each item has in the full syllabus.
     let mut cursor = full.items.iter();
     for item in &few.items {
-        let same = cursor.find(|f| f.image == item.image).expect("in file order");
+        let same = cursor
+            .find(|f| f.image == item.image)
+            .expect("in file order");
         assert_eq!(same.conversations[1], item.conversations[1]);
     }
-    assert_eq!(few, build_syllabus(std::slice::from_ref(&ds), &opts).unwrap());
+    assert_eq!(
+        few,
+        build_syllabus(std::slice::from_ref(&ds), &opts).unwrap()
+    );
     opts.seed = 6;
-    assert_ne!(few.items, build_syllabus(std::slice::from_ref(&ds), &opts).unwrap().items);
+    assert_ne!(
+        few.items,
+        build_syllabus(std::slice::from_ref(&ds), &opts)
+            .unwrap()
+            .items
+    );
 
     for bad in [0.0, -0.1, 1.5, f64::NAN] {
         opts.fraction = Some(bad);
@@ -220,7 +257,11 @@ fn explicit_range_and_out_of_range_scores() {
     let mut flat = ds.clone();
     flat.items.truncate(1);
     let err = build_syllabus(&[flat], &quality_image()).unwrap_err();
-    assert!(err.to_string().starts_with("dataset toy: invalid score range"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("dataset toy: invalid score range"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -230,7 +271,10 @@ fn custom_levels_in_the_syllabus() {
     opts.levels = LevelSet::good_poor();
     let s = build_syllabus(std::slice::from_ref(&ds), &opts).unwrap();
     let counts = &s.reports[0].level_counts.0;
-    assert_eq!(counts.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(), ["good", "poor"]);
+    assert_eq!(
+        counts.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(),
+        ["good", "poor"]
+    );
     let json = serde_json::to_string(&s.reports[0].level_counts).unwrap();
     assert!(json.starts_with("{\"good\":"), "{json}");
 }
@@ -244,7 +288,10 @@ fn atomic_write_leaves_only_the_output() {
     write_json_atomic(&out, &s.items).unwrap();
     let back: Vec<SftItem> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(back, s.items);
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["sft.json"]);
     // Overwrites in place; a missing folder is a clear error and leaves nothing behind.
     write_json_atomic(&out, &s.items[..2]).unwrap();

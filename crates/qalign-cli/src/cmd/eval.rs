@@ -1,9 +1,247 @@
-//! Placeholder, to be written.
+//! `qalign eval`: join predictions to labels by path and report SRCC/PLCC/KRCC/RMSE with
+//! bootstrap confidence intervals, as a table or JSON, optionally with a scatter plot.
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qalign_core::dataset::{Columns, read_labels, read_predictions};
+use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join};
+use qalign_core::metrics::{BootstrapOptions, Interval, Logistic4};
+use qalign_core::plot::{ScatterPlot, draw_scatter};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Predictions: JSONL/JSON (qalign score output, official eval results) or CSV, each item a
+    /// path and a score.
+    #[arg(long, value_name = "PRED")]
+    pred: PathBuf,
+    /// Human labels (any Q-Align label schema, JSONL or CSV).
+    #[arg(long, value_name = "LABELS")]
+    labels: PathBuf,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Draw prediction vs MOS with the fitted logistic curve (.png or .svg).
+    #[arg(long, value_name = "PATH")]
+    plot: Option<PathBuf>,
+    /// Bootstrap resamples for the confidence intervals (0 = none).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    bootstrap: usize,
+    /// Confidence level of the intervals.
+    #[arg(long, value_name = "C", default_value_t = 0.95)]
+    confidence: f64,
+    /// Seed of the bootstrap.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
+    /// Also report PLCC and RMSE after the 4-parameter logistic fit (raw is the default, as in
+    /// the official evaluation).
+    #[arg(long)]
+    logistic: bool,
+    /// Path key/column in the predictions (default: path, image, img_path).
+    #[arg(long, value_name = "KEY")]
+    pred_path_key: Option<String>,
+    /// Score key/column in the predictions (default: score, pred, prediction, else `logits`).
+    #[arg(long, value_name = "KEY")]
+    pred_score_key: Option<String>,
+    /// Path key/column in the labels (default: image, img_path, path).
+    #[arg(long, value_name = "KEY")]
+    label_path_key: Option<String>,
+    /// Score key/column in the labels (default: gt_score, mos, score, else the MOS in `id`).
+    #[arg(long, value_name = "KEY")]
+    label_score_key: Option<String>,
+}
+
+/// Bootstrap work (resamples × items) above which a progress bar is worth showing.
+const PROGRESS_THRESHOLD: usize = 2_000_000;
+/// Examples of unmatched paths shown per category.
+const EXAMPLES: usize = 3;
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let predictions = read_predictions(
+        &args.pred,
+        &Columns {
+            path: args.pred_path_key.clone(),
+            score: args.pred_score_key.clone(),
+        },
+    )?;
+    let labels = read_labels(
+        &args.labels,
+        &Columns {
+            path: args.label_path_key.clone(),
+            score: args.label_score_key.clone(),
+        },
+    )?;
+    let joined = join(&predictions, &labels.items);
+    report_join(&joined);
+    if joined.pairs.is_empty() {
+        anyhow::bail!(
+            "no prediction path matched a label path (e.g. prediction {:?}, label {:?})",
+            predictions.first().map(|p| p.path.as_str()).unwrap_or(""),
+            labels.items.first().map(|l| l.path.as_str()).unwrap_or("")
+        );
+    }
+    let pred = joined.predictions();
+    let mos = joined.mos();
+
+    let bootstrap = (args.bootstrap > 0).then_some(BootstrapOptions {
+        resamples: args.bootstrap,
+        seed: args.seed,
+        confidence: args.confidence,
+    });
+    let bar = progress_bar(args.bootstrap, pred.len());
+    let options = EvalOptions {
+        bootstrap,
+        logistic: args.logistic || args.plot.is_some(),
+    };
+    let mut report = evaluate(&pred, &mos, options, &|k| bar.inc(k as u64))?;
+    bar.finish_and_clear();
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    if let Some(path) = &args.plot {
+        let curve: Option<&Logistic4> = report.logistic.as_ref().map(|f| &f.curve);
+        let title = format!(
+            "N={}  SRCC={:.4}  PLCC={:.4}",
+            report.n, report.srcc, report.plcc
+        );
+        draw_scatter(
+            path,
+            &ScatterPlot {
+                prediction: &pred,
+                mos: &mos,
+                curve,
+                title: &title,
+            },
+        )?;
+        eprintln!("wrote plot {}", path.display());
+    }
+    if !args.logistic {
+        // Fitted only for the plot's curve: not part of the reported numbers.
+        report.logistic = None;
+    }
+
+    match args.format {
+        Format::Json => println!("{}", json_output(&report, &joined)?),
+        Format::Table => print_table(&report),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(resamples: usize, n: usize) -> ProgressBar {
+    if resamples.saturating_mul(n) < PROGRESS_THRESHOLD || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(resamples as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("bootstrap {bar:40} {pos}/{len} [{elapsed}<{eta}]")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn examples(paths: &[String]) -> String {
+    let shown: Vec<&str> = paths.iter().take(EXAMPLES).map(String::as_str).collect();
+    let more = if paths.len() > EXAMPLES { ", …" } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+fn report_join(j: &JoinOutcome) {
+    let categories = [
+        ("prediction(s) matched no label", &j.unmatched_predictions),
+        (
+            "prediction(s) matched several labels equally well (ambiguous, skipped)",
+            &j.ambiguous_predictions,
+        ),
+        (
+            "prediction(s) repeat an already matched label (skipped)",
+            &j.duplicate_predictions,
+        ),
+        ("label(s) have no prediction", &j.unmatched_labels),
+    ];
+    for (what, paths) in categories {
+        if !paths.is_empty() {
+            eprintln!("warning: {} {what}, e.g. {}", paths.len(), examples(paths));
+        }
+    }
+}
+
+/// `--format json`: the report's fields, then how the join went.
+#[derive(serde::Serialize)]
+struct JsonOutput<'a> {
+    #[serde(flatten)]
+    report: &'a EvalReport,
+    join: JoinCounts,
+}
+
+#[derive(serde::Serialize)]
+struct JoinCounts {
+    matched: usize,
+    unmatched_predictions: usize,
+    ambiguous_predictions: usize,
+    duplicate_predictions: usize,
+    unmatched_labels: usize,
+}
+
+fn json_output(report: &EvalReport, joined: &JoinOutcome) -> anyhow::Result<String> {
+    let out = JsonOutput {
+        report,
+        join: JoinCounts {
+            matched: joined.pairs.len(),
+            unmatched_predictions: joined.unmatched_predictions.len(),
+            ambiguous_predictions: joined.ambiguous_predictions.len(),
+            duplicate_predictions: joined.duplicate_predictions.len(),
+            unmatched_labels: joined.unmatched_labels.len(),
+        },
+    };
+    Ok(serde_json::to_string_pretty(&out)?)
+}
+
+fn fmt_interval(ci: Option<Interval>) -> String {
+    match ci {
+        Some(i) => format!("[{:.4}, {:.4}]", i.low, i.high),
+        None => "-".to_string(),
+    }
+}
+
+fn print_table(r: &EvalReport) {
+    let ci = r.ci.as_ref();
+    let header = match ci {
+        Some(c) => format!(
+            "{:.0}% CI (bootstrap, {} resamples, seed {})",
+            c.confidence * 100.0,
+            c.resamples,
+            c.seed
+        ),
+        None => "CI".to_string(),
+    };
+    println!("{:<16} {:>10}  {header}", "metric", "value");
+    println!("{:<16} {:>10}", "n", r.n);
+    let rows = [
+        ("SRCC", r.srcc, ci.map(|c| c.srcc)),
+        ("PLCC", r.plcc, ci.map(|c| c.plcc)),
+        ("KRCC", r.krcc, ci.map(|c| c.krcc)),
+        ("RMSE (raw)", r.rmse, ci.map(|c| c.rmse)),
+    ];
+    for (name, value, interval) in rows {
+        println!("{name:<16} {value:>10.4}  {}", fmt_interval(interval));
+    }
+    if let Some(f) = &r.logistic {
+        println!(
+            "{:<16} {:>10.4}  (after 4-parameter logistic fit)",
+            "PLCC (logistic)", f.plcc
+        );
+        println!(
+            "{:<16} {:>10.4}  (after 4-parameter logistic fit)",
+            "RMSE (logistic)", f.rmse
+        );
+    }
 }

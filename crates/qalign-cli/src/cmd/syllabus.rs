@@ -1,9 +1,140 @@
-//! Placeholder, to be written.
+//! `qalign syllabus`: label files → the official SFT JSON, with the conversion precision.
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::Context;
+use qalign_core::dataset::{Columns, MediaKind, read_labels};
+use qalign_core::levels::ScoreRange;
+use qalign_core::syllabus::{
+    ConversionReport, SyllabusOptions, Task, build_syllabus, write_json_atomic,
+};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum TaskArg {
+    Quality,
+    Aesthetics,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum InputArg {
+    Image,
+    Video,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Label files (JSON in any Q-Align schema, JSONL or CSV); several are mixed, each binned by
+    /// its own range.
+    #[arg(required = true, value_name = "LABELS")]
+    labels: Vec<PathBuf>,
+    /// What the answers rate.
+    #[arg(long, value_enum)]
+    task: TaskArg,
+    /// Whether the items are images or videos (checked against each path's extension).
+    #[arg(long, value_enum)]
+    input: InputArg,
+    /// Output SFT JSON (written atomically).
+    #[arg(long, value_name = "OUT.json")]
+    out: PathBuf,
+    /// Bin over [m, M] instead of each file's own min and max.
+    #[arg(long, num_args = 2, value_names = ["m", "M"], allow_negative_numbers = true)]
+    range: Option<Vec<f64>>,
+    /// Keep a seeded random fraction of each file (few-shot), in (0, 1].
+    #[arg(long, value_name = "F")]
+    fraction: Option<f64>,
+    /// Seed of the subset and of the question draws.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
+    /// Also write the conversion precision as JSON.
+    #[arg(long, value_name = "PATH")]
+    report_json: Option<PathBuf>,
+    /// Path key/column in the label files (default: image, img_path, path).
+    #[arg(long, value_name = "KEY")]
+    path_key: Option<String>,
+    /// Score key/column in the label files (default: gt_score, mos, score, else the MOS in `id`).
+    #[arg(long, value_name = "KEY")]
+    score_key: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let columns = Columns {
+        path: args.path_key,
+        score: args.score_key,
+    };
+    let datasets = args
+        .labels
+        .iter()
+        .map(|p| read_labels(p, &columns))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut options = SyllabusOptions::new(
+        match args.task {
+            TaskArg::Quality => Task::Quality,
+            TaskArg::Aesthetics => Task::Aesthetics,
+        },
+        match args.input {
+            InputArg::Image => MediaKind::Image,
+            InputArg::Video => MediaKind::Video,
+        },
+    );
+    if let Some(r) = args.range.as_deref() {
+        let [m, big_m] = r else {
+            anyhow::bail!("--range takes two numbers, m and M");
+        };
+        options.range = Some(ScoreRange::new(*m, *big_m).context("--range")?);
+    }
+    options.fraction = args.fraction;
+    options.seed = args.seed;
+    let syllabus = build_syllabus(&datasets, &options)?;
+    write_json_atomic(&args.out, &syllabus.items)?;
+    print_reports(&syllabus.reports);
+    for r in &syllabus.reports {
+        if r.srcc.is_nan() || r.plcc.is_nan() {
+            eprintln!(
+                "warning: {}: the conversion precision is undefined (all {} items got the same level)",
+                r.name, r.n
+            );
+        }
+    }
+    if let Some(path) = &args.report_json {
+        write_json_atomic(
+            path,
+            &ReportFile {
+                datasets: &syllabus.reports,
+            },
+        )?;
+    }
+    eprintln!(
+        "wrote {} items from {} file(s) to {}",
+        syllabus.items.len(),
+        datasets.len(),
+        args.out.display()
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--report-json`: `{"datasets": [{"name", "n", "m", "M", "srcc", "plcc", "level_counts"}]}`.
+#[derive(serde::Serialize)]
+struct ReportFile<'a> {
+    datasets: &'a [ConversionReport],
+}
+
+fn print_reports(reports: &[ConversionReport]) {
+    println!("conversion precision (MOS vs level, paper Table 2)");
+    println!(
+        "{:<24} {:>7} {:>10} {:>10} {:>7} {:>7}  levels",
+        "dataset", "n", "m", "M", "SRCC", "PLCC"
+    );
+    for r in reports {
+        let counts = r
+            .level_counts
+            .0
+            .iter()
+            .map(|(w, c)| format!("{w}={c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<24} {:>7} {:>10.4} {:>10.4} {:>7.4} {:>7.4}  {counts}",
+            r.name, r.n, r.m, r.max, r.srcc, r.plcc
+        );
+    }
 }

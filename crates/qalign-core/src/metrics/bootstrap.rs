@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::{
-    MetricError, check_pairs, check_not_constant, kendall_tau_b_unchecked, pearson_unchecked,
+    MetricError, check_not_constant, check_pairs, kendall_tau_b_unchecked, pearson_unchecked,
 };
 
 /// How to bootstrap.
@@ -151,7 +151,14 @@ fn run_resamples(
     collected.into_iter().map(|(_, r)| r).collect()
 }
 
-fn one_resample(x: &[f64], y: &[f64], xs: &mut [f64], ys: &mut [f64], seed: u64, b: usize) -> Resample {
+fn one_resample(
+    x: &[f64],
+    y: &[f64],
+    xs: &mut [f64],
+    ys: &mut [f64],
+    seed: u64,
+    b: usize,
+) -> Resample {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(b as u64);
     let n = x.len() as u64;
@@ -160,7 +167,11 @@ fn one_resample(x: &[f64], y: &[f64], xs: &mut [f64], ys: &mut [f64], seed: u64,
         *xo = x[i];
         *yo = y[i];
     }
-    let rmse = (xs.iter().zip(ys.iter()).map(|(a, b)| (a - b) * (a - b)).sum::<f64>()
+    let rmse = (xs
+        .iter()
+        .zip(ys.iter())
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
         / xs.len() as f64)
         .sqrt();
     let correlations = check_not_constant(xs, ys).ok().map(|()| {

@@ -43,7 +43,11 @@ pub enum MetricError {
     #[error("need at least {MIN_PAIRS} pairs, got {0}")]
     TooFewPairs(usize),
     #[error("{side} vector has a non-finite value at index {index} ({value})")]
-    NonFinite { side: Side, index: usize, value: f64 },
+    NonFinite {
+        side: Side,
+        index: usize,
+        value: f64,
+    },
     #[error("{0} vector is constant, so the correlation is undefined")]
     Constant(Side),
     #[error("invalid option: {0}")]
@@ -227,8 +231,8 @@ fn kendall_tau_b_unchecked(x: &[f64], y: &[f64]) -> f64 {
     let discordant = count_inversions(&mut ys, &mut buf);
     let y_ties = tied_pairs(&ys); // ys is now sorted
     let total = (n as u64) * (n as u64 - 1) / 2;
-    let con_minus_dis = total as f64 - x_ties as f64 - y_ties as f64 + joint_ties as f64
-        - 2.0 * discordant as f64;
+    let con_minus_dis =
+        total as f64 - x_ties as f64 - y_ties as f64 + joint_ties as f64 - 2.0 * discordant as f64;
     let tau = con_minus_dis / ((total - x_ties) as f64).sqrt() / ((total - y_ties) as f64).sqrt();
     tau.clamp(-1.0, 1.0)
 }

@@ -1,0 +1,206 @@
+//! Evaluation: the path-join rule, lenient metrics for degenerate predictions, and plots.
+
+mod common;
+
+use common::{assert_close, labels};
+use qalign_core::dataset::{Columns, LabelItem, MediaKind, Prediction, read_labels};
+use qalign_core::eval::{EvalOptions, evaluate, join, normalize_path};
+use qalign_core::metrics::{BootstrapOptions, MetricError};
+use qalign_core::plot::{PlotError, ScatterPlot, draw_scatter};
+
+fn label(path: &str, score: f64) -> LabelItem {
+    LabelItem {
+        path: path.to_string(),
+        score,
+        kind: MediaKind::of_path(path),
+        id: None,
+        answer: None,
+    }
+}
+
+fn pred(path: &str, score: f64) -> Prediction {
+    Prediction {
+        path: path.to_string(),
+        score,
+    }
+}
+
+#[test]
+fn normalisation() {
+    assert_eq!(normalize_path("./a//b/./c.jpg"), "a/b/c.jpg");
+    assert_eq!(
+        normalize_path("C:\\data\\koniq\\1.jpg"),
+        "C:/data/koniq/1.jpg"
+    );
+    assert_eq!(normalize_path("/abs/x.png"), "abs/x.png");
+}
+
+#[test]
+fn join_rule_exact_then_unique_longest_suffix() {
+    let labels = vec![
+        label("koniq/1.jpg", 10.0),
+        label("spaq/1.jpg", 20.0),
+        label("koniq/2.jpg", 30.0),
+        label("live/a/3.bmp", 40.0),
+        label("live/b/3.bmp", 50.0),
+        label("never.jpg", 60.0),
+    ];
+    let preds = vec![
+        pred("./koniq/1.jpg", 1.0),          // exact after normalisation
+        pred("/data/spaq/1.jpg", 2.0),       // suffix: spaq/1.jpg (2 components) beats koniq/1.jpg
+        pred("D:\\sets\\koniq\\2.jpg", 3.0), // Windows path, suffix
+        pred("3.bmp", 4.0),                  // ambiguous: a/3.bmp and b/3.bmp tie
+        pred("/x/b/3.bmp", 5.0),             // suffix b/3.bmp is unique
+        pred("koniq/1.jpg", 6.0),            // duplicate of the first
+        pred("other.jpg", 7.0),              // no label
+    ];
+    let j = join(&preds, &labels);
+    let got: Vec<(&str, f64, f64)> = j
+        .pairs
+        .iter()
+        .map(|p| (p.label_path.as_str(), p.prediction, p.mos))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("koniq/1.jpg", 1.0, 10.0),
+            ("spaq/1.jpg", 2.0, 20.0),
+            ("koniq/2.jpg", 3.0, 30.0),
+            ("live/b/3.bmp", 5.0, 50.0),
+        ]
+    );
+    assert_eq!(j.ambiguous_predictions, ["3.bmp"]);
+    assert_eq!(j.duplicate_predictions, ["koniq/1.jpg"]);
+    assert_eq!(j.unmatched_predictions, ["other.jpg"]);
+    assert_eq!(j.unmatched_labels, ["live/a/3.bmp", "never.jpg"]);
+}
+
+#[test]
+fn bare_file_names_match_when_unambiguous() {
+    let ds = read_labels(&labels("konvid.json"), &Columns::default()).unwrap();
+    let preds: Vec<Prediction> = ds
+        .items
+        .iter()
+        .map(|l| pred(&format!("/videos/konvid/{}", l.path), l.score))
+        .collect();
+    let j = join(&preds, &ds.items);
+    assert_eq!(j.pairs.len(), 1200);
+    assert!(j.unmatched_labels.is_empty() && j.unmatched_predictions.is_empty());
+}
+
+#[test]
+fn evaluate_reports_metrics_and_intervals() {
+    let ds = read_labels(&labels("livec.json"), &Columns::default()).unwrap();
+    let mos = ds.scores();
+    let p: Vec<f64> = mos
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + ((i * 37) % 101) as f64 * 0.5)
+        .collect();
+    let opts = EvalOptions {
+        bootstrap: Some(BootstrapOptions {
+            resamples: 50,
+            seed: 3,
+            confidence: 0.9,
+        }),
+        logistic: true,
+    };
+    let r = evaluate(&p, &mos, opts, &|_| {}).unwrap();
+    assert_eq!(r.n, 1169);
+    // Same values as the scipy check in tests/metrics.rs (pred and MOS swapped: symmetric).
+    assert_close(r.srcc, 0.7837840852667397, 1e-9, "srcc");
+    assert_close(r.plcc, 0.8147046424909985, 1e-9, "plcc");
+    assert_close(r.krcc, 0.5832343381285585, 1e-9, "krcc");
+    assert_close(r.rmse, 28.937094394447357, 1e-9, "rmse");
+    let ci = r.ci.clone().unwrap();
+    assert_eq!((ci.resamples, ci.seed, ci.confidence), (50, 3, 0.9));
+    assert!(ci.srcc.low < r.srcc && r.srcc < ci.srcc.high);
+    let fit = r.logistic.unwrap();
+    assert!(
+        fit.plcc >= r.plcc - 1e-12,
+        "a fitted PLCC is never worse than raw here"
+    );
+    assert!(r.warnings.is_empty());
+    let json = serde_json::to_value(&r).unwrap();
+    for key in [
+        "n", "srcc", "plcc", "krcc", "rmse", "ci", "logistic", "warnings",
+    ] {
+        assert!(json.get(key).is_some(), "missing {key}");
+    }
+}
+
+#[test]
+fn constant_predictions_give_nan_with_a_warning() {
+    let mos = [1.0, 2.0, 3.0, 4.0];
+    let p = [3.0; 4];
+    let r = evaluate(
+        &p,
+        &mos,
+        EvalOptions {
+            bootstrap: None,
+            logistic: true,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    assert!(r.srcc.is_nan() && r.plcc.is_nan() && r.krcc.is_nan());
+    assert_eq!(r.rmse, (6.0f64 / 4.0).sqrt());
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w == "SRCC is undefined (NaN): all predictions are equal"),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.warnings.iter().any(|w| w.starts_with("no logistic fit")));
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["srcc"].is_null());
+    // Too few pairs is an error, not NaN.
+    assert_eq!(
+        evaluate(&[1.0, 2.0], &[1.0, 2.0], EvalOptions::default(), &|_| {}).unwrap_err(),
+        MetricError::TooFewPairs(2)
+    );
+}
+
+#[test]
+fn plots_are_written_as_png_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let x: Vec<f64> = (0..300).map(|i| 1.0 + 4.0 * i as f64 / 299.0).collect();
+    let y: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| 20.0 * v + (i % 13) as f64)
+        .collect();
+    let curve = qalign_core::metrics::Logistic4::fit(&x, &y).unwrap();
+    let plot = ScatterPlot {
+        prediction: &x,
+        mos: &y,
+        curve: Some(&curve),
+        title: "N=300 SRCC=0.99",
+    };
+    let png = dir.path().join("s.png");
+    draw_scatter(&png, &plot).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // IHDR: width and height, big-endian, at bytes 16..24.
+    assert_eq!(&bytes[16..24], &[0, 0, 3, 32, 0, 0, 2, 88]);
+    let svg_path = dir.path().join("s.SVG");
+    draw_scatter(&svg_path, &plot).unwrap();
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<circle") && svg.contains("<polyline"));
+
+    assert!(matches!(
+        draw_scatter(&dir.path().join("s.gif"), &plot),
+        Err(PlotError::UnknownFormat { .. })
+    ));
+    let empty = ScatterPlot {
+        prediction: &[],
+        mos: &[],
+        curve: None,
+        title: "",
+    };
+    assert!(matches!(
+        draw_scatter(&png, &empty),
+        Err(PlotError::NoData(_))
+    ));
+}
