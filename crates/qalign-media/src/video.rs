@@ -1,0 +1,198 @@
+//! Video input for scoring: which frames the official loader would pick, and those frames'
+//! pixels, decoded the way decord (the official loader) decodes them.
+//!
+//! **Why the `ffmpeg`/`ffprobe` binaries, not a libav binding.** Frames are decoded by running
+//! Debian's `ffmpeg` and reading raw RGB frames over a pipe (`-f rawvideo -pix_fmt rgb24`):
+//! * no libav headers or pkg-config at build time, and no binding pinned to one FFmpeg major
+//!   version, so the crate builds anywhere and works with FFmpeg 4.4 to 8;
+//! * a crash, hang-up or odd codec in one file ends that one child process and comes back as a
+//!   per-file error, so a batch carries on;
+//! * the conversion is FFmpeg's own `scale` filter (yuv → rgb24, default BT.601 limited range),
+//!   the same path decord uses: the frames of `tests/fixtures/video/baby.mp4` are bit-identical
+//!   to the official ones.
+//!
+//! The binaries come from `$QALIGN_FFMPEG` / `$QALIGN_FFPROBE` when set, else `PATH`.
+//! Frame selection is in [`sampling`]; frame counts and rates follow decord's definitions
+//! (see [`probe`](mod@probe)); decoding streams (see [`FrameReader`]).
+
+mod probe;
+mod reader;
+pub mod sampling;
+mod sniff;
+mod tools;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::Path;
+
+use image::RgbImage;
+
+pub use probe::VideoInfo;
+pub use reader::{FrameReader, SampledFrame};
+pub use sampling::{SamplingOptions, SamplingPlan};
+pub use sniff::{MediaKind, is_video, sniff_bytes, sniff_kind};
+pub use tools::{FFMPEG_ENV, FFPROBE_ENV, FfmpegTools};
+
+use crate::MediaError;
+
+/// A clip's planned frames, decoded, with anything the caller should warn about.
+#[derive(Debug, Clone)]
+pub struct SampledVideo {
+    pub info: VideoInfo,
+    pub plan: SamplingPlan,
+    /// The planned frames in order, one per entry of `plan.indices()`.
+    pub frames: Vec<SampledFrame>,
+}
+
+impl SampledVideo {
+    /// The pictures alone, in order.
+    pub fn images(&self) -> impl Iterator<Item = &RgbImage> {
+        self.frames.iter().map(|f| &f.image)
+    }
+
+    /// Things that differ from the plain official behaviour, for the caller to report.
+    pub fn warnings(&self) -> Vec<VideoWarning> {
+        let mut warnings = Vec::new();
+        if self.plan.is_shorter_than_period() {
+            warnings.push(VideoWarning::ShorterThanSamplingPeriod {
+                n_frames: self.plan.n_frames(),
+                avg_fps: self.plan.avg_fps(),
+            });
+        }
+        if self.plan.is_capped() {
+            warnings.push(VideoWarning::Capped {
+                kept: self.plan.indices().len(),
+                available: self.plan.uncapped_count(),
+            });
+        }
+        let repeated = self.frames.iter().filter(|f| f.is_repeated()).count();
+        if repeated > 0 {
+            let delivered = self
+                .frames
+                .iter()
+                .map(|f| f.decoded_index + 1)
+                .max()
+                .unwrap_or(0);
+            warnings.push(VideoWarning::RepeatedFrames {
+                repeated,
+                delivered,
+                expected: self.info.n_frames,
+            });
+        }
+        warnings
+    }
+}
+
+/// Non-fatal deviations while sampling a clip.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VideoWarning {
+    /// Shorter than one sampling period: the official loader returns no frame (and the official
+    /// scorer crashes); frame 0 is used instead.
+    ShorterThanSamplingPeriod { n_frames: usize, avg_fps: f64 },
+    /// `max_frames` kept `kept` of the `available` frames the rule gives.
+    Capped { kept: usize, available: usize },
+    /// The stream delivered fewer frames than its packet count; the last one was repeated.
+    RepeatedFrames {
+        repeated: usize,
+        delivered: usize,
+        expected: usize,
+    },
+}
+
+impl fmt::Display for VideoWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ShorterThanSamplingPeriod { n_frames, avg_fps } => write!(
+                f,
+                "clip is shorter than one sampling period ({n_frames} frames at {avg_fps:.3} fps); \
+                 using its first frame"
+            ),
+            Self::Capped { kept, available } => {
+                write!(f, "sampled {kept} of {available} frames (max_frames cap)")
+            }
+            Self::RepeatedFrames {
+                repeated,
+                delivered,
+                expected,
+            } => write!(
+                f,
+                "stream decoded to {delivered} of {expected} frames; repeated the last frame \
+                 {repeated} time(s)"
+            ),
+        }
+    }
+}
+
+impl FfmpegTools {
+    /// Probes a video: stream, size, rotation, frame count and rate (decord's definitions).
+    pub fn probe(&self, path: &Path) -> Result<VideoInfo, MediaError> {
+        probe::probe_with(self, path)
+    }
+
+    /// Starts decoding the planned frames of a probed video.
+    pub fn open_frames(
+        &self,
+        info: &VideoInfo,
+        plan: &SamplingPlan,
+    ) -> Result<FrameReader, MediaError> {
+        FrameReader::open(self, info, plan)
+    }
+
+    /// Probes, plans and decodes in one go.
+    pub fn sample(
+        &self,
+        path: &Path,
+        options: &SamplingOptions,
+    ) -> Result<SampledVideo, MediaError> {
+        let info = self.probe(path)?;
+        let plan = plan_for(&info, options)?;
+        let frames = self
+            .open_frames(&info, &plan)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SampledVideo { info, plan, frames })
+    }
+}
+
+/// Probes a video with the shared tools ([`FfmpegTools::shared`]).
+pub fn probe(path: &Path) -> Result<VideoInfo, MediaError> {
+    FfmpegTools::shared()?.probe(path)
+}
+
+/// The sampling plan for a probed video.
+pub fn plan_for(info: &VideoInfo, options: &SamplingOptions) -> Result<SamplingPlan, MediaError> {
+    SamplingPlan::new(info.n_frames, info.avg_fps, options).map_err(|e| MediaError::Decode {
+        path: info.path.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// Streams the planned frames of a probed video with the shared tools.
+pub fn open_frames(info: &VideoInfo, plan: &SamplingPlan) -> Result<FrameReader, MediaError> {
+    FfmpegTools::shared()?.open_frames(info, plan)
+}
+
+/// Probes, plans and decodes a video with the shared tools.
+pub fn sample_frames(path: &Path, options: &SamplingOptions) -> Result<SampledVideo, MediaError> {
+    FfmpegTools::shared()?.sample(path, options)
+}
+
+/// An FFmpeg input URL that always means "this local file": the `file:` protocol prefix stops
+/// names like `a:b.mp4` or `-x.mp4` from being read as a protocol or an option.
+fn ffmpeg_input(path: &Path) -> OsString {
+    let mut input = OsString::from("file:");
+    input.push(path.as_os_str());
+    input
+}
+
+/// The last `n` non-empty lines of a tool's stderr, joined with " | " (for error messages).
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "no diagnostic output".into();
+    }
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

@@ -1,0 +1,365 @@
+//! Video decoding against the official fixtures (baby.mp4 and decord's frames) and generated clips.
+
+mod video_support;
+
+use std::path::Path;
+
+use qalign_media::video::{self, VideoWarning};
+use qalign_media::{MediaError, MediaKind, SamplingOptions, SamplingPlan};
+use video_support::{ffmpeg, fixtures, reference_frame, testsrc_clip, tools};
+
+#[test]
+fn baby_mp4_probe_matches_decord() {
+    let info = tools().probe(&fixtures().join("video/baby.mp4")).unwrap();
+    assert_eq!(info.n_frames, 240);
+    assert_eq!(info.header_frames, Some(240));
+    assert_eq!(info.frame_rate, (2997, 100));
+    assert_eq!(info.avg_fps, 2997.0 / 100.0);
+    assert_eq!((info.width, info.height, info.rotation), (960, 540, 0));
+    assert_eq!(info.codec, "h264");
+    assert!(info.format.contains("mp4"), "{}", info.format);
+    let duration = info.duration.unwrap();
+    assert!((duration - 8.008008).abs() < 1e-6, "{duration}");
+}
+
+#[test]
+fn baby_mp4_frames_are_bit_identical_to_decord() {
+    let dir = fixtures().join("video");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("frames.json")).unwrap()).unwrap();
+    let expected_indices: Vec<usize> = meta["frame_indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let files: Vec<&str> = meta["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+
+    let sampled = tools()
+        .sample(&dir.join("baby.mp4"), &SamplingOptions::OFFICIAL)
+        .unwrap();
+    assert_eq!(sampled.plan.indices(), &expected_indices[..]);
+    assert_eq!(expected_indices, [0, 29, 59, 89, 119, 149, 179, 209]);
+    assert!(sampled.warnings().is_empty());
+    assert_eq!(sampled.frames.len(), files.len());
+    for (frame, file) in sampled.frames.iter().zip(&files) {
+        let expected = image::open(dir.join("frames").join(file))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(frame.source_index, frame.decoded_index);
+        assert_eq!(frame.image.dimensions(), (960, 540), "{file}");
+        assert!(
+            frame.image == expected,
+            "frame {} differs from {file}",
+            frame.source_index
+        );
+    }
+}
+
+#[test]
+fn free_functions_use_the_shared_tools() {
+    let path = fixtures().join("video/baby.mp4");
+    assert!(video::is_video(&path));
+    let info = video::probe(&path).unwrap();
+    let plan = video::plan_for(&info, &SamplingOptions::new(0.5, Some(2)).unwrap()).unwrap();
+    // step 59.94, K = ⌊240 / 59.94⌋ = 4 → candidates 0, 59, 119, 179; N = 2 → positions 1, 3.
+    assert_eq!(plan.indices(), &[59, 179]);
+    let frames: Vec<_> = video::open_frames(&info, &plan)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected = image::open(fixtures().join("video/frames/frame_06_src0179.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(frames[1].source_index, 179);
+    assert!(frames[1].image == expected);
+}
+
+#[test]
+fn short_clip_gives_first_frame_and_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = testsrc_clip(dir.path(), "short.mp4", "64x48", 10, 0.5);
+    let sampled = tools().sample(&clip, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(sampled.info.n_frames, 5);
+    assert_eq!(sampled.plan.indices(), &[0]);
+    assert_eq!(
+        sampled.warnings(),
+        [VideoWarning::ShorterThanSamplingPeriod {
+            n_frames: 5,
+            avg_fps: 10.0
+        }]
+    );
+    assert_eq!(
+        sampled.frames[0].image.as_raw(),
+        &reference_frame(&clip, 0, false)
+    );
+}
+
+#[test]
+fn long_clip_with_max_frames_picks_bin_centres() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = testsrc_clip(dir.path(), "long.mp4", "64x48", 25, 40.0);
+    let options = SamplingOptions::new(1.0, Some(5)).unwrap();
+    let sampled = tools().sample(&clip, &options).unwrap();
+    assert_eq!(sampled.info.n_frames, 1000);
+    // K = 40 candidates 0, 25, …, 975; positions ⌊(2j+1)·40/10⌋ = 4, 12, 20, 28, 36.
+    assert_eq!(sampled.plan.indices(), &[100, 300, 500, 700, 900]);
+    assert_eq!(
+        sampled.warnings(),
+        [VideoWarning::Capped {
+            kept: 5,
+            available: 40
+        }]
+    );
+    for frame in &sampled.frames {
+        let reference = reference_frame(&clip, frame.source_index, false);
+        assert!(
+            frame.image.as_raw() == &reference,
+            "frame {} is not FFmpeg's frame with that index",
+            frame.source_index
+        );
+    }
+}
+
+#[test]
+fn webm_without_header_count_uses_packets() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.webm");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=12",
+        "-t",
+        "3",
+        "-c:v",
+        "libvpx",
+        "-b:v",
+        "200k",
+        clip.to_str().unwrap(),
+    ]);
+    assert_eq!(qalign_media::sniff_kind(&clip).unwrap(), MediaKind::Video);
+    let info = tools().probe(&clip).unwrap();
+    assert_eq!(info.header_frames, None);
+    assert_eq!(info.n_frames, 36);
+    assert_eq!(info.avg_fps, 12.0);
+    assert_eq!(info.codec, "vp8");
+    let sampled = tools().sample(&clip, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(sampled.plan.indices(), &[0, 12, 24]);
+    for frame in &sampled.frames {
+        assert!(frame.image.as_raw() == &reference_frame(&clip, frame.source_index, false));
+    }
+}
+
+/// Writes a 90° clockwise display matrix into the (version 0) `tkhd` box of an MP4.
+fn mark_rotated_90(mp4: &[u8]) -> Vec<u8> {
+    let mut bytes = mp4.to_vec();
+    let tkhd = bytes.windows(4).position(|w| w == b"tkhd").unwrap();
+    assert_eq!(bytes[tkhd + 4], 0, "test expects a version-0 tkhd");
+    let matrix_at = tkhd + 4 + 4 + 20 + 16;
+    let matrix: [i32; 9] = [0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x4000_0000];
+    for (k, value) in matrix.iter().enumerate() {
+        bytes[matrix_at + 4 * k..matrix_at + 4 * k + 4].copy_from_slice(&value.to_be_bytes());
+    }
+    bytes
+}
+
+#[test]
+fn rotated_clip_is_delivered_upright_like_ffmpeg_autorotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = testsrc_clip(dir.path(), "plain.mp4", "64x48", 10, 1.0);
+    let rotated = dir.path().join("rotated.mp4");
+    std::fs::write(&rotated, mark_rotated_90(&std::fs::read(&clip).unwrap())).unwrap();
+
+    let info = tools().probe(&rotated).unwrap();
+    assert_eq!((info.rotation, info.width, info.height), (90, 48, 64));
+    let plan = SamplingPlan::new(
+        info.n_frames,
+        info.avg_fps,
+        &SamplingOptions::new(3.0, None).unwrap(),
+    )
+    .unwrap();
+    let frames: Vec<_> = tools()
+        .open_frames(&info, &plan)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(plan.indices(), &[0, 3, 6]);
+    for frame in &frames {
+        assert_eq!(frame.image.dimensions(), (48, 64));
+        let upright = reference_frame(&rotated, frame.source_index, true);
+        assert!(
+            frame.image.as_raw() == &upright,
+            "frame {}",
+            frame.source_index
+        );
+    }
+}
+
+fn assert_error(
+    result: Result<impl std::fmt::Debug, MediaError>,
+    path: &Path,
+    wanted: &str,
+) -> MediaError {
+    let err = result.expect_err("bad input must be an error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(path.to_str().unwrap()),
+        "error does not name the file: {msg}"
+    );
+    assert!(msg.contains(wanted), "expected {wanted:?} in: {msg}");
+    err
+}
+
+#[test]
+fn bad_inputs_are_per_file_errors_and_the_batch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = testsrc_clip(dir.path(), "good.mp4", "64x48", 10, 2.0);
+    let good_bytes = std::fs::read(&good).unwrap();
+
+    let empty = dir.path().join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let garbage = dir.path().join("garbage.mp4");
+    std::fs::write(
+        &garbage,
+        (0..5000u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let truncated = dir.path().join("truncated.mp4");
+    std::fs::write(&truncated, &good_bytes[..good_bytes.len() / 2]).unwrap();
+    let audio = dir.path().join("audio.m4a");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=1",
+        audio.to_str().unwrap(),
+    ]);
+    let unknown_codec = dir.path().join("unknown_codec.mp4");
+    let patched: Vec<u8> = {
+        let mut b = good_bytes.clone();
+        let stsd_entry = b.windows(4).rposition(|w| w == b"avc1").unwrap();
+        b[stsd_entry..stsd_entry + 4].copy_from_slice(b"zzzz");
+        b
+    };
+    std::fs::write(&unknown_codec, patched).unwrap();
+    let missing = dir.path().join("missing.mp4");
+
+    let err = assert_error(tools().probe(&empty), &empty, "empty file");
+    assert!(matches!(err, MediaError::Decode { .. }));
+    let err = assert_error(
+        tools().probe(&garbage),
+        &garbage,
+        "not a readable media file",
+    );
+    assert!(matches!(err, MediaError::Decode { .. }));
+    let err = assert_error(tools().probe(&truncated), &truncated, "moov atom not found");
+    assert!(matches!(err, MediaError::Decode { .. }));
+    let err = assert_error(
+        tools().probe(&audio),
+        &audio,
+        "no video stream (streams: audio (aac))",
+    );
+    assert!(matches!(err, MediaError::Unsupported { .. }));
+    let err = assert_error(tools().probe(&unknown_codec), &unknown_codec, "\"zzzz\"");
+    assert!(matches!(err, MediaError::Unsupported { .. }));
+    let err = assert_error(tools().probe(&missing), &missing, "cannot read");
+    assert!(matches!(err, MediaError::Io { .. }));
+    let err = assert_error(tools().probe(dir.path()), dir.path(), "is a directory");
+    assert!(matches!(err, MediaError::Unsupported { .. }));
+
+    // A batch: every file gets its own result, the good one still decodes.
+    let batch = [
+        &empty,
+        &garbage,
+        &good,
+        &truncated,
+        &audio,
+        &unknown_codec,
+        &missing,
+    ];
+    let results: Vec<_> = batch
+        .iter()
+        .map(|p| tools().sample(p, &SamplingOptions::OFFICIAL))
+        .collect();
+    let ok: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(ok, [2]);
+    assert_eq!(results[2].as_ref().unwrap().frames.len(), 2);
+}
+
+#[test]
+fn decoder_failure_after_probe_is_a_per_file_error() {
+    // The file changes between probing and decoding, so ffmpeg itself fails: the reader turns
+    // its exit status and stderr into one error for this file.
+    let dir = tempfile::tempdir().unwrap();
+    let good = testsrc_clip(dir.path(), "good.mp4", "64x48", 10, 2.0);
+    let info = tools().probe(&good).unwrap();
+    std::fs::write(&good, b"replaced after probing").unwrap();
+    let plan = SamplingPlan::new(info.n_frames, info.avg_fps, &SamplingOptions::OFFICIAL).unwrap();
+    let results: Vec<_> = tools().open_frames(&info, &plan).unwrap().collect();
+    assert_eq!(results.len(), 1, "the reader stops after its first error");
+    let err = assert_error(
+        results.into_iter().next().unwrap(),
+        &good,
+        "ffmpeg could not decode it",
+    );
+    assert!(matches!(err, MediaError::Decode { .. }));
+}
+
+#[test]
+fn stream_shorter_than_its_packet_count_repeats_the_last_frame() {
+    // A plan made for more frames than the file holds (as when the packet count overstates the
+    // decodable frames): the missing frames are stand-ins, flagged, as decord does.
+    let dir = tempfile::tempdir().unwrap();
+    let clip = testsrc_clip(dir.path(), "clip.mp4", "64x48", 10, 1.0);
+    let mut info = tools().probe(&clip).unwrap();
+    assert_eq!(info.n_frames, 10);
+    info.n_frames = 30;
+    let plan = SamplingPlan::new(info.n_frames, info.avg_fps, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(plan.indices(), &[0, 10, 20]);
+    let frames: Vec<_> = tools()
+        .open_frames(&info, &plan)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(frames.len(), 3);
+    assert!(!frames[0].is_repeated());
+    assert_eq!((frames[1].source_index, frames[1].decoded_index), (10, 9));
+    assert_eq!((frames[2].source_index, frames[2].decoded_index), (20, 9));
+    assert!(frames[1].image.as_raw() == &reference_frame(&clip, 9, false));
+    let sampled = video::SampledVideo { info, plan, frames };
+    assert_eq!(
+        sampled.warnings(),
+        [VideoWarning::RepeatedFrames {
+            repeated: 2,
+            delivered: 10,
+            expected: 30
+        }]
+    );
+}
+
+#[test]
+fn odd_file_names_are_not_options_or_protocols() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = testsrc_clip(dir.path(), "plain.mp4", "64x48", 10, 1.0);
+    for name in ["-x.mp4", "http:y.mp4", "a b;c'd.mp4"] {
+        let odd = dir.path().join(name);
+        std::fs::copy(&clip, &odd).unwrap();
+        let info = tools().probe(&odd).unwrap();
+        assert_eq!(info.n_frames, 10, "{name}");
+        let sampled = tools().sample(&odd, &SamplingOptions::OFFICIAL).unwrap();
+        assert_eq!(sampled.frames.len(), 1, "{name}");
+    }
+}
