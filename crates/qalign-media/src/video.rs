@@ -3,17 +3,18 @@
 //!
 //! **Why the `ffmpeg`/`ffprobe` binaries, not a libav binding.** Frames are decoded by running
 //! Debian's `ffmpeg` and reading raw RGB frames over a pipe (`-f rawvideo -pix_fmt rgb24`):
-//! * no libav headers or pkg-config at build time, and no binding pinned to one FFmpeg major
-//!   version, so the crate builds anywhere and works with FFmpeg 4.4 to 8;
-//! * a crash, hang-up or odd codec in one file ends that one child process and comes back as a
+//! * no libav headers or pkg-config at build time and no binding pinned to one FFmpeg major
+//!   version (the one option that was renamed, `-vsync` → `-fps_mode`, is picked at run time);
+//! * a crash or an odd codec in one file ends that one child process and comes back as a
 //!   per-file error, so a batch carries on;
-//! * the conversion is FFmpeg's own `scale` filter (yuv → rgb24, default BT.601 limited range),
-//!   the same path decord uses: the frames of `tests/fixtures/video/baby.mp4` are bit-identical
-//!   to the official ones.
+//! * the filter chain is decord 0.6.0's own (`transpose` for rotated clips, then `scale`, which
+//!   converts yuv → rgb24; untagged clips get FFmpeg's default BT.601 limited range), every frame
+//!   decoded in order (`passthrough`, no frame-rate conversion): the frames of
+//!   `tests/fixtures/video/baby.mp4` are bit-identical to the official ones.
 //!
 //! The binaries come from `$QALIGN_FFMPEG` / `$QALIGN_FFPROBE` when set, else `PATH`.
 //! Frame selection is in [`sampling`]; frame counts and rates follow decord's definitions
-//! (see [`probe`](mod@probe)); decoding streams (see [`FrameReader`]).
+//! (see [`VideoInfo`]); decoding streams (see [`FrameReader`]).
 
 mod probe;
 mod reader;

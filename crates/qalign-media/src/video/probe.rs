@@ -36,7 +36,7 @@ pub struct VideoInfo {
     /// Height of the delivered frames (after applying the rotation).
     pub height: u32,
     /// Clockwise rotation applied to the decoded pictures (0, 90, 180 or 270) from the
-    /// container's display matrix or `rotate` tag.
+    /// container's `rotate` tag or display matrix, as decord reads it.
     pub rotation: u32,
     /// Frame count as decord's `len(vr)`: number of demuxed packets of the stream.
     pub n_frames: usize,
@@ -48,17 +48,6 @@ pub struct VideoInfo {
     pub frame_rate: (i64, i64),
     /// Duration in seconds (stream duration, else container duration), when known.
     pub duration: Option<f64>,
-}
-
-impl VideoInfo {
-    /// Size of the pictures as the decoder outputs them, before rotation.
-    pub(crate) fn coded_size(&self) -> (u32, u32) {
-        if self.rotation % 180 == 90 {
-            (self.height, self.width)
-        } else {
-            (self.width, self.height)
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,14 +270,13 @@ fn parse_rational(text: &str) -> Option<(i64, i64)> {
     (num > 0 && den > 0).then_some((num, den))
 }
 
-/// Maps any angle to the nearest of 0/90/180/270 clockwise, as FFmpeg's autorotate does for
-/// angles within a degree of a quarter turn; anything else is left unrotated.
+/// decord: the angle modulo 360 into [0, 360), truncated to an integer; only exact quarter
+/// turns rotate, anything else is left as decoded.
 fn normalise_rotation(clockwise: f64) -> u32 {
-    let angle = clockwise.rem_euclid(360.0);
-    [0u32, 90, 180, 270, 360]
-        .into_iter()
-        .find(|&q| (angle - q as f64).abs() < 1.0)
-        .map_or(0, |q| q % 360)
+    match clockwise.rem_euclid(360.0) as u32 {
+        quarter @ (90 | 180 | 270) => quarter,
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -347,7 +335,6 @@ mod tests {
         let info =
             rotated(r#","side_data_list":[{"side_data_type":"Display Matrix","rotation":-90}]"#);
         assert_eq!((info.rotation, info.width, info.height), (90, 48, 64));
-        assert_eq!(info.coded_size(), (64, 48));
         let info = rotated(r#","side_data_list":[{"rotation":90}]"#);
         assert_eq!(info.rotation, 270);
         let info = rotated(r#","side_data_list":[{"rotation":180}]"#);
@@ -356,6 +343,10 @@ mod tests {
         assert_eq!(info.rotation, 90);
         let info = rotated(r#","side_data_list":[{"rotation":-45}]"#);
         assert_eq!(info.rotation, 0);
+        let info = rotated(r#","side_data_list":[{"rotation":-89.5}]"#);
+        assert_eq!(info.rotation, 0, "89.5 truncates to 89 as in decord");
+        let info = rotated(r#","side_data_list":[{"rotation":89.5}]"#);
+        assert_eq!(info.rotation, 270, "-89.5 wraps to 270.5, truncated to 270");
     }
 
     #[test]

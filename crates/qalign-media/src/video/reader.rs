@@ -28,7 +28,7 @@ pub struct SampledFrame {
     /// stream ends before the frame count promised (truncated or mis-indexed files): then the
     /// last decoded frame stands in, as decord does.
     pub decoded_index: usize,
-    /// The picture, RGB, at the clip's (rotated) native size.
+    /// The picture, RGB, at the clip's native size, turned upright per the container's rotation.
     pub image: RgbImage,
 }
 
@@ -55,7 +55,6 @@ pub struct FrameReader {
     delivered: Option<usize>,
     width: u32,
     height: u32,
-    rotation: u32,
     /// The last whole frame read.
     current: Vec<u8>,
     /// Scratch for the frame being read, so a partial read never clobbers `current`.
@@ -69,7 +68,7 @@ impl FrameReader {
         info: &VideoInfo,
         plan: &SamplingPlan,
     ) -> Result<Self, MediaError> {
-        let (width, height) = info.coded_size();
+        let (width, height) = (info.width, info.height);
         let frame_bytes = width as usize * height as usize * 3;
         let mut command = Command::new(tools.ffmpeg());
         command
@@ -84,10 +83,8 @@ impl FrameReader {
             .arg(ffmpeg_input(&info.path))
             .arg("-map")
             .arg(format!("0:{}", info.stream_index))
-            // Holds the output at the probed size if the stream changes resolution mid-way
-            // (decord does the same); a no-op otherwise, bit-identical to no filter.
             .arg("-vf")
-            .arg(format!("scale={width}:{height}"))
+            .arg(decord_filter(info.rotation, width, height))
             .args([tools.passthrough_flag(), "passthrough"])
             .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
             .stdin(Stdio::null())
@@ -127,7 +124,6 @@ impl FrameReader {
             delivered: None,
             width,
             height,
-            rotation: info.rotation,
             current: vec![0; frame_bytes],
             incoming: vec![0; frame_bytes],
             finished: false,
@@ -137,6 +133,11 @@ impl FrameReader {
     /// The video file being read.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whole frames read from ffmpeg so far (the frames decoded, wanted or not).
+    pub fn frames_read(&self) -> usize {
+        self.next_decoded
     }
 
     /// Bytes held for decoding (two frames), independent of the clip's length.
@@ -209,18 +210,11 @@ impl FrameReader {
     }
 
     fn frame_image(&self) -> Result<RgbImage, MediaError> {
-        let raw =
-            RgbImage::from_raw(self.width, self.height, self.current.clone()).ok_or_else(|| {
-                MediaError::Decode {
-                    path: self.path.clone(),
-                    message: "decoded frame has the wrong size".into(),
-                }
-            })?;
-        Ok(match self.rotation {
-            90 => image::imageops::rotate90(&raw),
-            180 => image::imageops::rotate180(&raw),
-            270 => image::imageops::rotate270(&raw),
-            _ => raw,
+        RgbImage::from_raw(self.width, self.height, self.current.clone()).ok_or_else(|| {
+            MediaError::Decode {
+                path: self.path.clone(),
+                message: "decoded frame has the wrong size".into(),
+            }
         })
     }
 
@@ -267,6 +261,20 @@ impl Drop for FrameReader {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// decord 0.6.0's filter graph: undo the container's rotation with `transpose` on the decoded
+/// pictures, then `scale` to the (rotated) stream size, which also converts to rgb24. The scale
+/// is a no-op on size unless the stream changes resolution mid-way, where it holds the output
+/// at the probed size as decord does; without rotation the output is bit-identical to no filter.
+fn decord_filter(clockwise_rotation: u32, width: u32, height: u32) -> String {
+    let transpose = match clockwise_rotation {
+        90 => "transpose=1,",
+        180 => "transpose=1,transpose=1,",
+        270 => "transpose=2,",
+        _ => "",
+    };
+    format!("{transpose}scale={width}:{height}")
 }
 
 /// Fills `buf` with one whole frame. `Ok(false)` at the end of the stream, including a final
