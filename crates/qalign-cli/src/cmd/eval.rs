@@ -129,8 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     match args.format {
-        Format::Json => println!("{}", json_output(&report, &joined)?),
-        Format::Table => print_table(&report),
+        Format::Json => write_stdout(&format!("{}\n", json_output(&report, &joined)?))?,
+        Format::Table => write_stdout(&table(&report))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -212,7 +212,9 @@ fn fmt_interval(ci: Option<Interval>) -> String {
     }
 }
 
-fn print_table(r: &EvalReport) {
+fn table(r: &EvalReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let ci = r.ci.as_ref();
     let header = match ci {
         Some(c) => format!(
@@ -223,8 +225,8 @@ fn print_table(r: &EvalReport) {
         ),
         None => "CI".to_string(),
     };
-    println!("{:<16} {:>10}  {header}", "metric", "value");
-    println!("{:<16} {:>10}", "n", r.n);
+    let _ = writeln!(out, "{:<16} {:>10}  {header}", "metric", "value");
+    let _ = writeln!(out, "{:<16} {:>10}", "n", r.n);
     let rows = [
         ("SRCC", r.srcc, ci.map(|c| c.srcc)),
         ("PLCC", r.plcc, ci.map(|c| c.plcc)),
@@ -232,16 +234,30 @@ fn print_table(r: &EvalReport) {
         ("RMSE (raw)", r.rmse, ci.map(|c| c.rmse)),
     ];
     for (name, value, interval) in rows {
-        println!("{name:<16} {value:>10.4}  {}", fmt_interval(interval));
+        let _ = writeln!(out, "{name:<16} {value:>10.4}  {}", fmt_interval(interval));
     }
     if let Some(f) = &r.logistic {
-        println!(
-            "{:<16} {:>10.4}  (after 4-parameter logistic fit)",
-            "PLCC (logistic)", f.plcc
-        );
-        println!(
-            "{:<16} {:>10.4}  (after 4-parameter logistic fit)",
-            "RMSE (logistic)", f.rmse
-        );
+        for (name, value) in [("PLCC (logistic)", f.plcc), ("RMSE (logistic)", f.rmse)] {
+            let _ = writeln!(
+                out,
+                "{name:<16} {value:>10.4}  (after 4-parameter logistic fit)"
+            );
+        }
+    }
+    out
+}
+
+/// Write results to stdout. A closed pipe (`qalign eval … | head`) is not an error.
+pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
     }
 }

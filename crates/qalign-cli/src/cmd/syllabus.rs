@@ -86,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     options.seed = args.seed;
     let syllabus = build_syllabus(&datasets, &options)?;
     write_json_atomic(&args.out, &syllabus.items)?;
-    print_reports(&syllabus.reports);
+    super::eval::write_stdout(&reports_table(&syllabus.reports))?;
     for r in &syllabus.reports {
         if r.srcc.is_nan() || r.plcc.is_nan() {
             eprintln!(
@@ -118,9 +118,11 @@ struct ReportFile<'a> {
     datasets: &'a [ConversionReport],
 }
 
-fn print_reports(reports: &[ConversionReport]) {
-    println!("conversion precision (MOS vs level, paper Table 2)");
-    println!(
+fn reports_table(reports: &[ConversionReport]) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("conversion precision (MOS vs level, paper Table 2)\n");
+    let _ = writeln!(
+        out,
         "{:<24} {:>7} {:>10} {:>10} {:>7} {:>7}  levels",
         "dataset", "n", "m", "M", "SRCC", "PLCC"
     );
@@ -132,9 +134,11 @@ fn print_reports(reports: &[ConversionReport]) {
             .map(|(w, c)| format!("{w}={c}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:>7} {:>10.4} {:>10.4} {:>7.4} {:>7.4}  {counts}",
             r.name, r.n, r.m, r.max, r.srcc, r.plcc
         );
     }
+    out
 }
