@@ -121,6 +121,24 @@ fn explicit_range() {
         .stderr(predicate::str::contains(
             "dataset live, record 0 (live/jp2k/img1.bmp): score 0 is outside the range [10, 100]",
         ));
+    // Unless clamped: the 0 scores become bad.
+    qalign()
+        .arg("syllabus")
+        .arg(labels("live.json"))
+        .args([
+            "--task", "quality", "--input", "image", "--range", "10", "100", "--clamp",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let items: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(items[0]["id"], "img1.bmp->0.0");
+    assert_eq!(
+        items[0]["conversations"][1]["value"],
+        "The quality of the image is bad."
+    );
     qalign()
         .arg("syllabus")
         .arg(labels("live.json"))
@@ -152,6 +170,16 @@ fn usage_and_input_errors() {
         .stderr(predicate::str::contains(
             "invalid value 'sharpness' for '--task <TASK>'",
         ));
+    // --clamp only makes sense with --range.
+    qalign()
+        .arg("syllabus")
+        .arg(labels("csiq.json"))
+        .args(["--task", "quality", "--input", "image", "--clamp"])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--range <m> <M>"));
     // Missing labels file.
     qalign()
         .args([

@@ -174,6 +174,8 @@ pub struct SyllabusOptions {
     /// Seeds both the subset and the question draws.
     pub seed: u64,
     pub levels: LevelSet,
+    /// Put scores outside `range` in the end levels instead of failing.
+    pub clamp: bool,
 }
 
 impl SyllabusOptions {
@@ -185,6 +187,7 @@ impl SyllabusOptions {
             fraction: None,
             seed: 0,
             levels: LevelSet::itu(),
+            clamp: false,
         }
     }
 }
@@ -284,15 +287,17 @@ pub fn build_syllabus(
                     expected: options.input,
                 });
             }
-            let level =
-                levels
-                    .level_of(item.score, range)
-                    .map_err(|error| SyllabusError::Item {
-                        dataset: dataset.name.clone(),
-                        index,
-                        path: item.path.clone(),
-                        error,
-                    })?;
+            let level = if options.clamp {
+                levels.level_of_clamped(item.score, range)
+            } else {
+                levels.level_of(item.score, range)
+            };
+            let level = level.map_err(|error| SyllabusError::Item {
+                dataset: dataset.name.clone(),
+                index,
+                path: item.path.clone(),
+                error,
+            })?;
             let question = pool[rng.random_range(0..pool.len() as u64) as usize];
             let word = levels.word(level);
             counts[levels.n_levels() - level.number()] += 1;

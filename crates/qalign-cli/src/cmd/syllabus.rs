@@ -39,6 +39,9 @@ pub struct Args {
     /// Bin over [m, M] instead of each file's own min and max.
     #[arg(long, num_args = 2, value_names = ["m", "M"], allow_negative_numbers = true)]
     range: Option<Vec<f64>>,
+    /// With --range: put scores outside [m, M] in the end levels instead of failing.
+    #[arg(long, requires = "range")]
+    clamp: bool,
     /// Keep a seeded random fraction of each file (few-shot), in (0, 1].
     #[arg(long, value_name = "F")]
     fraction: Option<f64>,
@@ -82,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         options.range = Some(ScoreRange::new(*m, *big_m).context("--range")?);
     }
+    options.clamp = args.clamp;
     options.fraction = args.fraction;
     options.seed = args.seed;
     let syllabus = build_syllabus(&datasets, &options)?;
