@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qalign", version, about = "Q-Align / OneAlign quality and aesthetics scoring")]
+#[command(
+    name = "qalign",
+    version,
+    about = "Q-Align / OneAlign quality and aesthetics scoring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
