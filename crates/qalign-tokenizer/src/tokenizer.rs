@@ -131,6 +131,15 @@ impl Tokenizer {
         Self::parse(&bytes, &path.display().to_string())
     }
 
+    /// The LLaMA-2 vocabulary built into this crate (pieces, scores and types as in the released
+    /// `tokenizer.model`; from llama.cpp's `ggml-vocab-llama-spm.gguf`, MIT, see
+    /// `assets/LICENSE-llama.cpp.txt`). Used when a checkpoint folder ships no `tokenizer.model`.
+    pub fn llama2_builtin() -> Self {
+        static BYTES: &[u8] = include_bytes!("../assets/llama2-tokenizer.model");
+        Self::parse(BYTES, "built-in LLaMA-2 tokenizer")
+            .expect("the built-in tokenizer model parses")
+    }
+
     /// Parses the bytes of a SentencePiece `tokenizer.model`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         Self::parse(bytes, "tokenizer model bytes")

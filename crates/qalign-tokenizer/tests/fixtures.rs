@@ -500,3 +500,20 @@ fn multi_round_conversations_mask_every_instruction() {
         assert!(*label == IGNORE_INDEX || label == id);
     }
 }
+
+#[test]
+fn builtin_llama2_vocabulary_equals_the_fixture_model() {
+    let builtin = qalign_tokenizer::Tokenizer::llama2_builtin();
+    let file = qalign_tokenizer::Tokenizer::from_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tiny-onealign/tokenizer.model"
+    )))
+    .unwrap();
+    assert_eq!(builtin.vocab_size(), 32000);
+    let text = "USER: How would you rate the quality of this image?\nASSISTANT: The quality is";
+    assert_eq!(builtin.encode(text, true), file.encode(text, true));
+    assert_eq!(
+        qalign_tokenizer::level_token_ids(&builtin, &qalign_tokenizer::LEVEL_WORDS).unwrap(),
+        vec![15129, 1781, 6534, 6460, 4319]
+    );
+}
