@@ -1,1 +1,20 @@
-//! mPLUG-Owl2 / OneAlign in candle: loads the official checkpoints unchanged and scores images.
+//! mPLUG-Owl2 / OneAlign in candle: loads the official checkpoints unchanged (safetensors or PyTorch
+//! pickles, single or sharded) and runs the network that Q-Align scores with: ViT → visual abstractor →
+//! LLaMA-2 with modality-adaptive (multiway) layers, reading the logits at each sample's last token.
+
+pub mod abstractor;
+pub mod config;
+pub mod error;
+pub mod llm;
+pub mod loader;
+pub mod model;
+pub mod nn;
+pub mod vision;
+
+pub use config::{ModelConfig, MplugOwl2Config};
+pub use error::{ModelError, Result};
+pub use llm::{DecoderOutput, TEXT_MODALITY, VISUAL_MODALITY};
+pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
+pub use model::{IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel};
+
+pub use candle_core::{DType, Device, Tensor};

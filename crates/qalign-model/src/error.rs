@@ -1,0 +1,68 @@
+//! One error type for the whole crate, so a caller can tell a bad model folder (config, missing or misshapen
+//! weight) from a bad input (ids, pixels) and from a numeric-backend failure.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (config, shard index) is not valid JSON or has a field of the wrong type.
+    #[error("cannot parse {path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The configuration parses but describes something this implementation cannot build.
+    #[error("invalid model config{}: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Config {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// No checkpoint in a supported layout was found in the model folder.
+    #[error("no weights in {dir}: looked for {looked_for}")]
+    NoWeights { dir: PathBuf, looked_for: String },
+    /// A weight file exists but cannot be decoded (bad safetensors header, bad pickle, ...).
+    #[error("cannot read weights from {path}: {message}")]
+    WeightFile { path: PathBuf, message: String },
+    /// A tensor the network needs is not in the checkpoint.
+    #[error("missing weight `{key}` (looked in {file})")]
+    MissingKey { key: String, file: PathBuf },
+    /// A tensor is present but its shape does not match the configuration.
+    #[error("weight `{key}` in {file} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        file: PathBuf,
+    },
+    /// The caller passed inputs the model cannot take (wrong pixel shape, image count, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A failure inside candle (device, dtype or kernel error).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl ModelError {
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Self::Config {
+            path: None,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn input(message: impl Into<String>) -> Self {
+        Self::Input(message.into())
+    }
+}

@@ -1,0 +1,458 @@
+//! The LLaMA-2 decoder with mPLUG-Owl2's modality-adaptive module (upstream
+//! `q_align/model/modeling_llama2.py`, patched onto transformers 4.36.1's LLaMA): in every layer the two
+//! RMSNorms and the K/V projections exist twice, `multiway.0` for text tokens and `multiway.1` for visual
+//! tokens, chosen per token; Q, O, the MLP, the final norm, the embeddings and `lm_head` are shared.
+//! Half-split ("rotate half") RoPE with f32 angles, causal attention with an f32 softmax, and a key
+//! padding mask for right-padded batches. Key prefixes: `model.` and `lm_head.`.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{LlmConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::loader::Weights;
+use crate::nn::{Linear, attention, merge_heads, rms_normalize, split_heads};
+
+/// Modality indicator of text tokens (and padding).
+pub const TEXT_MODALITY: u8 = 0;
+/// Modality indicator of visual tokens (every image/frame token, `vit_eos` included).
+pub const VISUAL_MODALITY: u8 = 1;
+
+/// Per-row modality routing over a flattened `[rows, D]` batch. Text and visual rows are gathered into
+/// two dense blocks so each multiway weight runs as one matmul over only the rows that need it.
+struct Routing {
+    /// Modality per row (u32), used to gather per-row norm weights.
+    modality: Tensor,
+    kind: RoutingKind,
+}
+
+enum RoutingKind {
+    /// Every row has this modality: no gathering needed.
+    Uniform(usize),
+    Split {
+        text_rows: Tensor,
+        visual_rows: Tensor,
+        /// Row r of the output is row `restore[r]` of `[text results ; visual results]`.
+        restore: Tensor,
+    },
+}
+
+impl Routing {
+    fn new(modality: &[u8], device: &Device) -> Result<Self> {
+        let mut text = Vec::new();
+        let mut visual = Vec::new();
+        for (row, &m) in modality.iter().enumerate() {
+            match m {
+                TEXT_MODALITY => text.push(row as u32),
+                VISUAL_MODALITY => visual.push(row as u32),
+                other => {
+                    return Err(ModelError::input(format!(
+                        "modality indicator {other} at row {row} (expected 0 = text or 1 = visual)"
+                    )));
+                }
+            }
+        }
+        let indicators: Vec<u32> = modality.iter().map(|&m| u32::from(m)).collect();
+        let modality_tensor = Tensor::new(indicators.as_slice(), device)?;
+        let kind = if visual.is_empty() {
+            RoutingKind::Uniform(TEXT_MODALITY as usize)
+        } else if text.is_empty() {
+            RoutingKind::Uniform(VISUAL_MODALITY as usize)
+        } else {
+            let mut restore = vec![0u32; modality.len()];
+            for (rank, &row) in text.iter().enumerate() {
+                restore[row as usize] = rank as u32;
+            }
+            for (rank, &row) in visual.iter().enumerate() {
+                restore[row as usize] = (text.len() + rank) as u32;
+            }
+            RoutingKind::Split {
+                text_rows: Tensor::new(text.as_slice(), device)?,
+                visual_rows: Tensor::new(visual.as_slice(), device)?,
+                restore: Tensor::new(restore.as_slice(), device)?,
+            }
+        };
+        Ok(Self {
+            modality: modality_tensor,
+            kind,
+        })
+    }
+
+    /// Applies `f(modality, rows)` to the rows of each modality of `x` `[rows, in]`, in original row order.
+    fn route(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match &self.kind {
+            RoutingKind::Uniform(m) => f(*m, x),
+            RoutingKind::Split {
+                text_rows,
+                visual_rows,
+                restore,
+            } => {
+                let text = f(TEXT_MODALITY as usize, &x.index_select(text_rows, 0)?)?;
+                let visual = f(VISUAL_MODALITY as usize, &x.index_select(visual_rows, 0)?)?;
+                Ok(Tensor::cat(&[&text, &visual], 0)?.index_select(restore, 0)?)
+            }
+        }
+    }
+}
+
+/// RMSNorm with one weight per modality (`<name>.multiway.{0,1}.weight`).
+#[derive(Debug, Clone)]
+struct MultiwayRmsNorm {
+    /// `[2, D]`: row 0 text, row 1 visual.
+    weights: Tensor,
+    eps: f64,
+}
+
+impl MultiwayRmsNorm {
+    fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        let text = w.pp("multiway.0").get(&[dim], "weight")?;
+        let visual = w.pp("multiway.1").get(&[dim], "weight")?;
+        Ok(Self {
+            weights: Tensor::stack(&[&text, &visual], 0)?,
+            eps,
+        })
+    }
+
+    /// `x` `[B, L, D]`.
+    fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let normed = rms_normalize(x, self.eps)?;
+        let weight = match routing.kind {
+            RoutingKind::Uniform(m) => self.weights.get(m)?,
+            RoutingKind::Split { .. } => self
+                .weights
+                .index_select(&routing.modality, 0)?
+                .reshape(x.shape())?,
+        };
+        Ok(normed.broadcast_mul(&weight)?)
+    }
+}
+
+/// RoPE in the "rotate half" layout: dimension i pairs with i + head_dim/2; angles computed in f32.
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+    position_scale: f32,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &LlmConfig) -> Self {
+        let dim = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let inv_freq = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let position_scale = match cfg.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => factor as f32,
+        };
+        Self {
+            inv_freq,
+            position_scale,
+        }
+    }
+
+    /// `(cos, sin)`, each `[len, head_dim/2]`, for positions 0..len, in `dtype`.
+    fn tables(&self, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in 0..len {
+            let t = p as f32 / self.position_scale;
+            for &f in &self.inv_freq {
+                let angle = t * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Additive f32 mask `[B, 1, L, L]`: 0 where key j ≤ query i and j is a real token of its sample, −∞ elsewhere.
+fn causal_padding_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = vec![0f32; lengths.len() * len * len];
+    for (b, &real) in lengths.iter().enumerate() {
+        for i in 0..len {
+            let row = &mut mask[(b * len + i) * len..(b * len + i + 1) * len];
+            for (j, m) in row.iter_mut().enumerate() {
+                if j > i || j >= real {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        mask,
+        (lengths.len(), 1, len, len),
+        device,
+    )?)
+}
+
+/// Self-attention with shared Q/O and per-modality K/V (`self_attn.`).
+#[derive(Debug, Clone)]
+struct MultiwayAttention {
+    q_proj: Linear,
+    /// Per modality, K and V fused: `[2·kv_dim, D]` (rows 0..kv_dim are K).
+    kv_proj: [Linear; 2],
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl MultiwayAttention {
+    fn load(w: &Weights, cfg: &LlmConfig) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let kv_dim = cfg.num_kv_heads * hd;
+        let fused = |m: usize| -> Result<Linear> {
+            let k = w
+                .pp("k_proj")
+                .pp("multiway")
+                .pp(m)
+                .get(&[kv_dim, d], "weight")?;
+            let v = w
+                .pp("v_proj")
+                .pp("multiway")
+                .pp(m)
+                .get(&[kv_dim, d], "weight")?;
+            Ok(Linear::from_parts(Tensor::cat(&[&k, &v], 0)?, None))
+        };
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), d, cfg.num_heads * hd, false)?,
+            kv_proj: [fused(0)?, fused(1)?],
+            o_proj: Linear::load(&w.pp("o_proj"), cfg.num_heads * hd, d, false)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return Ok(x);
+        }
+        let (b, kvh, l, d) = x.dims4()?;
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, kvh, groups, l, d))?
+            .contiguous()?
+            .reshape((b, kvh * groups, l, d))?)
+    }
+
+    /// `a` `[B, L, D]` (already normed) → `[B, L, D]`.
+    fn forward(
+        &self,
+        a: &Tensor,
+        routing: &Routing,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, l, d) = a.dims3()?;
+        let (hd, kv_dim) = (self.head_dim, self.num_kv_heads * self.head_dim);
+        let q = split_heads(&self.q_proj.forward(a)?, self.num_heads, hd)?;
+        let kv = routing
+            .route(&a.reshape((b * l, d))?, |m, rows| {
+                self.kv_proj[m].forward(rows)
+            })?
+            .reshape((b, l, 2 * kv_dim))?;
+        let k = split_heads(&kv.narrow(2, 0, kv_dim)?, self.num_kv_heads, hd)?;
+        let v = split_heads(&kv.narrow(2, kv_dim, kv_dim)?, self.num_kv_heads, hd)?;
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let context = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(mask))?;
+        self.o_proj.forward(&merge_heads(&context)?)
+    }
+}
+
+/// `down(silu(gate·x) ⊙ up·x)` (`mlp.`).
+#[derive(Debug, Clone)]
+struct LlamaMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl LlamaMlp {
+    fn load(w: &Weights, cfg: &LlmConfig) -> Result<Self> {
+        let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(&w.pp("gate_proj"), d, m, false)?,
+            up_proj: Linear::load(&w.pp("up_proj"), d, m, false)?,
+            down_proj: Linear::load(&w.pp("down_proj"), m, d, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+}
+
+/// One decoder layer (`model.layers.N.`).
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: MultiwayRmsNorm,
+    self_attn: MultiwayAttention,
+    post_attention_layernorm: MultiwayRmsNorm,
+    mlp: LlamaMlp,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, cfg: &LlmConfig) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: MultiwayRmsNorm::load(&w.pp("input_layernorm"), d, eps)?,
+            self_attn: MultiwayAttention::load(&w.pp("self_attn"), cfg)?,
+            post_attention_layernorm: MultiwayRmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                d,
+                eps,
+            )?,
+            mlp: LlamaMlp::load(&w.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x, routing)?,
+            routing,
+            rope,
+            mask,
+        )?;
+        let h = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h, routing)?)?;
+        Ok((h + mlp)?)
+    }
+}
+
+/// Result of a decoder pass.
+#[derive(Debug, Clone)]
+pub struct DecoderOutput {
+    /// Output of the last decoder layer, before `model.norm`: `[B, L, D]`.
+    pub last_hidden_state: Tensor,
+    /// Output of every decoder layer (`[B, L, D]` each), when requested; the last equals `last_hidden_state`.
+    pub layer_outputs: Vec<Tensor>,
+}
+
+/// The decoder stack, final norm and language-model head.
+#[derive(Debug, Clone)]
+pub struct MultiwayLlama {
+    cfg: LlmConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rotary: RotaryEmbedding,
+}
+
+impl MultiwayLlama {
+    /// Loads `model.embed_tokens`, `model.layers.*`, `model.norm` from `model` and `lm_head` from `root`
+    /// (with `tie_word_embeddings` the head reuses the embeddings).
+    pub fn load(model: &Weights, root: &Weights, cfg: &LlmConfig) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = model.pp("embed_tokens").get(&[v, d], "weight")?;
+        let lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            root.pp("lm_head").get(&[v, d], "weight")?
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(&model.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: model.pp("norm").get(&[d], "weight")?,
+            lm_head,
+            rotary: RotaryEmbedding::new(cfg),
+        })
+    }
+
+    /// The embedding rows of `ids` (each < vocab size): `[n, D]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::new(ids, self.embed_tokens.device())?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?)
+    }
+
+    /// Runs the decoder over `embeds` `[B, L, D]`: sample b's real tokens are rows 0..lengths[b] (the rest is
+    /// right padding, masked out as keys), `modality` holds B·L indicators (0 text/padding, 1 visual).
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        lengths: &[usize],
+        modality: &[u8],
+        keep_layer_outputs: bool,
+    ) -> Result<DecoderOutput> {
+        let (b, l, _) = embeds.dims3()?;
+        if lengths.len() != b || modality.len() != b * l {
+            return Err(ModelError::input(format!(
+                "decoder batch [{b}, {l}] got {} lengths and {} modality indicators",
+                lengths.len(),
+                modality.len()
+            )));
+        }
+        if let Some(bad) = lengths.iter().find(|&&n| n == 0 || n > l) {
+            return Err(ModelError::input(format!(
+                "sample length {bad} outside 1..={l}"
+            )));
+        }
+        let device = embeds.device();
+        let routing = Routing::new(modality, device)?;
+        let rope = self.rotary.tables(l, embeds.dtype(), device)?;
+        let mask = causal_padding_mask(lengths, l, device)?;
+        let mut x = embeds.clone();
+        let mut layer_outputs = Vec::new();
+        for layer in &self.layers {
+            x = layer.forward(&x, &routing, &rope, &mask)?;
+            if keep_layer_outputs {
+                layer_outputs.push(x.clone());
+            }
+        }
+        Ok(DecoderOutput {
+            last_hidden_state: x,
+            layer_outputs,
+        })
+    }
+
+    /// `model.norm` (shared RMSNorm) over any `[..., D]`.
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(rms_normalize(hidden, self.cfg.rms_norm_eps)?.broadcast_mul(&self.norm)?)
+    }
+
+    /// Logits of the `lm_head` rows `ids` for normed hidden states `[B, D]`: `[B, ids.len()]`.
+    pub fn logits_for_ids(&self, normed: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::input(format!(
+                "level token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let rows = self
+            .lm_head
+            .index_select(&Tensor::new(ids, self.lm_head.device())?, 0)?;
+        Ok(normed.matmul(&rows.t()?)?)
+    }
+
+    /// Full-vocabulary logits for normed hidden states `[B, D]`: `[B, vocab]`.
+    pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        Ok(normed.matmul(&self.lm_head.t()?)?)
+    }
+}

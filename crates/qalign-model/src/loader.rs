@@ -1,0 +1,389 @@
+//! Checkpoint loading: finds the weight files of a Hugging Face model folder (one or sharded safetensors,
+//! one or sharded PyTorch zip pickles), and hands out tensors by key with the shape checked against the
+//! configuration and the dtype converted one tensor at a time, so a 16 GB bf16 checkpoint never sits in
+//! memory twice. Errors name the key, the expected and found shapes and the file.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::pickle::PthTensors;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+const SAFETENSORS_SINGLE: &str = "model.safetensors";
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+const PYTORCH_SINGLE: &str = "pytorch_model.bin";
+const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
+
+/// Which checkpoint layout to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Safetensors when present, else PyTorch `.bin`.
+    #[default]
+    Auto,
+    /// `model.safetensors` or `model.safetensors.index.json` + shards.
+    Safetensors,
+    /// `pytorch_model.bin` or `pytorch_model.bin.index.json` + shards.
+    PytorchBin,
+}
+
+/// The weight files of a model folder, in the order they are opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointFiles {
+    /// [`WeightFormat::Safetensors`] or [`WeightFormat::PytorchBin`], never `Auto`.
+    pub format: WeightFormat,
+    /// The shard index (`*.index.json`), when the checkpoint is sharded.
+    pub index: Option<PathBuf>,
+    /// The tensor files.
+    pub shards: Vec<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl CheckpointFiles {
+    /// Looks for a checkpoint of the requested format in `dir`. A shard index wins over a single file.
+    pub fn discover(dir: &Path, format: WeightFormat) -> Result<Self> {
+        let candidates: &[WeightFormat] = match format {
+            WeightFormat::Auto => &[WeightFormat::Safetensors, WeightFormat::PytorchBin],
+            WeightFormat::Safetensors => &[WeightFormat::Safetensors],
+            WeightFormat::PytorchBin => &[WeightFormat::PytorchBin],
+        };
+        let mut looked_for = Vec::new();
+        for &candidate in candidates {
+            let (index_name, single_name) = match candidate {
+                WeightFormat::PytorchBin => (PYTORCH_INDEX, PYTORCH_SINGLE),
+                _ => (SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
+            };
+            let index = dir.join(index_name);
+            if index.is_file() {
+                let shards = shard_files_of_index(&index)?;
+                return Ok(Self {
+                    format: candidate,
+                    index: Some(index),
+                    shards,
+                });
+            }
+            let single = dir.join(single_name);
+            if single.is_file() {
+                return Ok(Self {
+                    format: candidate,
+                    index: None,
+                    shards: vec![single],
+                });
+            }
+            looked_for.push(index_name);
+            looked_for.push(single_name);
+        }
+        Err(ModelError::NoWeights {
+            dir: dir.to_owned(),
+            looked_for: looked_for.join(", "),
+        })
+    }
+}
+
+fn read_index(index: &Path) -> Result<ShardIndex> {
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: index.to_owned(),
+        source,
+    })
+}
+
+/// The distinct shard files an index points to (sorted), each checked to exist.
+fn shard_files_of_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let parsed = read_index(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let names: BTreeSet<&String> = parsed.weight_map.values().collect();
+    if names.is_empty() {
+        return Err(ModelError::WeightFile {
+            path: index.to_owned(),
+            message: "weight_map is empty".to_owned(),
+        });
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ModelError::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("shard listed in {} is missing", index.display()),
+                    ),
+                })
+            }
+        })
+        .collect()
+}
+
+enum ShardReader {
+    Safetensors(MmapedSafetensors),
+    Pytorch(PthTensors),
+}
+
+struct Shard {
+    path: PathBuf,
+    reader: ShardReader,
+    /// Shape and stored dtype of every tensor in this file.
+    entries: HashMap<String, (Vec<usize>, DType)>,
+}
+
+impl Shard {
+    fn open(path: &Path, format: WeightFormat) -> Result<Self> {
+        let bad_file = |err: candle_core::Error| ModelError::WeightFile {
+            path: path.to_owned(),
+            message: err.to_string(),
+        };
+        match format {
+            WeightFormat::PytorchBin => {
+                let reader = PthTensors::new(path, None).map_err(bad_file)?;
+                let entries = reader
+                    .tensor_infos()
+                    .iter()
+                    .map(|(name, info)| (name.clone(), (info.layout.dims().to_vec(), info.dtype)))
+                    .collect();
+                Ok(Self {
+                    path: path.to_owned(),
+                    reader: ShardReader::Pytorch(reader),
+                    entries,
+                })
+            }
+            _ => {
+                // SAFETY: the file is memory-mapped read-only; it must not be truncated or rewritten while
+                // the model is being loaded, which is the usual contract of every safetensors loader.
+                let reader = unsafe { MmapedSafetensors::new(path) }.map_err(bad_file)?;
+                let mut entries = HashMap::new();
+                for (name, view) in reader.tensors() {
+                    let dtype = DType::try_from(view.dtype()).map_err(bad_file)?;
+                    entries.insert(name, (view.shape().to_vec(), dtype));
+                }
+                Ok(Self {
+                    path: path.to_owned(),
+                    reader: ShardReader::Safetensors(reader),
+                    entries,
+                })
+            }
+        }
+    }
+
+    fn read(&self, key: &str) -> Result<Tensor> {
+        let bad_file = |err: candle_core::Error| ModelError::WeightFile {
+            path: self.path.clone(),
+            message: format!("tensor `{key}`: {err}"),
+        };
+        match &self.reader {
+            ShardReader::Safetensors(st) => st.load(key, &Device::Cpu).map_err(bad_file),
+            ShardReader::Pytorch(pth) => {
+                pth.get(key)
+                    .map_err(bad_file)?
+                    .ok_or_else(|| ModelError::MissingKey {
+                        key: key.to_owned(),
+                        file: self.path.clone(),
+                    })
+            }
+        }
+    }
+}
+
+/// All tensors of a checkpoint, read lazily by key.
+pub struct WeightStore {
+    files: CheckpointFiles,
+    shards: Vec<Shard>,
+    /// Which shard holds each key (from the index when there is one).
+    key_to_shard: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore")
+            .field("files", &self.files)
+            .field("keys", &self.key_to_shard.len())
+            .finish()
+    }
+}
+
+impl WeightStore {
+    /// Opens every shard (reading headers only) and builds the key → shard routing.
+    pub fn open(files: CheckpointFiles) -> Result<Self> {
+        let shards = files
+            .shards
+            .iter()
+            .map(|path| Shard::open(path, files.format))
+            .collect::<Result<Vec<_>>>()?;
+        let mut key_to_shard = HashMap::new();
+        if let Some(index) = &files.index {
+            let parsed = read_index(index)?;
+            for (key, file_name) in parsed.weight_map {
+                let shard = shards
+                    .iter()
+                    .position(|s| s.path.file_name().is_some_and(|n| n == file_name.as_str()))
+                    .ok_or_else(|| ModelError::WeightFile {
+                        path: index.clone(),
+                        message: format!("key `{key}` points to unknown shard {file_name}"),
+                    })?;
+                key_to_shard.insert(key, shard);
+            }
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            for key in shard.entries.keys() {
+                key_to_shard.entry(key.clone()).or_insert(i);
+            }
+        }
+        Ok(Self {
+            files,
+            shards,
+            key_to_shard,
+        })
+    }
+
+    /// Finds and opens the checkpoint of `dir`.
+    pub fn open_dir(dir: &Path, format: WeightFormat) -> Result<Self> {
+        Self::open(CheckpointFiles::discover(dir, format)?)
+    }
+
+    /// The files this store reads.
+    pub fn files(&self) -> &CheckpointFiles {
+        &self.files
+    }
+
+    /// Every key of the checkpoint, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self.key_to_shard.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Whether the checkpoint has `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entry(key).is_some()
+    }
+
+    /// Stored shape and dtype of `key`.
+    pub fn entry(&self, key: &str) -> Option<(&[usize], DType)> {
+        let shard = &self.shards[*self.key_to_shard.get(key)?];
+        shard
+            .entries
+            .get(key)
+            .map(|(shape, dtype)| (shape.as_slice(), *dtype))
+    }
+
+    /// The file a missing key was expected in: its shard per the index, else the index, else the only file.
+    fn file_for(&self, key: &str) -> PathBuf {
+        match (self.key_to_shard.get(key), &self.files.index) {
+            (Some(&i), _) => self.shards[i].path.clone(),
+            (None, Some(index)) => index.clone(),
+            (None, None) => self.files.shards[0].clone(),
+        }
+    }
+
+    /// Reads `key`, checks its shape, and converts it to `dtype` on `device`.
+    pub fn load(
+        &self,
+        key: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some((found, _)) = self.entry(key) else {
+            return Err(ModelError::MissingKey {
+                key: key.to_owned(),
+                file: self.file_for(key),
+            });
+        };
+        if found != shape {
+            return Err(ModelError::ShapeMismatch {
+                key: key.to_owned(),
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+                file: self.file_for(key),
+            });
+        }
+        let shard = &self.shards[self.key_to_shard[key]];
+        let tensor = shard.read(key)?;
+        // Move first, then convert: the stored (usually 16-bit) form is the smaller one to copy.
+        Ok(tensor.to_device(device)?.to_dtype(dtype)?.contiguous()?)
+    }
+}
+
+/// A view of a [`WeightStore`] under a key prefix, with the compute dtype and device: each layer's
+/// constructor takes one, so each key layout lives in one place (the candle `VarBuilder` pattern, with
+/// this crate's errors).
+#[derive(Clone, Debug)]
+pub struct Weights {
+    store: Arc<WeightStore>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// The root view (empty prefix).
+    pub fn new(store: Arc<WeightStore>, dtype: DType, device: Device) -> Self {
+        Self {
+            store,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// A view one level deeper: `pp("layers").pp(3)` reads `<prefix>.layers.3.*`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            prefix: self.key(&name.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The full key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The compute dtype tensors are converted to by [`Weights::get`].
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether `name` exists under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.key(name))
+    }
+
+    /// The stored dtype of `name`, when present.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.store.entry(&self.key(name)).map(|(_, dtype)| dtype)
+    }
+
+    /// Reads `name` with the given shape, in the compute dtype.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.get_as(shape, name, self.dtype)
+    }
+
+    /// Reads `name` with the given shape, in `dtype`.
+    pub fn get_as(&self, shape: &[usize], name: &str, dtype: DType) -> Result<Tensor> {
+        self.store.load(&self.key(name), shape, dtype, &self.device)
+    }
+}

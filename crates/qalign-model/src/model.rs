@@ -1,0 +1,372 @@
+//! The whole OneAlign network (`MPLUGOwl2LlamaForCausalLM`, upstream `q_align/model/modeling_mplug_owl2.py`):
+//! loading from a model folder, image/frame encoding (ViT + abstractor), the splicing of visual tokens
+//! into the token sequence at each `-200` (`prepare_inputs_labels_for_multimodal`), and batched forward
+//! passes that read each sample at its own last real token (upstream reads the last *padded* position of
+//! shorter videos; that bug is deliberately not reproduced).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::abstractor::VisualAbstractor;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
+use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
+use crate::vision::VisionTransformer;
+
+/// The placeholder id (`IMAGE_TOKEN_INDEX`) where an image's or a clip's visual tokens go.
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+
+/// Images per ViT batch inside [`OneAlignModel::encode_images`]; bounds the attention memory for long clips.
+const IMAGES_PER_VISION_BATCH: usize = 8;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype: F32 (default, matches the fixtures), F16 or BF16.
+    pub dtype: DType,
+    pub format: WeightFormat,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            format: WeightFormat::Auto,
+        }
+    }
+}
+
+/// Token sequences with their visual tokens spliced in, right-padded into one batch.
+#[derive(Debug, Clone)]
+pub struct MergedInputs {
+    /// `[B, L, D]`, zero vectors after each sample's real tokens.
+    pub inputs_embeds: Tensor,
+    /// Real (unpadded) length of each sample.
+    pub lengths: Vec<usize>,
+    /// Modality of every position, B·L row-major: 0 text (and padding), 1 visual.
+    pub modality: Vec<u8>,
+}
+
+impl MergedInputs {
+    /// Padded sequence length L.
+    pub fn padded_len(&self) -> usize {
+        self.modality.len() / self.lengths.len().max(1)
+    }
+
+    /// The modality indicators of sample `b`'s real tokens.
+    pub fn sample_modality(&self, b: usize) -> &[u8] {
+        let l = self.padded_len();
+        &self.modality[b * l..b * l + self.lengths[b]]
+    }
+}
+
+/// mPLUG-Owl2 / OneAlign ready for inference.
+#[derive(Debug, Clone)]
+pub struct OneAlignModel {
+    config: ModelConfig,
+    files: CheckpointFiles,
+    vision: VisionTransformer,
+    abstractor: VisualAbstractor,
+    llm: MultiwayLlama,
+    device: Device,
+    dtype: DType,
+}
+
+impl OneAlignModel {
+    /// Loads `config.json` and the weights of a Hugging Face model folder.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::config(format!(
+                "compute dtype {:?} is not supported (use f32, f16 or bf16)",
+                opts.dtype
+            )));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open_dir(dir, opts.format)?;
+        let files = store.files().clone();
+        let root = Weights::new(Arc::new(store), opts.dtype, opts.device.clone());
+        let model = root.pp("model");
+        Ok(Self {
+            vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,
+            abstractor: VisualAbstractor::load(&model.pp("visual_abstractor"), &config.abstractor)?,
+            llm: MultiwayLlama::load(&model, &root, &config.llm)?,
+            config,
+            files,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The weight files the model was loaded from.
+    pub fn checkpoint_files(&self) -> &CheckpointFiles {
+        &self.files
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Visual tokens per image or frame (`num_learnable_queries + 1`).
+    pub fn tokens_per_image(&self) -> usize {
+        self.config.abstractor.tokens_per_image()
+    }
+
+    /// The vision tower alone: pixels `[N, 3, S, S]` → `last_hidden_state` `[N, grid² + 1, D_vision]`.
+    pub fn vision_forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.vision.forward(pixels)
+    }
+
+    /// The abstractor alone: ViT output `[N, grid² + 1, D_vision]` → `[N, Q + 1, D]`.
+    pub fn abstract_visual(&self, vision_hidden: &Tensor) -> Result<Tensor> {
+        self.abstractor.forward(vision_hidden)
+    }
+
+    /// ViT + abstractor: pixels `[N, 3, S, S]` (f32, any device) → visual tokens `[N, Q + 1, D]`.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let n = pixels.dims().first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ModelError::input(format!(
+                "pixel tensor has shape {:?}, expected at least one image",
+                pixels.dims()
+            )));
+        }
+        let chunks = (0..n)
+            .step_by(IMAGES_PER_VISION_BATCH)
+            .map(|start| {
+                let len = IMAGES_PER_VISION_BATCH.min(n - start);
+                self.abstract_visual(&self.vision_forward(&pixels.narrow(0, start, len)?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&chunks, 0)?)
+    }
+
+    /// Splices visual blocks into token sequences. Each `-200` in `input_ids` (samples in order, left to
+    /// right) takes the next block of `visual_blocks`: an image's `[Q + 1, D]` tokens, or a clip's
+    /// `[T, Q + 1, D]` / `[T·(Q + 1), D]` tokens (frames in order). All blocks must be consumed.
+    pub fn merge_inputs<S: AsRef<[i64]>>(
+        &self,
+        input_ids: &[S],
+        visual_blocks: &[Tensor],
+    ) -> Result<MergedInputs> {
+        if input_ids.is_empty() {
+            return Err(ModelError::input("empty batch"));
+        }
+        let placeholders: usize = input_ids
+            .iter()
+            .map(|ids| {
+                ids.as_ref()
+                    .iter()
+                    .filter(|&&id| id == IMAGE_TOKEN_INDEX)
+                    .count()
+            })
+            .sum();
+        if placeholders != visual_blocks.len() {
+            return Err(ModelError::input(format!(
+                "{placeholders} image placeholders ({IMAGE_TOKEN_INDEX}) but {} visual blocks",
+                visual_blocks.len()
+            )));
+        }
+        let hidden = self.config.llm.hidden_size;
+        let mut blocks = visual_blocks.iter().enumerate();
+        let mut sequences = Vec::with_capacity(input_ids.len());
+        let mut modalities = Vec::with_capacity(input_ids.len());
+        for (sample, ids) in input_ids.iter().enumerate() {
+            let ids = ids.as_ref();
+            if ids.is_empty() {
+                return Err(ModelError::input(format!("sample {sample} has no tokens")));
+            }
+            let mut parts = Vec::new();
+            let mut modality = Vec::new();
+            for (is_image, run) in split_at_placeholders(ids) {
+                if is_image {
+                    let (index, block) = blocks.next().expect("placeholder count checked above");
+                    let block = self.visual_block(block, hidden, index)?;
+                    modality.extend(std::iter::repeat_n(VISUAL_MODALITY, block.dim(0)?));
+                    parts.push(block);
+                } else {
+                    let text: Vec<u32> = run
+                        .iter()
+                        .enumerate()
+                        .map(|(pos, &id)| {
+                            u32::try_from(id).map_err(|_| {
+                                ModelError::input(format!(
+                                    "sample {sample}: invalid token id {id} at position {pos}"
+                                ))
+                            })
+                        })
+                        .collect::<Result<_>>()?;
+                    modality.extend(std::iter::repeat_n(TEXT_MODALITY, text.len()));
+                    parts.push(self.llm.embed(&text)?);
+                }
+            }
+            sequences.push(Tensor::cat(&parts, 0)?);
+            modalities.push(modality);
+        }
+        let len = modalities.iter().map(Vec::len).max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(sequences.len());
+        let mut modality = Vec::with_capacity(sequences.len() * len);
+        let mut lengths = Vec::with_capacity(sequences.len());
+        for (seq, mods) in sequences.into_iter().zip(modalities) {
+            let real = mods.len();
+            lengths.push(real);
+            modality.extend_from_slice(&mods);
+            modality.extend(std::iter::repeat_n(TEXT_MODALITY, len - real));
+            padded.push(if real < len {
+                let zeros = Tensor::zeros((len - real, hidden), self.dtype, &self.device)?;
+                Tensor::cat(&[&seq, &zeros], 0)?
+            } else {
+                seq
+            });
+        }
+        Ok(MergedInputs {
+            inputs_embeds: Tensor::stack(&padded, 0)?,
+            lengths,
+            modality,
+        })
+    }
+
+    /// A visual block flattened to `[n, D]` in the compute dtype on the model's device.
+    fn visual_block(&self, block: &Tensor, hidden: usize, index: usize) -> Result<Tensor> {
+        let dims = block.dims();
+        let ok = dims.len() >= 2 && dims[dims.len() - 1] == hidden && block.elem_count() > 0;
+        if !ok {
+            return Err(ModelError::input(format!(
+                "visual block {index} has shape {dims:?}, expected [tokens, {hidden}] or [frames, tokens, {hidden}]"
+            )));
+        }
+        let rows = block.elem_count() / hidden;
+        Ok(block
+            .reshape((rows, hidden))?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Runs the decoder over merged inputs; `keep_layer_outputs` also returns every layer's output.
+    pub fn forward_decoder(
+        &self,
+        merged: &MergedInputs,
+        keep_layer_outputs: bool,
+    ) -> Result<DecoderOutput> {
+        self.llm.forward(
+            &merged.inputs_embeds,
+            &merged.lengths,
+            &merged.modality,
+            keep_layer_outputs,
+        )
+    }
+
+    /// `model.norm` over any `[..., D]` hidden states.
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.llm.final_norm(hidden)
+    }
+
+    /// Normed hidden state at each sample's last real token: `[B, D]`.
+    fn last_token_normed(&self, merged: &MergedInputs) -> Result<Tensor> {
+        let hidden = self.forward_decoder(merged, false)?.last_hidden_state;
+        let (b, l, d) = hidden.dims3()?;
+        let rows: Vec<u32> = merged
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (i * l + n - 1) as u32)
+            .collect();
+        let last = hidden
+            .reshape((b * l, d))?
+            .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        self.llm.final_norm(&last)
+    }
+
+    /// Logits of the given token ids (e.g. the five level words) at each sample's last real token:
+    /// `[B, level_ids.len()]`, f32.
+    pub fn level_logits(&self, merged: &MergedInputs, level_ids: &[u32]) -> Result<Tensor> {
+        let normed = self.last_token_normed(merged)?;
+        Ok(self
+            .llm
+            .logits_for_ids(&normed, level_ids)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Full-vocabulary logits at each sample's last real token: `[B, vocab]`, f32.
+    pub fn last_token_logits(&self, merged: &MergedInputs) -> Result<Tensor> {
+        let normed = self.last_token_normed(merged)?;
+        Ok(self.llm.logits(&normed)?.to_dtype(DType::F32)?)
+    }
+
+    /// Scores N images with one prompt (a single `-200`) in one batch: `[N, level_ids.len()]`, f32.
+    pub fn image_level_logits(
+        &self,
+        input_ids: &[i64],
+        pixels: &Tensor,
+        level_ids: &[u32],
+    ) -> Result<Tensor> {
+        let visual = self.encode_images(pixels)?;
+        let n = visual.dim(0)?;
+        let blocks = (0..n)
+            .map(|i| visual.get(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let prompts = vec![input_ids; n];
+        self.level_logits(&self.merge_inputs(&prompts, &blocks)?, level_ids)
+    }
+
+    /// Scores clips (each `[T_i, 3, S, S]` frames) with one prompt (a single `-200`) in one padded batch,
+    /// each read at its own last token: `[clips.len(), level_ids.len()]`, f32.
+    pub fn video_level_logits(
+        &self,
+        input_ids: &[i64],
+        clips: &[Tensor],
+        level_ids: &[u32],
+    ) -> Result<Tensor> {
+        if clips.is_empty() {
+            return Err(ModelError::input("no clips to score"));
+        }
+        let frames = Tensor::cat(clips, 0)?;
+        let visual = self.encode_images(&frames)?;
+        let mut start = 0;
+        let mut blocks = Vec::with_capacity(clips.len());
+        for clip in clips {
+            let t = clip.dim(0)?;
+            blocks.push(visual.narrow(0, start, t)?);
+            start += t;
+        }
+        let prompts = vec![input_ids; clips.len()];
+        self.level_logits(&self.merge_inputs(&prompts, &blocks)?, level_ids)
+    }
+}
+
+/// Splits ids into runs: `(true, [-200])` for each placeholder, `(false, text)` for the text between.
+fn split_at_placeholders(ids: &[i64]) -> Vec<(bool, &[i64])> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        if id == IMAGE_TOKEN_INDEX {
+            if i > start {
+                runs.push((false, &ids[start..i]));
+            }
+            runs.push((true, &ids[i..=i]));
+            start = i + 1;
+        }
+    }
+    if start < ids.len() {
+        runs.push((false, &ids[start..]));
+    }
+    runs
+}
+
+/// Where a model folder's `config.json` is.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}

@@ -1,0 +1,224 @@
+//! The vision tower (`MplugOwlVisionModel`, upstream `q_align/model/visual_encoder.py`): a CLIP-style
+//! pre-LN ViT with a bias-free conv patch embedding, a class token, learned absolute positions,
+//! QuickGELU MLPs and a head-interleaved fused QKV projection. Output: `post_layernorm` over all tokens.
+//! Key prefix: `model.vision_model.`.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::VisionConfig;
+use crate::error::{ModelError, Result};
+use crate::loader::Weights;
+use crate::nn::{LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads};
+
+/// Conv2d(kernel = stride = patch, no bias) computed as one matmul over flattened patches.
+#[derive(Debug, Clone)]
+struct PatchEmbedding {
+    /// `[hidden, channels·patch·patch]`, the conv kernel flattened in (channel, row, col) order.
+    weight: Tensor,
+    channels: usize,
+    patch: usize,
+    grid: usize,
+}
+
+impl PatchEmbedding {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let (c, p, d) = (cfg.num_channels, cfg.patch_size, cfg.hidden_size);
+        let weight = w.get(&[d, c, p, p], "weight")?.reshape((d, c * p * p))?;
+        Ok(Self {
+            weight,
+            channels: c,
+            patch: p,
+            grid: cfg.grid_size,
+        })
+    }
+
+    /// `[N, C, H, W]` → `[N, grid², hidden]`, patches in row-major order.
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, g, p) = (pixels.dim(0)?, self.channels, self.grid, self.patch);
+        let patches = pixels
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n * g * g, c * p * p))?;
+        Ok(patches.matmul(&self.weight.t()?)?.reshape((n, g * g, ()))?)
+    }
+}
+
+/// Patch embedding, class token, position embedding and `pre_layernorm` (prefix `embeddings.`).
+#[derive(Debug, Clone)]
+struct VisionEmbeddings {
+    patch_embed: PatchEmbedding,
+    cls_token: Tensor,
+    position_embedding: Tensor,
+    pre_layernorm: LayerNorm,
+}
+
+impl VisionEmbeddings {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            patch_embed: PatchEmbedding::load(&w.pp("patch_embed"), cfg)?,
+            cls_token: w.get(&[1, 1, d], "cls_token")?,
+            position_embedding: w.get(&[1, cfg.num_positions, d], "position_embedding")?,
+            pre_layernorm: LayerNorm::load(&w.pp("pre_layernorm"), d, cfg.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let patches = self.patch_embed.forward(pixels)?;
+        let (n, _, d) = patches.dims3()?;
+        let cls = self.cls_token.broadcast_as((n, 1, d))?;
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        self.pre_layernorm.forward(&tokens)
+    }
+}
+
+/// Self-attention with the fused `query_key_value` projection. Upstream reads its 3·hidden outputs as
+/// `(heads, {q,k,v}, head_dim)`; at load the rows are regrouped to `[all q | all k | all v]` so one matmul
+/// and three slices give ordinary contiguous heads.
+#[derive(Debug, Clone)]
+struct VisionAttention {
+    qkv: Linear,
+    dense: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl VisionAttention {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let (d, h, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+        let qkv = w.pp("query_key_value");
+        let weight = qkv
+            .get(&[3 * d, d], "weight")?
+            .reshape((h, 3, hd, d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((3 * d, d))?;
+        let bias = qkv
+            .get(&[3 * d], "bias")?
+            .reshape((h, 3, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape(3 * d)?;
+        Ok(Self {
+            qkv: Linear::from_parts(weight, Some(bias)),
+            dense: Linear::load(&w.pp("dense"), d, d, true)?,
+            num_heads: h,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = self.num_heads * self.head_dim;
+        let qkv = self.qkv.forward(x)?;
+        let q = split_heads(&qkv.narrow(2, 0, d)?, self.num_heads, self.head_dim)?;
+        let k = split_heads(&qkv.narrow(2, d, d)?, self.num_heads, self.head_dim)?;
+        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, self.num_heads, self.head_dim)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let context = attention(&q, &k, &v, scale, None)?;
+        self.dense.forward(&merge_heads(&context)?)
+    }
+}
+
+/// `fc2(QuickGELU(fc1(x)))`.
+#[derive(Debug, Clone)]
+struct VisionMlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl VisionMlp {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::load(&w.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::load(&w.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&quick_gelu(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// One pre-LN encoder layer (prefix `encoder.layers.N.`).
+#[derive(Debug, Clone)]
+struct VisionEncoderLayer {
+    input_layernorm: LayerNorm,
+    self_attn: VisionAttention,
+    post_attention_layernorm: LayerNorm,
+    mlp: VisionMlp,
+}
+
+impl VisionEncoderLayer {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            input_layernorm: LayerNorm::load(&w.pp("input_layernorm"), d, eps)?,
+            self_attn: VisionAttention::load(&w.pp("self_attn"), cfg)?,
+            post_attention_layernorm: LayerNorm::load(&w.pp("post_attention_layernorm"), d, eps)?,
+            mlp: VisionMlp::load(&w.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?)?)?;
+        let out = (&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+        Ok(out)
+    }
+}
+
+/// The whole vision tower.
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    cfg: VisionConfig,
+    dtype: DType,
+    device: Device,
+    embeddings: VisionEmbeddings,
+    layers: Vec<VisionEncoderLayer>,
+    post_layernorm: LayerNorm,
+}
+
+impl VisionTransformer {
+    /// Loads the tower from `w` (prefix `model.vision_model`).
+    pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let layers = (0..cfg.num_layers)
+            .map(|i| VisionEncoderLayer::load(&w.pp("encoder.layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            dtype: w.dtype(),
+            device: w.device().clone(),
+            embeddings: VisionEmbeddings::load(&w.pp("embeddings"), cfg)?,
+            layers,
+            post_layernorm: LayerNorm::load(
+                &w.pp("post_layernorm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
+        })
+    }
+
+    /// `pixels` `[N, channels, image_size, image_size]` (any float dtype) → `last_hidden_state`
+    /// `[N, grid² + 1, hidden]`, row 0 the class token.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (c, s) = (self.cfg.num_channels, self.cfg.image_size);
+        match pixels.dims() {
+            [n, cc, h, w] if *n > 0 && *cc == c && *h == s && *w == s => {}
+            dims => {
+                return Err(ModelError::input(format!(
+                    "pixel tensor has shape {dims:?}, expected [N, {c}, {s}, {s}] with N ≥ 1"
+                )));
+            }
+        }
+        let mut x = self
+            .embeddings
+            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+}
