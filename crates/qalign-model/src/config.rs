@@ -242,7 +242,7 @@ pub struct ModelConfig {
 }
 
 fn head_dim(width: usize, heads: usize, what: &str) -> Result<usize> {
-    if heads == 0 || width == 0 || width % heads != 0 {
+    if heads == 0 || width == 0 || !width.is_multiple_of(heads) {
         return Err(ModelError::config(format!(
             "{what}: hidden size {width} is not a positive multiple of {heads} attention heads"
         )));
@@ -281,7 +281,7 @@ impl ModelConfig {
         positive(vm.patch_size, "visual_model.patch_size")?;
         positive(vm.image_size, "visual_model.image_size")?;
         positive(vm.num_channels, "visual_model.num_channels")?;
-        if vm.image_size % vm.patch_size != 0 {
+        if !vm.image_size.is_multiple_of(vm.patch_size) {
             return Err(ModelError::config(format!(
                 "visual_model.image_size {} is not a multiple of patch_size {}",
                 vm.image_size, vm.patch_size
@@ -316,7 +316,7 @@ impl ModelConfig {
                 vm.image_size, vm.patch_size
             )));
         }
-        if va.hidden_size % 4 != 0 {
+        if !va.hidden_size.is_multiple_of(4) {
             return Err(ModelError::config(format!(
                 "visual_abstractor.hidden_size {} must be a multiple of 4 for the 2-D sin-cos position table",
                 va.hidden_size
@@ -361,12 +361,12 @@ impl ModelConfig {
             )));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::config(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        if !(raw.rope_theta > 0.0) {
+        if !raw.rope_theta.is_finite() || raw.rope_theta <= 0.0 {
             return Err(ModelError::config(format!(
                 "rope_theta {} must be positive",
                 raw.rope_theta

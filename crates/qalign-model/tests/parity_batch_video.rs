@@ -190,7 +190,7 @@ fn clips_of_different_lengths_in_one_batch_score_as_when_alone() {
             LOGIT_TOL,
         );
         let alone = model
-            .merge_inputs(&[ids.clone()], std::slice::from_ref(visual))
+            .merge_inputs(std::slice::from_ref(&ids), std::slice::from_ref(visual))
             .unwrap();
         let alone = row(&model.level_logits(&alone, &level_ids()).unwrap(), 0);
         let d = assert_close_vec("batched clip vs alone", &batched, &alone, LOGIT_TOL);
@@ -209,7 +209,9 @@ fn video_level_logits_splices_each_clips_frames_in_order() {
         .unwrap();
     for (i, clip) in [clip_a, clip_b].iter().enumerate() {
         let tokens = model.encode_images(clip).unwrap();
-        let merged = model.merge_inputs(&[ids.clone()], &[tokens]).unwrap();
+        let merged = model
+            .merge_inputs(std::slice::from_ref(&ids), &[tokens])
+            .unwrap();
         let want = row(&model.level_logits(&merged, &level_ids()).unwrap(), 0);
         assert_close_vec(
             "video_level_logits vs manual splice",
@@ -266,7 +268,6 @@ fn placeholders_take_blocks_in_global_order() {
 #[test]
 fn bad_inputs_are_errors() {
     let model = tiny_f32();
-    let block = Tensor::zeros((65, 64), DType::F32, &Device::Cpu).unwrap();
     let input_error = |r: Result<qalign_model::MergedInputs, ModelError>| match r {
         Err(ModelError::Input(msg)) => msg,
         other => panic!("expected an input error, got {other:?}"),
@@ -285,7 +286,6 @@ fn bad_inputs_are_errors() {
     assert!(msg.contains("[65, 63]"), "{msg}");
     let msg = input_error(model.merge_inputs(&[Vec::<i64>::new()], &[]));
     assert!(msg.contains("no tokens"), "{msg}");
-    let _ = block;
     let small = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
     match model.encode_images(&small) {
         Err(ModelError::Input(msg)) => assert!(msg.contains("[1, 3, 224, 224]"), "{msg}"),
