@@ -456,3 +456,149 @@ impl MultiwayLlama {
         Ok(normed.matmul(&self.lm_head.t()?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tagged_rows(modality: &[u8]) -> Vec<f32> {
+        let device = Device::Cpu;
+        let routing = Routing::new(modality, &device).unwrap();
+        let rows: Vec<f32> = (0..modality.len()).map(|r| r as f32).collect();
+        let x = Tensor::from_vec(rows, (modality.len(), 1), &device).unwrap();
+        // Visual rows get +1000, so the result shows both which branch ran and where the row landed.
+        let out = routing
+            .route(&x, |m, rows| Ok((rows + 1000.0 * m as f64)?))
+            .unwrap();
+        out.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn routing_applies_each_rows_branch_and_keeps_row_order(modality in prop::collection::vec(0u8..2, 1..40)) {
+            let out = tagged_rows(&modality);
+            for (r, (&m, &v)) in modality.iter().zip(&out).enumerate() {
+                prop_assert_eq!(v, r as f32 + 1000.0 * f32::from(m));
+            }
+        }
+    }
+
+    #[test]
+    fn routing_rejects_unknown_modalities() {
+        assert!(matches!(
+            Routing::new(&[0, 2], &Device::Cpu),
+            Err(ModelError::Input(_))
+        ));
+    }
+
+    #[test]
+    fn mask_is_causal_and_hides_padding_keys() {
+        let mask = causal_padding_mask(&[2, 3], 3, &Device::Cpu).unwrap();
+        assert_eq!(mask.dims(), &[2, 1, 3, 3]);
+        let m: Vec<Vec<Vec<f32>>> = (0..2)
+            .map(|b| {
+                mask.get(b)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m[0],
+            vec![
+                vec![0.0, inf, inf],
+                vec![0.0, 0.0, inf],
+                vec![0.0, 0.0, inf]
+            ]
+        );
+        assert_eq!(
+            m[1],
+            vec![
+                vec![0.0, inf, inf],
+                vec![0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0]
+            ]
+        );
+    }
+
+    fn llm_config(rope_scaling: RopeScaling) -> LlmConfig {
+        LlmConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 4,
+            num_layers: 0,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling,
+            max_position_embeddings: 16,
+            tie_word_embeddings: false,
+        }
+    }
+
+    #[test]
+    fn rope_tables_follow_the_llama_formula() {
+        let rope = RotaryEmbedding::new(&llm_config(RopeScaling::None));
+        assert_eq!(rope.inv_freq, vec![1.0, 0.01]);
+        let (cos, sin) = rope.tables(3, DType::F32, &Device::Cpu).unwrap();
+        let cos = cos.to_vec2::<f32>().unwrap();
+        let sin = sin.to_vec2::<f32>().unwrap();
+        assert_eq!(cos[2], vec![2f32.cos(), 0.02f32.cos()]);
+        assert_eq!(sin[1], vec![1f32.sin(), 0.01f32.sin()]);
+        let linear = RotaryEmbedding::new(&llm_config(RopeScaling::Linear { factor: 2.0 }));
+        let (cos2, _) = linear.tables(5, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(cos2.to_vec2::<f32>().unwrap()[4], cos[2]);
+    }
+
+    #[test]
+    fn grouped_kv_heads_are_repeated_per_group() {
+        let cfg = llm_config(RopeScaling::None);
+        let attn = MultiwayAttention {
+            q_proj: Linear::from_parts(
+                Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+                None,
+            ),
+            kv_proj: [
+                Linear::from_parts(
+                    Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+                    None,
+                ),
+                Linear::from_parts(
+                    Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+                    None,
+                ),
+            ],
+            o_proj: Linear::from_parts(
+                Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+                None,
+            ),
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let kv = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 4))
+            .unwrap();
+        let repeated = attn.repeat_kv(kv.clone()).unwrap();
+        assert_eq!(repeated.dims(), &[1, 2, 2, 4]);
+        for h in 0..2 {
+            assert_eq!(
+                repeated
+                    .get(0)
+                    .unwrap()
+                    .get(h)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                kv.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap()
+            );
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! passes that read each sample at its own last real token (upstream reads the last *padded* position of
 //! shorter videos; that bug is deliberately not reproduced).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -58,10 +58,11 @@ impl MergedInputs {
         self.modality.len() / self.lengths.len().max(1)
     }
 
-    /// The modality indicators of sample `b`'s real tokens.
-    pub fn sample_modality(&self, b: usize) -> &[u8] {
+    /// The modality indicators of sample `b`'s real tokens (`None` past the batch).
+    pub fn sample_modality(&self, b: usize) -> Option<&[u8]> {
         let l = self.padded_len();
-        &self.modality[b * l..b * l + self.lengths[b]]
+        let len = *self.lengths.get(b)?;
+        self.modality.get(b * l..b * l + len)
     }
 }
 
@@ -193,7 +194,9 @@ impl OneAlignModel {
             let mut modality = Vec::new();
             for (is_image, run) in split_at_placeholders(ids) {
                 if is_image {
-                    let (index, block) = blocks.next().expect("placeholder count checked above");
+                    let (index, block) = blocks.next().ok_or_else(|| {
+                        ModelError::input("more image placeholders than visual blocks")
+                    })?;
                     let block = self.visual_block(block, hidden, index)?;
                     modality.extend(std::iter::repeat_n(VISUAL_MODALITY, block.dim(0)?));
                     parts.push(block);
@@ -364,9 +367,4 @@ fn split_at_placeholders(ids: &[i64]) -> Vec<(bool, &[i64])> {
         runs.push((false, &ids[start..]));
     }
     runs
-}
-
-/// Where a model folder's `config.json` is.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }

@@ -82,6 +82,7 @@ fn every_image_and_task_matches_the_official_outputs() {
             let want_modality: Vec<i64> = want["modality_indicators"].to_vec1().unwrap();
             let got_modality: Vec<i64> = merged
                 .sample_modality(0)
+                .unwrap()
                 .iter()
                 .map(|&m| m as i64)
                 .collect();
