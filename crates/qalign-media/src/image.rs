@@ -287,20 +287,26 @@ pub fn expand2square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
     }
     let layout = square_layout(width, height);
     let side = layout.side as usize;
-    let mut data: Vec<u8> = background
-        .iter()
-        .copied()
-        .cycle()
-        .take(side * side * 3)
-        .collect();
+    let background_row: Vec<u8> = background.repeat(side);
     let row_len = width as usize * 3;
-    if row_len == 0 {
-        return RgbImage::from_raw(layout.side, layout.side, data)
-            .expect("canvas buffer has side*side*3 bytes");
+    let (left, right) = (
+        layout.x as usize * 3,
+        (side - layout.x as usize) * 3 - row_len,
+    );
+    let mut data = Vec::with_capacity(side * side * 3);
+    let rows_before = layout.y as usize;
+    let rows_after = side - rows_before - height as usize;
+    for _ in 0..rows_before {
+        data.extend_from_slice(&background_row);
     }
-    for (row, src) in img.as_raw().chunks_exact(row_len).enumerate() {
-        let start = ((layout.y as usize + row) * side + layout.x as usize) * 3;
-        data[start..start + row_len].copy_from_slice(src);
+    for row in 0..height as usize {
+        let src = &img.as_raw()[row * row_len..][..row_len];
+        data.extend_from_slice(&background_row[..left]);
+        data.extend_from_slice(src);
+        data.extend_from_slice(&background_row[..right]);
+    }
+    for _ in 0..rows_after {
+        data.extend_from_slice(&background_row);
     }
     RgbImage::from_raw(layout.side, layout.side, data).expect("canvas buffer has side*side*3 bytes")
 }

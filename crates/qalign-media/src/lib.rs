@@ -2,9 +2,17 @@
 //! Pillow-exact image preprocessing and FFmpeg-based 1-fps video frame sampling.
 
 pub mod error;
+pub mod image;
+mod jpeg;
+pub mod preprocess;
+pub mod resize;
 pub mod video;
 
+pub use self::image::{DecodeOptions, decode_rgb, expand2square, load_rgb};
+pub use ::image::RgbImage;
 pub use error::MediaError;
+pub use preprocess::{Pixels, PreprocessConfig, preprocess_path};
+pub use resize::{ResampleFilter, resize_bicubic};
 pub use video::{
     FfmpegTools, FrameReader, MediaKind, SampledFrame, SampledVideo, SamplingOptions, SamplingPlan,
     VideoInfo, VideoWarning, is_video, sniff_kind,

@@ -8,8 +8,8 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use crate::MediaError;
-use crate::image::{DecodeOptions, expand2square, load_rgb};
-use crate::resize::{ResampleFilter, resize};
+use crate::image::{DecodeOptions, expand2square, load_rgb, square_layout};
+use crate::resize::{ResampleFilter, expand2square_and_resize, resize};
 
 /// CLIP's (and Q-Align's) normalisation constants.
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -313,7 +313,25 @@ impl PreprocessConfig {
 
     /// The Q-Align pipeline: `expand2square` with [`Self::background`], then the CLIP processor.
     pub fn preprocess(&self, img: &RgbImage) -> Pixels {
-        self.clip_process(&expand2square(img, self.background()))
+        self.normalize(&self.pad_resize_and_crop(img))
+    }
+
+    /// The 8-bit stage of [`Self::preprocess`]: `expand2square`, resize, center crop. The padded
+    /// canvas is never built when a resize follows (same bytes, see
+    /// [`expand2square_and_resize`]).
+    pub fn pad_resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        if !self.do_resize {
+            return self.crop(expand2square(img, self.background()));
+        }
+        let side = square_layout(img.width(), img.height()).side;
+        let (width, height) = self.size.output_size(side, side);
+        self.crop(expand2square_and_resize(
+            img,
+            self.background(),
+            width,
+            height,
+            self.resample,
+        ))
     }
 
     /// The CLIP processor alone (no square padding, as in the official `eval.py`).
@@ -330,10 +348,15 @@ impl PreprocessConfig {
         } else {
             img.clone()
         };
-        if self.do_center_crop {
-            center_crop(&resized, self.crop_size.width, self.crop_size.height)
+        self.crop(resized)
+    }
+
+    fn crop(&self, img: RgbImage) -> RgbImage {
+        let (width, height) = (self.crop_size.width, self.crop_size.height);
+        if self.do_center_crop && img.dimensions() != (width, height) {
+            center_crop(&img, width, height)
         } else {
-            resized
+            img
         }
     }
 
@@ -415,4 +438,166 @@ pub fn preprocess_path(
     opts: &DecodeOptions,
 ) -> Result<Pixels, MediaError> {
     Ok(config.preprocess(&load_rgb(path, opts)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<PreprocessConfig, MediaError> {
+        PreprocessConfig::from_json_str(json, Path::new("preprocessor_config.json"))
+    }
+
+    fn error_text(json: &str) -> String {
+        parse(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn clip_defaults_apply_to_missing_fields() {
+        let cfg = parse(r#"{"size": 448, "crop_size": 448}"#).unwrap();
+        assert_eq!(cfg, PreprocessConfig::clip(448));
+        assert_eq!(cfg.rescale_factor, 1.0 / 255.0);
+        assert!(cfg.do_rescale && cfg.do_normalize && cfg.do_convert_rgb);
+        let empty = parse("{}").unwrap();
+        assert_eq!(empty.size, ResizeTarget::ShortestEdge(224));
+        assert_eq!(empty.resample, ResampleFilter::Bicubic);
+    }
+
+    #[test]
+    fn size_and_crop_accept_every_transformers_form() {
+        let cfg = parse(
+            r#"{"size": {"shortest_edge": 336}, "crop_size": {"height": 300, "width": 320},
+                "image_mean": 0.5, "image_std": [0.1, 0.2, 0.3], "resample": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.size, ResizeTarget::ShortestEdge(336));
+        assert_eq!(
+            cfg.crop_size,
+            CropSize {
+                height: 300,
+                width: 320
+            }
+        );
+        assert_eq!(cfg.image_mean, [0.5; 3]);
+        assert_eq!(cfg.resample, ResampleFilter::Bilinear);
+        let exact = parse(r#"{"size": {"height": 10, "width": 20}}"#).unwrap();
+        assert_eq!(
+            exact.size,
+            ResizeTarget::Exact {
+                height: 10,
+                width: 20
+            }
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_the_reason() {
+        assert!(error_text(r#"{"resample": 0}"#).contains("resample 0 is not supported"));
+        assert!(error_text(r#"{"resample": 7}"#).contains("resample 7"));
+        assert!(error_text(r#"{"size": 0}"#).contains("size must be a positive integer"));
+        assert!(error_text(r#"{"size": {"longest_edge": 5}}"#).contains("longest_edge"));
+        assert!(error_text(r#"{"size": "big"}"#).contains("size must be an integer"));
+        assert!(error_text(r#"{"crop_size": {"height": 4}}"#).contains("crop_size"));
+        assert!(error_text(r#"{"image_mean": [0.1, 0.2]}"#).contains("3 numbers"));
+        assert!(error_text(r#"{"image_std": [0.1, 0.0, 0.2]}"#).contains("non-zero"));
+        assert!(error_text("{").contains("preprocessor_config.json"));
+        assert!(error_text("{").contains("invalid preprocessor config"));
+    }
+
+    #[test]
+    fn missing_config_file_names_the_path() {
+        let err = PreprocessConfig::from_file(Path::new("/nonexistent/pp.json")).unwrap_err();
+        assert!(matches!(err, MediaError::Io { .. }));
+        assert!(err.to_string().contains("/nonexistent/pp.json"));
+    }
+
+    #[test]
+    fn background_is_int_of_255_times_mean() {
+        assert_eq!(PreprocessConfig::clip(448).background(), [122, 116, 104]);
+        let mut cfg = PreprocessConfig::clip(448);
+        cfg.image_mean = [0.5, 1.0, 0.0];
+        assert_eq!(cfg.background(), [127, 255, 0]);
+    }
+
+    #[test]
+    fn shortest_edge_truncates_the_long_side_like_python_int() {
+        let target = ResizeTarget::ShortestEdge(448);
+        assert_eq!(target.output_size(1620, 1080), (672, 448));
+        assert_eq!(target.output_size(120, 333), (448, 1243)); // 448*333/120 = 1243.2
+        assert_eq!(target.output_size(300, 200), (672, 448));
+        assert_eq!(target.output_size(512, 512), (448, 448));
+        assert_eq!(ResizeTarget::ShortestEdge(7).output_size(3, 10), (7, 23)); // 23.33
+    }
+
+    #[test]
+    fn rescale_by_f64_product_equals_f32_division_for_every_byte() {
+        // The spec (numpy: float32(float64(u8) * (1/255))) and the fixtures README (float32
+        // division u8 / 255) describe the same numbers; pin that.
+        for byte in 0..=255u8 {
+            let product = (f64::from(byte) * (1.0 / 255.0)) as f32;
+            let division = f32::from(byte) / 255.0;
+            assert_eq!(product.to_bits(), division.to_bits(), "byte {byte}");
+        }
+    }
+
+    #[test]
+    fn normalize_is_channel_first_and_uses_mean_and_std() {
+        let cfg = PreprocessConfig::clip(2);
+        let img = RgbImage::from_raw(2, 1, vec![0, 128, 255, 10, 20, 30]).unwrap();
+        let px = cfg.normalize(&img);
+        assert_eq!(px.shape(), [3, 1, 2]);
+        let expect = |byte: u8, c: usize| {
+            (f32::from(byte) / 255.0 - cfg.image_mean[c] as f32) / cfg.image_std[c] as f32
+        };
+        let want = [
+            expect(0, 0),
+            expect(10, 0),
+            expect(128, 1),
+            expect(20, 1),
+            expect(255, 2),
+            expect(30, 2),
+        ];
+        assert_eq!(px.data, want);
+        let mut raw = cfg.clone();
+        raw.do_rescale = false;
+        raw.do_normalize = false;
+        assert_eq!(
+            raw.normalize(&img).data,
+            [0.0, 10.0, 128.0, 20.0, 255.0, 30.0]
+        );
+    }
+
+    #[test]
+    fn center_crop_matches_transformers_offsets_and_zero_padding() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        // Smaller crop: top = (4-2)//2 = 1, left = (5-2)//2 = 1.
+        let small = center_crop(&img, 2, 2);
+        assert_eq!(small.get_pixel(0, 0).0, [1, 1, 9]);
+        assert_eq!(small.get_pixel(1, 1).0, [2, 2, 9]);
+        // Larger crop: top = (4-7)//2 = -2, left = (5-6)//2 = -1 -> zero borders.
+        let big = center_crop(&img, 6, 7);
+        assert_eq!(big.dimensions(), (6, 7));
+        assert_eq!(big.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(big.get_pixel(1, 2).0, [0, 0, 9]);
+        assert_eq!(big.get_pixel(5, 5).0, [4, 3, 9]);
+        assert_eq!(big.get_pixel(5, 6).0, [0, 0, 0]);
+        let count_image = big.pixels().filter(|p| p[2] == 9).count();
+        assert_eq!(count_image, 20);
+    }
+
+    #[test]
+    fn pipeline_handles_non_square_targets_and_disabled_steps() {
+        let img = RgbImage::from_fn(30, 10, |x, y| image::Rgb([x as u8 * 8, y as u8 * 20, 50]));
+        let mut cfg = PreprocessConfig::clip(12);
+        let px = cfg.preprocess(&img);
+        assert_eq!(px.shape(), [3, 12, 12]);
+        cfg.do_resize = false;
+        cfg.do_center_crop = false;
+        assert_eq!(cfg.preprocess(&img).shape(), [3, 30, 30]);
+        cfg.do_center_crop = true;
+        assert_eq!(cfg.preprocess(&img).shape(), [3, 12, 12]);
+        // Without padding (eval.py path) the shortest edge goes to 12, then the crop.
+        let clip_only = PreprocessConfig::clip(12);
+        assert_eq!(clip_only.resize_and_crop(&img).dimensions(), (12, 12));
+    }
 }

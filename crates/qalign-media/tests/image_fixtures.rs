@@ -139,6 +139,11 @@ fn eight_bit_stage_is_exact() {
         .unwrap();
         let ours = cfg.resize_and_crop(&expand2square(&img, cfg.background()));
         assert_eq!(ours.dimensions(), (448, 448), "{name}");
+        let fused = cfg.pad_resize_and_crop(&img);
+        assert!(
+            fused == ours,
+            "{name}: fused pad+resize differs from pad then resize"
+        );
         let plane = 448 * 448;
         let mut mismatches = 0;
         for c in 0..3 {
