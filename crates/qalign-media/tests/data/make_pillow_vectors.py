@@ -119,6 +119,20 @@ def main():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], transparency=2, duration=100)
     save_bytes("anim_30x20.gif", buf.getvalue())
 
+    # GIF whose first frame covers only part of the logical screen (Pillow grows/fills the
+    # canvas): a Pillow-written frame with the screen and frame offset patched.
+    small_rng = np.random.default_rng(7)
+    small = Image.fromarray(small_rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    small = small.convert("P", palette=Image.ADAPTIVE, colors=8)
+    for label, extra in (("opaque", {}), ("transparent", {"transparency": 2})):
+        buf = io.BytesIO()
+        small.save(buf, format="GIF", **extra)
+        data = bytearray(buf.getvalue())
+        data[6:10] = struct.pack("<HH", 30, 20)
+        descriptor = data.index(0x2C, 13)
+        data[descriptor + 1 : descriptor + 5] = struct.pack("<HH", 5, 4)
+        save_bytes(f"partial_{label}_30x20.gif", bytes(data))
+
     # Resize inputs (PNG, lossless) and targets: downscale, upscale, one dimension only, tiny.
     resize_inputs = {
         "resize_noise_37x23.png": Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)),
