@@ -18,15 +18,14 @@ const LEVEL_IDS: [u32; 5] = [15129, 1781, 6534, 6460, 4319];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = args
-        .first()
+    let arg = |i: usize| args.get(i).filter(|a| !a.is_empty());
+    let dir = arg(0)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(FIXTURES).join("tiny-onealign"));
-    let pixels_path = args
-        .get(1)
+    let pixels_path = arg(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(FIXTURES).join("preprocess/singapore_flyer.safetensors"));
-    let dtype = match args.get(2).map(String::as_str) {
+    let dtype = match arg(2).map(String::as_str) {
         Some("f16") => DType::F16,
         Some("bf16") => DType::BF16,
         _ => DType::F32,
@@ -52,6 +51,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             elapsed.as_secs_f64() * 1e3
         );
     }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let vision = model.vision_forward(&pixels)?;
+    let vision_ms = ms(t);
+    let t = Instant::now();
+    let visual = model.abstract_visual(&vision)?;
+    let abstractor_ms = ms(t);
+    let t = Instant::now();
+    let merged = model.merge_inputs(&[QUALITY_PROMPT], &[visual.get(0)?])?;
+    model.level_logits(&merged, &LEVEL_IDS)?;
+    let llm_ms = ms(t);
+    println!(
+        "stages: vision {vision_ms:.1} ms, abstractor {abstractor_ms:.1} ms, splice + LLM {llm_ms:.1} ms"
+    );
     println!("load: {:.1} ms ({dtype:?})", load.as_secs_f64() * 1e3);
     Ok(())
 }

@@ -117,8 +117,9 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?)
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v` on `[B, H, Tq, d]` / `[B, H, Tk, d]`. The scale is applied to the scores
-/// (as upstream does), the softmax runs in f32 and its result is cast back to the activation dtype.
+/// `softmax(q·kᵀ·scale + mask)·v` on `[B, H, Tq, d]` / `[B, H, Tk, d]`. Upstream scales the scores; when
+/// the scale is a power of two, scaling q instead is bit-identical and touches Tq·d values instead of
+/// Tq·Tk. The softmax runs in f32 and its result is cast back to the activation dtype.
 /// `mask` is an additive f32 tensor broadcastable to `[B, H, Tq, Tk]`.
 pub fn attention(
     q: &Tensor,
@@ -128,7 +129,12 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = if scale.log2().fract() == 0.0 {
+        (q * scale)?.matmul(&k.t()?)?
+    } else {
+        (q.matmul(&k.t()?)? * scale)?
+    };
+    let scores = scores.to_dtype(DType::F32)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
