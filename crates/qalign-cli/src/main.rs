@@ -2,6 +2,8 @@
 //! config and hands it to the library crates; nothing here does numerics.
 
 mod cmd;
+mod inputs;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Score images and videos (quality, aesthetics or a custom question).
+    Score(cmd::score::Args),
+    /// Show what a checkpoint folder holds: config, parameter counts, dtypes, files.
+    Info(cmd::info::Args),
     /// Turn human-score label files into the official SFT JSON (the level syllabus).
     Syllabus(cmd::syllabus::Args),
     /// Compare predictions with human scores: SRCC, PLCC, KRCC, RMSE with confidence intervals.
@@ -29,6 +35,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Score(args) => cmd::score::run(args),
+        Command::Info(args) => cmd::info::run(args),
         Command::Syllabus(args) => cmd::syllabus::run(args),
         Command::Eval(args) => cmd::eval::run(args),
     };

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
@@ -161,7 +161,7 @@ impl MplugOwl2Config {
 }
 
 /// How RoPE positions are scaled (`rope_scaling` in `config.json`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub enum RopeScaling {
     /// `rope_scaling: null`, the OneAlign setting.
     None,
@@ -170,7 +170,7 @@ pub enum RopeScaling {
 }
 
 /// Validated dimensions of the vision tower.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -188,7 +188,7 @@ pub struct VisionConfig {
 }
 
 /// Validated dimensions of the visual abstractor.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AbstractorConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -216,7 +216,7 @@ impl AbstractorConfig {
 }
 
 /// Validated dimensions of the LLaMA decoder with the modality-adaptive module.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LlmConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -234,7 +234,7 @@ pub struct LlmConfig {
 }
 
 /// The validated runtime configuration all layers are built from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
     pub vision: VisionConfig,
     pub abstractor: AbstractorConfig,

@@ -4,11 +4,17 @@
 
 pub mod abstractor;
 pub mod config;
+mod device;
 pub mod error;
+pub mod hub;
 pub mod llm;
 pub mod loader;
 pub mod model;
 pub mod nn;
+pub mod report;
+pub mod scorer;
+pub mod summary;
+pub mod video_score;
 pub mod vision;
 
 pub use config::{ModelConfig, MplugOwl2Config};
@@ -17,4 +23,14 @@ pub use llm::{DecoderOutput, TEXT_MODALITY, VISUAL_MODALITY};
 pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 pub use model::{IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel};
 
+pub use device::parse_device;
+pub use report::{FrameRecord, ScoreRecord, WindowRecord};
+pub use scorer::{
+    LevelScores, Query, ScoreError, Scorer, ScorerOptions, TokenizerSource, balanced_windows,
+};
+pub use video_score::{ClipResult, FrameResult, VideoOptions, VideoResult, WindowResult};
+
 pub use candle_core::{DType, Device, Tensor};
+pub use qalign_core::{LevelSet, Scale};
+pub use qalign_media::{DecodeOptions, SamplingOptions};
+pub use qalign_tokenizer::{InputKind, Task};

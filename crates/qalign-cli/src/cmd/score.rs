@@ -1,0 +1,430 @@
+//! `qalign score`: score images and videos with a OneAlign / Q-Align checkpoint. Parses flags
+//! into a validated [`ScoreConfig`], then drives the library's `Scorer`; a file that fails is
+//! reported and skipped, and the run exits with code 3 at the end.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use qalign_core::Scale;
+use qalign_media::{MediaKind, SamplingOptions};
+use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+use qalign_model::{
+    LoadOptions, Query, ScoreRecord, Scorer, ScorerOptions, Task, VideoOptions, WeightFormat,
+    parse_device,
+};
+
+use crate::cmd::EXIT_PARTIAL;
+use crate::inputs;
+use crate::progress;
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum TaskArg {
+    Quality,
+    Aesthetics,
+    /// Quality and aesthetics (each image is encoded once).
+    All,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum WeightsArg {
+    Auto,
+    Safetensors,
+    Bin,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image or video files, directories (searched recursively) or glob patterns.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<String>,
+    /// What to rate.
+    #[arg(long, value_enum, default_value = "quality")]
+    task: TaskArg,
+    /// A custom question instead of --task (needs --answer-prefix), e.g. "How clear is this image?".
+    #[arg(long, requires = "answer_prefix", conflicts_with = "task")]
+    question: Option<String>,
+    /// The start of the answer after which the level word is read, e.g. "The clarity of the image is".
+    #[arg(long, requires = "question")]
+    answer_prefix: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    batch_size: u64,
+    /// Score scale: 1-5 (HF `.score`) or 0-1 (GitHub scorer classes).
+    #[arg(long, default_value = "1-5", value_parser = parse_scale)]
+    scale: Scale,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Apply the EXIF orientation tag before scoring (off, as in the official code).
+    #[arg(long)]
+    exif_orientation: bool,
+    /// Video: frames sampled per second (the official loader takes 1).
+    #[arg(long, default_value_t = 1.0)]
+    fps: f64,
+    /// Video: at most this many frames, spread uniformly over the clip.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_frames: Option<u64>,
+    /// Video: at most this many frames per forward pass; longer clips are scored in windows.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    window: Option<u64>,
+    /// Video: also score each sampled frame alone with the image prompt (a per-second timeline).
+    #[arg(long)]
+    per_frame: bool,
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
+    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
+    pub model: String,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype. f32 reproduces the reference; f16/bf16 halve memory (see docs/PARITY.md).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Which weight files to read when a folder has several layouts.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: WeightsArg,
+}
+
+impl From<WeightsArg> for WeightFormat {
+    fn from(arg: WeightsArg) -> Self {
+        match arg {
+            WeightsArg::Auto => WeightFormat::Auto,
+            WeightsArg::Safetensors => WeightFormat::Safetensors,
+            WeightsArg::Bin => WeightFormat::PytorchBin,
+        }
+    }
+}
+
+fn parse_scale(s: &str) -> std::result::Result<Scale, String> {
+    s.parse()
+}
+
+impl ModelArgs {
+    /// Resolves the model folder and the load options.
+    pub fn resolve(&self) -> Result<(PathBuf, LoadOptions)> {
+        let device = parse_device(&self.device)?;
+        let dtype = match self.dtype {
+            DtypeArg::F32 => qalign_model::DType::F32,
+            DtypeArg::F16 => qalign_model::DType::F16,
+            DtypeArg::Bf16 => qalign_model::DType::BF16,
+        };
+        let format = self.weights.into();
+        let resolved = resolve_model(&self.model, self.offline || offline_from_env())?;
+        Ok((
+            resolved.dir,
+            LoadOptions {
+                device,
+                dtype,
+                format,
+            },
+        ))
+    }
+}
+
+/// The validated configuration of one `score` run.
+struct ScoreConfig {
+    inputs: Vec<PathBuf>,
+    queries: Vec<Query>,
+    batch_size: usize,
+    scale: Scale,
+    format: Format,
+    video: VideoOptions,
+}
+
+impl Args {
+    fn validate(&self) -> Result<ScoreConfig> {
+        let queries = match (&self.question, &self.answer_prefix) {
+            (Some(question), Some(answer_prefix)) => {
+                if question.trim().is_empty() || answer_prefix.trim().is_empty() {
+                    bail!("--question and --answer-prefix must not be empty");
+                }
+                vec![Query::Custom {
+                    question: question.clone(),
+                    answer_prefix: answer_prefix.clone(),
+                }]
+            }
+            _ => match self.task {
+                TaskArg::Quality => vec![Query::Task(Task::Quality)],
+                TaskArg::Aesthetics => vec![Query::Task(Task::Aesthetics)],
+                TaskArg::All => vec![Query::Task(Task::Quality), Query::Task(Task::Aesthetics)],
+            },
+        };
+        let sampling = SamplingOptions::new(self.fps, self.max_frames.map(|n| n as usize))
+            .map_err(|e| anyhow::anyhow!("--fps/--max-frames: {e}"))?;
+        Ok(ScoreConfig {
+            inputs: inputs::expand(&self.paths)?,
+            queries,
+            batch_size: self.batch_size as usize,
+            scale: self.scale,
+            format: self.format,
+            video: VideoOptions {
+                sampling,
+                window: self.window.map(|n| n as usize),
+                per_frame: self.per_frame,
+            },
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let config = args.validate()?;
+    let (dir, load) = args.model.resolve()?;
+    let started = Instant::now();
+    eprintln!("loading model from {}", dir.display());
+    let options = ScorerOptions {
+        load,
+        decode: qalign_media::DecodeOptions {
+            exif_orientation: args.exif_orientation,
+        },
+    };
+    let scorer = Scorer::load(&dir, &options)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
+
+    let mut out = Output::new(config.format, config.scale);
+    let failures = score_all(&scorer, &config, &mut out)?;
+    out.finish()?;
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} input(s) failed (see the errors above)",
+            config.inputs.len()
+        );
+        return Ok(ExitCode::from(EXIT_PARTIAL));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Scores every input in order, batching consecutive images; returns the number of failures.
+fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<usize> {
+    let bar = progress::bar(config.inputs.len() as u64, "scoring");
+    let mut failures = 0;
+    let mut batch: Vec<(String, qalign_media::Pixels)> = Vec::new();
+    let flush = |batch: &mut Vec<(String, qalign_media::Pixels)>,
+                 out: &mut Output,
+                 failures: &mut usize|
+     -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let pixels: Vec<&qalign_media::Pixels> = batch.iter().map(|(_, p)| p).collect();
+        match scorer.score_images(&pixels, &config.queries) {
+            Ok(results) => {
+                for ((path, _), per_query) in batch.iter().zip(results) {
+                    for (query, scores) in config.queries.iter().zip(per_query) {
+                        out.emit(ScoreRecord::image(
+                            path,
+                            query.name(),
+                            &scores,
+                            scorer.levels(),
+                            config.scale,
+                        ))?;
+                    }
+                }
+            }
+            Err(err) => {
+                for (path, _) in batch.iter() {
+                    eprintln!("error: {path}: {err}");
+                }
+                *failures += batch.len();
+            }
+        }
+        batch.clear();
+        Ok(())
+    };
+    for path in &config.inputs {
+        let name = path.display().to_string();
+        let kind = qalign_media::sniff_kind(path).unwrap_or(MediaKind::Unknown);
+        if kind == MediaKind::Video {
+            flush(&mut batch, out, &mut failures)?;
+            bar.set_message(name.clone());
+            let result =
+                scorer.score_video(path, &config.queries, &config.video, &mut |done, total| {
+                    bar.set_message(format!("{name} ({done}/{total} frames)"))
+                });
+            match result {
+                Ok(video) => {
+                    for warning in &video.warnings {
+                        bar.suspend(|| eprintln!("warning: {warning}"));
+                    }
+                    for (q, query) in config.queries.iter().enumerate() {
+                        out.emit(ScoreRecord::video(
+                            &name,
+                            query.name(),
+                            q,
+                            &video,
+                            scorer.levels(),
+                            config.scale,
+                        ))?;
+                    }
+                }
+                Err(err) => {
+                    bar.suspend(|| eprintln!("error: {name}: {err}"));
+                    failures += 1;
+                }
+            }
+        } else {
+            match scorer.load_image(path) {
+                Ok(pixels) => batch.push((name, pixels)),
+                Err(err) => {
+                    bar.suspend(|| eprintln!("error: {name}: {err}"));
+                    failures += 1;
+                }
+            }
+            if batch.len() >= config.batch_size {
+                flush(&mut batch, out, &mut failures)?;
+            }
+        }
+        bar.inc(1);
+    }
+    flush(&mut batch, out, &mut failures)?;
+    bar.finish_and_clear();
+    Ok(failures)
+}
+
+/// Writes records as they come (jsonl, csv) or at the end (json, table).
+struct Output {
+    format: Format,
+    scale: Scale,
+    held: Vec<ScoreRecord>,
+    wrote_header: bool,
+}
+
+impl Output {
+    fn new(format: Format, scale: Scale) -> Self {
+        Self {
+            format,
+            scale,
+            held: Vec::new(),
+            wrote_header: false,
+        }
+    }
+
+    fn emit(&mut self, record: ScoreRecord) -> Result<()> {
+        let stdout = std::io::stdout();
+        let mut w = stdout.lock();
+        match self.format {
+            Format::Jsonl => writeln!(w, "{}", serde_json::to_string(&record)?)?,
+            Format::Csv => {
+                if !self.wrote_header {
+                    writeln!(w, "{}", csv_header(&record))?;
+                    self.wrote_header = true;
+                }
+                writeln!(w, "{}", csv_row(&record))?;
+            }
+            Format::Json | Format::Table => self.held.push(record),
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        let stdout = std::io::stdout();
+        let mut w = stdout.lock();
+        match self.format {
+            Format::Json => writeln!(w, "{}", serde_json::to_string_pretty(&self.held)?)?,
+            Format::Table => write_table(&mut w, &self.held, self.scale)?,
+            Format::Jsonl | Format::Csv => {}
+        }
+        w.flush()?;
+        Ok(())
+    }
+}
+
+fn csv_quote(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv_header(record: &ScoreRecord) -> String {
+    let mut cols = vec![
+        "path".to_string(),
+        "task".into(),
+        "input".into(),
+        "score".into(),
+        "scale".into(),
+    ];
+    cols.extend(record.levels.iter().map(|l| format!("p_{l}")));
+    cols.extend(record.levels.iter().map(|l| format!("logit_{l}")));
+    cols.extend(["std", "entropy", "frames", "fps"].map(String::from));
+    cols.join(",")
+}
+
+fn csv_row(r: &ScoreRecord) -> String {
+    let mut cols = vec![
+        csv_quote(&r.path),
+        r.task.clone(),
+        r.input.to_string(),
+        r.score.to_string(),
+        r.scale.to_string(),
+    ];
+    cols.extend(r.probs.iter().map(|p| p.to_string()));
+    cols.extend(r.logits.iter().map(|z| z.to_string()));
+    cols.push(r.std.to_string());
+    cols.push(r.entropy.to_string());
+    cols.push(r.frames.map(|f| f.to_string()).unwrap_or_default());
+    cols.push(r.fps.map(|f| f.to_string()).unwrap_or_default());
+    cols.join(",")
+}
+
+fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Result<()> {
+    let path_width = records
+        .iter()
+        .map(|r| r.path.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(
+        w,
+        "{:<path_width$}  {:<10}  {:<5}  {:>7}  {:<9}  {:>5}",
+        "path",
+        "task",
+        "input",
+        format!("score"),
+        "level",
+        "std"
+    )?;
+    for r in records {
+        let best = r
+            .probs
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &p)| if p > r.probs[b] { i } else { b });
+        writeln!(
+            w,
+            "{:<path_width$}  {:<10}  {:<5}  {:>7.4}  {:<9}  {:>5.3}",
+            r.path, r.task, r.input, r.score, r.levels[best], r.std
+        )?;
+    }
+    writeln!(w, "(scores on the {scale} scale; level = most likely word)")?;
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Expands the `score` command's path arguments (files, directories, globs) into the list of
+//! media files to score, in a stable order, so that a run is repeatable and nothing is scored twice.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// Extensions picked up when walking a directory. Files named explicitly are taken whatever
+/// their extension: their content decides how they are read.
+const MEDIA_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "mp4", "mov", "m4v", "mkv", "webm",
+    "avi",
+];
+
+fn is_media_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| MEDIA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn has_glob_chars(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expand arguments into files. A missing file or a glob with no match is an error: a typo
+/// should not silently score nothing.
+pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
+        if seen.insert(p.clone()) {
+            out.push(p);
+        }
+    };
+    for arg in args {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = walkdir::WalkDir::new(path)
+                .follow_links(true)
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_file() && is_media_name(e.path()))
+                .map(|e| e.into_path())
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                bail!("directory {} holds no image or video files", path.display());
+            }
+            for p in found {
+                push(p, &mut out);
+            }
+        } else if path.exists() {
+            push(path.to_path_buf(), &mut out);
+        } else if has_glob_chars(arg) {
+            let mut found: Vec<PathBuf> = glob::glob(arg)
+                .with_context(|| format!("bad glob pattern `{arg}`"))?
+                .filter_map(|e| e.ok())
+                .filter(|p| p.is_file())
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                bail!("no file matches `{arg}`");
+            }
+            for p in found {
+                push(p, &mut out);
+            }
+        } else {
+            bail!("no such file or directory: {arg}");
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,127 @@
+//! The one JSON shape of a scored item, shared by the CLI (`--format json|jsonl|csv`) and any
+//! other front end, so that every output names its scale and carries the full distribution.
+
+use qalign_core::{LevelSet, Scale};
+use serde::Serialize;
+
+use crate::scorer::LevelScores;
+use crate::video_score::{ClipResult, VideoResult};
+
+/// One scored image or video for one task.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreRecord {
+    pub path: String,
+    pub task: String,
+    /// `"image"` or `"video"`.
+    pub input: &'static str,
+    pub score: f64,
+    pub scale: Scale,
+    /// The level words, best first: the order of `probs` and `logits`.
+    pub levels: Vec<String>,
+    pub probs: Vec<f64>,
+    pub logits: Vec<f32>,
+    /// Standard deviation of the level distribution, in units of `scale`.
+    pub std: f64,
+    /// Entropy of the level distribution, in nats.
+    pub entropy: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampled_indices: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<WindowRecord>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_frame: Option<Vec<FrameRecord>>,
+}
+
+/// The score of one window of a long video.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowRecord {
+    pub start_frame: usize,
+    pub end_frame: usize,
+    pub frames: usize,
+    pub score: f64,
+}
+
+/// The score of one sampled frame scored alone (image prompt).
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameRecord {
+    pub frame: usize,
+    pub time_s: f64,
+    pub score: f64,
+}
+
+impl ScoreRecord {
+    /// A record for a scored image.
+    pub fn image(
+        path: &str,
+        task: &str,
+        scores: &LevelScores,
+        levels: &LevelSet,
+        scale: Scale,
+    ) -> Self {
+        let d = &scores.distribution;
+        Self {
+            path: path.to_string(),
+            task: task.to_string(),
+            input: "image",
+            score: d.score(scale).value,
+            scale,
+            levels: levels.words().to_vec(),
+            probs: d.probs().to_vec(),
+            logits: scores.logits.clone(),
+            std: d.std(scale),
+            entropy: d.entropy(),
+            frames: None,
+            fps: None,
+            sampled_indices: None,
+            windows: None,
+            per_frame: None,
+        }
+    }
+
+    /// A record for query `q` of a scored video.
+    pub fn video(
+        path: &str,
+        task: &str,
+        q: usize,
+        video: &VideoResult,
+        levels: &LevelSet,
+        scale: Scale,
+    ) -> Self {
+        let clip: &ClipResult = &video.clip;
+        let mut record = Self::image(path, task, &clip.scores[q], levels, scale);
+        record.input = "video";
+        record.frames = Some(video.sampled_indices.len());
+        record.fps = Some(video.info.avg_fps);
+        record.sampled_indices = Some(video.sampled_indices.clone());
+        if clip.is_windowed() {
+            record.windows = Some(
+                clip.windows
+                    .iter()
+                    .map(|w| WindowRecord {
+                        start_frame: w.start_frame,
+                        end_frame: w.end_frame,
+                        frames: w.frames,
+                        score: w.scores[q].distribution.score(scale).value,
+                    })
+                    .collect(),
+            );
+        }
+        if !clip.per_frame.is_empty() {
+            record.per_frame = Some(
+                clip.per_frame
+                    .iter()
+                    .map(|f| FrameRecord {
+                        frame: f.source_index,
+                        time_s: f.time_s,
+                        score: f.scores[q].distribution.score(scale).value,
+                    })
+                    .collect(),
+            );
+        }
+        record
+    }
+}
