@@ -4,6 +4,7 @@
 //! the CLI and a server share one path that matches the official scorers.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Tensor};
 use qalign_core::{LevelDistribution, LevelError, LevelSet};
@@ -139,6 +140,8 @@ pub struct Scorer {
     decode: DecodeOptions,
     levels: LevelSet,
     level_ids: Vec<u32>,
+    /// Images and frames encoded so far (ViT + abstractor passes), for statistics and tests.
+    images_encoded: AtomicUsize,
 }
 
 impl Scorer {
@@ -189,6 +192,7 @@ impl Scorer {
             decode,
             levels,
             level_ids,
+            images_encoded: AtomicUsize::new(0),
         })
     }
 
@@ -211,6 +215,11 @@ impl Scorer {
     /// The level words, best first, in the order of every probability vector.
     pub fn levels(&self) -> &LevelSet {
         &self.levels
+    }
+
+    /// How many images and frames went through the ViT and abstractor so far.
+    pub fn images_encoded(&self) -> usize {
+        self.images_encoded.load(Ordering::Relaxed)
     }
 
     /// Token ids of the level words.
@@ -264,7 +273,10 @@ impl Scorer {
     /// ViT + abstractor: the visual tokens `[N, Q + 1, D]` of preprocessed images or frames.
     pub fn encode(&self, images: &[&Pixels]) -> Result<Tensor> {
         let pixels = self.pixels_tensor(images)?;
-        Ok(self.model.encode_images(&pixels)?)
+        let visual = self.model.encode_images(&pixels)?;
+        self.images_encoded
+            .fetch_add(images.len(), Ordering::Relaxed);
+        Ok(visual)
     }
 
     /// Scores N encoded images (`visual`: `[N, Q + 1, D]`) for one query, in one batch.
