@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-/// Extensions picked up when walking a directory. Files named explicitly are taken whatever
-/// their extension: their content decides how they are read.
+/// Extensions picked up when walking a directory: the image formats the decoder reads and the
+/// video containers the sniffer knows (not `.ts`, which is more often TypeScript than MPEG-TS).
+/// Files named explicitly are taken whatever their extension: their content decides.
 const MEDIA_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "mp4", "mov", "m4v", "mkv", "webm",
-    "avi",
+    "avi", "qt", "flv", "wmv", "asf", "mts", "m2ts", "mpg", "mpeg", "vob", "ogv", "3gp", "3g2",
+    "y4m",
 ];
 
 fn is_media_name(path: &Path) -> bool {
@@ -24,12 +26,16 @@ fn has_glob_chars(s: &str) -> bool {
 }
 
 /// Expand arguments into files. A missing file or a glob with no match is an error: a typo
-/// should not silently score nothing.
+/// should not silently score nothing. A file reached more than once is listed once.
 pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
+    // Keyed by the absolute path (`.` components dropped, symlinks not resolved), so `a.jpg`,
+    // `./a.jpg`, `/abs/a.jpg` and a directory walk that finds it count as one file, while a
+    // symlink keeps its own name (label files may refer to it). The first spelling is kept.
     let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
-        if seen.insert(p.clone()) {
+        let key = std::path::absolute(&p).unwrap_or_else(|_| p.clone());
+        if seen.insert(key) {
             out.push(p);
         }
     };

@@ -80,7 +80,7 @@ pub struct Args {
     #[arg(long)]
     exif_orientation: bool,
     /// Video: frames sampled per second (the official loader takes 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fps, allow_negative_numbers = true)]
     fps: f64,
     /// Video: at most this many frames, spread uniformly over the clip.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -125,6 +125,16 @@ impl From<WeightsArg> for WeightFormat {
 
 fn parse_scale(s: &str) -> std::result::Result<Scale, String> {
     s.parse()
+}
+
+/// A sampling rate is a positive, finite number of frames per second (a usage error otherwise).
+fn parse_fps(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(fps) if fps.is_finite() && fps > 0.0 => Ok(fps),
+        _ => Err(format!(
+            "expected a positive number of frames per second, got `{s}`"
+        )),
+    }
 }
 
 impl ModelArgs {
