@@ -29,9 +29,9 @@ const WEIGHT_ANCHORS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(
-        "model `{id}` is not in the Hugging Face cache ({cache}) and offline mode is on; \
-         download it once with network access (run without --offline / HF_HUB_OFFLINE), \
-         or copy a checkpoint folder here and pass --model DIR (missing: {missing})"
+        "model `{id}` is not in the Hugging Face cache ({cache}) and offline mode is on \
+         (missing: {missing}); download it once with network access (run without --offline and \
+         without HF_HUB_OFFLINE=1), or pass --model DIR with a local checkpoint folder"
     )]
     NotCached {
         id: String,

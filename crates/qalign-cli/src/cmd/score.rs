@@ -222,11 +222,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut out = Output::new(config.format, config.scale);
     let failures = score_all(&scorer, &config, &mut out)?;
     out.finish()?;
+    let total = config.inputs.len();
+    if failures == total {
+        bail!("none of the {total} input(s) could be scored (see the errors above)");
+    }
     if failures > 0 {
-        eprintln!(
-            "{failures} of {} input(s) failed (see the errors above)",
-            config.inputs.len()
-        );
+        eprintln!("{failures} of {total} input(s) failed (see the errors above)");
         return Ok(ExitCode::from(EXIT_PARTIAL));
     }
     Ok(ExitCode::SUCCESS)
