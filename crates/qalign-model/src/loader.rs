@@ -318,12 +318,23 @@ impl WeightStore {
     }
 }
 
+/// Where a [`Weights`] view takes its tensors from.
+#[derive(Clone, Debug)]
+enum WeightSource {
+    Checkpoint(Arc<WeightStore>),
+    /// Made up on request with the requested shape (see [`Weights::random`]).
+    Random,
+}
+
+/// Standard deviation of the random matrices of [`Weights::random`] (the checkpoints' `initializer_range`).
+const RANDOM_INIT_STD: f32 = 0.02;
+
 /// A view of a [`WeightStore`] under a key prefix, with the compute dtype and device: each layer's
 /// constructor takes one, so each key layout lives in one place (the candle `VarBuilder` pattern, with
 /// this crate's errors).
 #[derive(Clone, Debug)]
 pub struct Weights {
-    store: Arc<WeightStore>,
+    source: WeightSource,
     prefix: String,
     dtype: DType,
     device: Device,
@@ -333,11 +344,29 @@ impl Weights {
     /// The root view (empty prefix).
     pub fn new(store: Arc<WeightStore>, dtype: DType, device: Device) -> Self {
         Self {
-            store,
+            source: WeightSource::Checkpoint(store),
             prefix: String::new(),
             dtype,
             device,
         }
+    }
+
+    /// A root view that reads no file: every tensor is made on request with the shape asked for
+    /// (vectors named `weight` are ones, `bias` zeros, everything else N(0, 0.02²)), generated on
+    /// `device`. For timing a configuration without its checkpoint; the outputs mean nothing.
+    /// Optional keys count as absent, so buffers that can be computed are computed.
+    pub fn random(dtype: DType, device: Device) -> Self {
+        Self {
+            source: WeightSource::Random,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// Whether this view makes up its tensors ([`Weights::random`]).
+    pub fn is_random(&self) -> bool {
+        matches!(self.source, WeightSource::Random)
     }
 
     /// A view one level deeper: `pp("layers").pp(3)` reads `<prefix>.layers.3.*`.
@@ -369,12 +398,18 @@ impl Weights {
 
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
-        self.store.contains(&self.key(name))
+        match &self.source {
+            WeightSource::Checkpoint(store) => store.contains(&self.key(name)),
+            WeightSource::Random => false,
+        }
     }
 
     /// The stored dtype of `name`, when present.
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        self.store.entry(&self.key(name)).map(|(_, dtype)| dtype)
+        match &self.source {
+            WeightSource::Checkpoint(store) => store.entry(&self.key(name)).map(|(_, dtype)| dtype),
+            WeightSource::Random => None,
+        }
     }
 
     /// Reads `name` with the given shape, in the compute dtype.
@@ -384,6 +419,21 @@ impl Weights {
 
     /// Reads `name` with the given shape, in `dtype`.
     pub fn get_as(&self, shape: &[usize], name: &str, dtype: DType) -> Result<Tensor> {
-        self.store.load(&self.key(name), shape, dtype, &self.device)
+        match &self.source {
+            WeightSource::Checkpoint(store) => {
+                store.load(&self.key(name), shape, dtype, &self.device)
+            }
+            WeightSource::Random => random_tensor(name, shape, dtype, &self.device),
+        }
     }
+}
+
+/// The made-up tensor of [`Weights::random`]: the usual initialisation of norms, biases and matrices.
+fn random_tensor(name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let tensor = match (shape.len(), name) {
+        (1, "weight") => Tensor::ones(shape, dtype, device)?,
+        (1, "bias") => Tensor::zeros(shape, dtype, device)?,
+        _ => Tensor::randn(0f32, RANDOM_INIT_STD, shape, device)?.to_dtype(dtype)?,
+    };
+    Ok(tensor)
 }

@@ -76,31 +76,66 @@ pub struct OneAlignModel {
     llm: MultiwayLlama,
     device: Device,
     dtype: DType,
+    random_weights: bool,
 }
 
 impl OneAlignModel {
     /// Loads `config.json` and the weights of a Hugging Face model folder.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(ModelError::config(format!(
-                "compute dtype {:?} is not supported (use f32, f16 or bf16)",
-                opts.dtype
-            )));
-        }
+        Self::check_dtype(opts.dtype)?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open_dir(dir, opts.format)?;
         let files = store.files().clone();
         let root = Weights::new(Arc::new(store), opts.dtype, opts.device.clone());
+        Self::build(config, files, &root, opts)
+    }
+
+    /// A model of `config.json`'s shapes with random weights ([`Weights::random`]), made on the
+    /// device: for timing a configuration without its checkpoint. Its scores mean nothing, and
+    /// [`OneAlignModel::checkpoint_files`] lists no file.
+    pub fn random_init(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::check_dtype(opts.dtype)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = CheckpointFiles {
+            format: WeightFormat::Safetensors,
+            index: None,
+            shards: Vec::new(),
+        };
+        let root = Weights::random(opts.dtype, opts.device.clone());
+        Self::build(config, files, &root, opts)
+    }
+
+    fn check_dtype(dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::config(format!(
+                "compute dtype {dtype:?} is not supported (use f32, f16 or bf16)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn build(
+        config: ModelConfig,
+        files: CheckpointFiles,
+        root: &Weights,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let model = root.pp("model");
         Ok(Self {
             vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,
             abstractor: VisualAbstractor::load(&model.pp("visual_abstractor"), &config.abstractor)?,
-            llm: MultiwayLlama::load(&model, &root, &config.llm)?,
+            llm: MultiwayLlama::load(&model, root, &config.llm)?,
+            random_weights: root.is_random(),
             config,
             files,
             device: opts.device.clone(),
             dtype: opts.dtype,
         })
+    }
+
+    /// Whether the weights were made up by [`OneAlignModel::random_init`].
+    pub fn has_random_weights(&self) -> bool {
+        self.random_weights
     }
 
     pub fn config(&self) -> &ModelConfig {
