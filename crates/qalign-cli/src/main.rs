@@ -30,6 +30,8 @@ enum Command {
     Syllabus(cmd::syllabus::Args),
     /// Compare predictions with human scores: SRCC, PLCC, KRCC, RMSE with confidence intervals.
     Eval(cmd::eval::Args),
+    /// Time each stage of scoring (load, preprocessing, encode, LLM, end to end, video) on a model.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Info(args) => cmd::info::run(args),
         Command::Syllabus(args) => cmd::syllabus::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

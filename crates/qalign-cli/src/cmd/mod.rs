@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap `Args`, their validation, and `run`.
 
+pub mod bench;
 pub mod eval;
 pub mod info;
 pub mod score;

@@ -1,0 +1,586 @@
+//! `qalign bench`: times each stage of scoring on one model, device and dtype (model load,
+//! preprocessing, ViT + abstractor, LLM, `score_images` with one and two queries, a video clip),
+//! so that every performance figure comes with a command anyone can rerun. Each stage runs
+//! `--warmup` untimed times, then `--iters` timed times; the median and the minimum are reported.
+//! `--random-weights` times a configuration without its checkpoint (the scores are then meaningless).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use qalign_media::{MediaKind, Pixels, PreprocessConfig, RgbImage};
+use qalign_model::{
+    Device, ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Tensor, Tokenizer,
+    TokenizerSource,
+};
+use serde::Serialize;
+
+use crate::cmd::score::ModelArgs;
+use crate::inputs;
+
+/// Side of the synthetic image used when no image is given.
+const SYNTHETIC_WIDTH: u32 = 640;
+const SYNTHETIC_HEIGHT: u32 = 480;
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum BenchFormat {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Images (files, directories or globs) to preprocess and score; videos among them are
+    /// skipped. Without any, a synthetic 640×480 image is used and preprocessing excludes decoding.
+    #[arg(value_name = "IMAGE")]
+    images: Vec<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Build the network of --model's config.json with random weights instead of reading a
+    /// checkpoint (the folder needs only config.json). For timing only: the scores mean nothing.
+    #[arg(long)]
+    random_weights: bool,
+    /// Batch sizes for the encode, LLM and end-to-end rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,8",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    batch_sizes: Vec<u64>,
+    /// Timed runs of each stage.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    iters: u64,
+    /// Untimed runs of each stage before the timed ones.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    warmup: u64,
+    /// Frames of the video clip rows (0 leaves them out).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    frames: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: BenchFormat,
+}
+
+/// One timed stage.
+#[derive(Debug, Serialize)]
+struct Row {
+    /// Machine-readable stage name: load, preprocess, encode, llm, score_1q, score_2q, video_llm, video_clip.
+    stage: &'static str,
+    /// What was timed, in words.
+    label: String,
+    /// Images (or frames) per call, when the stage is batched.
+    batch: Option<usize>,
+    /// Items (images or frames) handled by one timed call.
+    items: usize,
+    /// Sequence length of the LLM pass, for the video rows.
+    positions: Option<usize>,
+    /// Timed runs behind the figures.
+    runs: usize,
+    median_ms: f64,
+    min_ms: f64,
+    median_ms_per_item: f64,
+    min_ms_per_item: f64,
+    /// Items per second at the median.
+    items_per_s: f64,
+}
+
+/// The whole report, as `--format json` prints it.
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    /// `checkpoint` or `random` (made-up weights: timing only).
+    weights: &'static str,
+    device: String,
+    dtype: String,
+    /// Logical CPUs seen by the process (the CPU backend's thread pool size unless RAYON_NUM_THREADS says otherwise).
+    cpus: usize,
+    rayon_num_threads: Option<String>,
+    warmup: usize,
+    iters: usize,
+    /// The images preprocessed (`synthetic WxH` when none was given).
+    images: Vec<String>,
+    config: ModelConfig,
+    rows: Vec<Row>,
+    /// Ratios of medians measured in this run.
+    ratios: Vec<Ratio>,
+}
+
+#[derive(Debug, Serialize)]
+struct Ratio {
+    name: String,
+    value: f64,
+    meaning: String,
+}
+
+impl Row {
+    fn new(
+        stage: &'static str,
+        label: String,
+        batch: Option<usize>,
+        items: usize,
+        samples_s: &[f64],
+    ) -> Self {
+        let mut ms: Vec<f64> = samples_s.iter().map(|s| s * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let median_ms = median_of_sorted(&ms);
+        let min_ms = ms.first().copied().unwrap_or(f64::NAN);
+        let per = items.max(1) as f64;
+        Self {
+            stage,
+            label,
+            batch,
+            items,
+            positions: None,
+            runs: ms.len(),
+            median_ms,
+            min_ms,
+            median_ms_per_item: median_ms / per,
+            min_ms_per_item: min_ms / per,
+            items_per_s: per / (median_ms / 1e3),
+        }
+    }
+}
+
+fn median_of_sorted(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Runs `f` `warmup` times, then `iters` timed times, waiting for the device after each call so
+/// that asynchronous GPU work is counted where it is issued. Returns seconds per timed run.
+fn time_runs<T>(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+        device.synchronize()?;
+    }
+    (0..iters)
+        .map(|_| {
+            let start = Instant::now();
+            f()?;
+            device.synchronize()?;
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+/// Where the preprocessing rows take their input from.
+enum ImageSource {
+    Files(Vec<PathBuf>),
+    Synthetic(RgbImage),
+}
+
+impl ImageSource {
+    fn names(&self) -> Vec<String> {
+        match self {
+            ImageSource::Files(paths) => paths.iter().map(|p| p.display().to_string()).collect(),
+            ImageSource::Synthetic(img) => {
+                vec![format!("synthetic {}x{}", img.width(), img.height())]
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ImageSource::Files(paths) => paths.len(),
+            ImageSource::Synthetic(_) => 1,
+        }
+    }
+
+    fn preprocess_all(&self, scorer: &Scorer) -> Result<Vec<Pixels>> {
+        match self {
+            ImageSource::Files(paths) => paths
+                .iter()
+                .map(|p| {
+                    scorer
+                        .load_image(p)
+                        .with_context(|| format!("cannot read {}", p.display()))
+                })
+                .collect(),
+            ImageSource::Synthetic(img) => Ok(vec![scorer.preprocess_rgb(img)]),
+        }
+    }
+}
+
+/// A colour gradient: deterministic, with detail in both directions for the resampler.
+fn synthetic_image() -> Result<RgbImage> {
+    let (w, h) = (SYNTHETIC_WIDTH, SYNTHETIC_HEIGHT);
+    let mut data = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            data.extend([
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8,
+            ]);
+        }
+    }
+    RgbImage::from_raw(w, h, data).context("synthetic image buffer of the wrong size")
+}
+
+impl Args {
+    fn image_source(&self) -> Result<ImageSource> {
+        if self.images.is_empty() {
+            return Ok(ImageSource::Synthetic(synthetic_image()?));
+        }
+        let mut images = Vec::new();
+        for path in inputs::expand(&self.images)? {
+            match qalign_media::sniff_kind(&path) {
+                Ok(MediaKind::Video) => eprintln!("note: skipping video {}", path.display()),
+                _ => images.push(path),
+            }
+        }
+        if images.is_empty() {
+            bail!("no image among the given paths (videos are skipped)");
+        }
+        Ok(ImageSource::Files(images))
+    }
+}
+
+/// Loads the scorer from the checkpoint, or builds it with random weights.
+fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<Scorer> {
+    if !random {
+        return Scorer::load(dir, options)
+            .with_context(|| format!("cannot load the model in {}", dir.display()));
+    }
+    let model = OneAlignModel::random_init(dir, &options.load)
+        .with_context(|| format!("cannot build the model of {}", dir.display()))?;
+    let preprocess_path = dir.join("preprocessor_config.json");
+    let preprocess = if preprocess_path.exists() {
+        PreprocessConfig::from_file(&preprocess_path)?
+    } else {
+        PreprocessConfig::clip(model.config().vision.image_size as u32)
+    };
+    let tokenizer_path = dir.join("tokenizer.model");
+    let (tokenizer, source) = if tokenizer_path.exists() {
+        (
+            Tokenizer::from_file(&tokenizer_path)
+                .with_context(|| format!("cannot read {}", tokenizer_path.display()))?,
+            TokenizerSource::Checkpoint,
+        )
+    } else {
+        (Tokenizer::llama2_builtin(), TokenizerSource::BuiltIn)
+    };
+    Ok(Scorer::from_parts(
+        model,
+        tokenizer,
+        source,
+        preprocess,
+        options.decode,
+    )?)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    if args.random_weights && !Path::new(&args.model.model).is_dir() {
+        bail!(
+            "--random-weights needs --model to be a folder with config.json, not `{}`",
+            args.model.model
+        );
+    }
+    let images = args.image_source()?;
+    let (dir, load) = args.model.resolve()?;
+    let device = load.device.clone();
+    let dtype = load.dtype;
+    let warmup = args.warmup as usize;
+    let iters = args.iters as usize;
+    let mut batch_sizes: Vec<usize> = args.batch_sizes.iter().map(|&b| b as usize).collect();
+    batch_sizes.sort_unstable();
+    batch_sizes.dedup();
+
+    eprintln!(
+        "{} model from {} on {} ({})",
+        if args.random_weights {
+            "building a random-weight"
+        } else {
+            "loading the"
+        },
+        dir.display(),
+        args.model.device,
+        dtype.as_str()
+    );
+    let options = ScorerOptions {
+        load,
+        decode: Default::default(),
+    };
+    let start = Instant::now();
+    let scorer = load_scorer(&dir, &options, args.random_weights)?;
+    device.synchronize()?;
+    let load_s = start.elapsed().as_secs_f64();
+    let load_label = if args.random_weights {
+        "random init (no checkpoint read)"
+    } else {
+        "model load (checkpoint → device)"
+    };
+    let mut rows = vec![Row::new("load", load_label.into(), None, 1, &[load_s])];
+
+    eprintln!("timing preprocessing");
+    let per_pass = images.len();
+    let samples = time_runs(&Device::Cpu, warmup, iters, || {
+        images.preprocess_all(&scorer)
+    })?;
+    let preprocess_label = match images {
+        ImageSource::Files(_) => "preprocess (decode + pad + resize + normalise)",
+        ImageSource::Synthetic(_) => "preprocess (pad + resize + normalise, no decode)",
+    };
+    rows.push(Row::new(
+        "preprocess",
+        preprocess_label.into(),
+        None,
+        per_pass,
+        &samples,
+    ));
+    let pixels = images.preprocess_all(&scorer)?;
+    let batch_of = |n: usize| -> Vec<&Pixels> { pixels.iter().cycle().take(n).collect() };
+
+    let quality = Query::Task(Task::Quality);
+    let both = [quality.clone(), Query::Task(Task::Aesthetics)];
+    for &b in &batch_sizes {
+        eprintln!("timing batch {b}");
+        let batch = batch_of(b);
+        let samples = time_runs(&device, warmup, iters, || Ok(scorer.encode(&batch)?))?;
+        rows.push(Row::new(
+            "encode",
+            "encode (ViT + abstractor)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+        let visual = scorer.encode(&batch)?;
+        let samples = time_runs(&device, warmup, iters, || {
+            Ok(scorer.score_encoded_images(&visual, &quality)?)
+        })?;
+        rows.push(Row::new(
+            "llm",
+            "LLM scoring, 1 query (splice + decoder + level logits)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+        let samples = time_runs(&device, warmup, iters, || {
+            Ok(scorer.score_images(&batch, &both[..1])?)
+        })?;
+        rows.push(Row::new(
+            "score_1q",
+            "score_images, 1 query (encode + LLM)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+        let samples = time_runs(&device, warmup, iters, || {
+            Ok(scorer.score_images(&batch, &both)?)
+        })?;
+        rows.push(Row::new(
+            "score_2q",
+            "score_images, 2 queries (encode once + 2 LLM)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+    }
+
+    if args.frames > 0 {
+        let t = args.frames as usize;
+        eprintln!("timing a {t}-frame clip");
+        let positions = scorer
+            .prompt_ids(&quality, qalign_model::InputKind::Video)
+            .len()
+            - 1
+            + t * scorer.model().tokens_per_image();
+        let config = scorer.model().config();
+        let tokens = Tensor::randn(
+            0f32,
+            1f32,
+            (
+                t,
+                config.abstractor.tokens_per_image(),
+                config.llm.hidden_size,
+            ),
+            &device,
+        )?
+        .to_dtype(dtype)?;
+        let samples = time_runs(&device, warmup, iters, || {
+            Ok(scorer.score_encoded_clips(std::slice::from_ref(&tokens), &quality)?)
+        })?;
+        let mut row = Row::new(
+            "video_llm",
+            format!("video LLM, {t} frames (synthetic visual tokens)"),
+            None,
+            t,
+            &samples,
+        );
+        row.positions = Some(positions);
+        rows.push(row);
+        let frames = batch_of(t);
+        let samples = time_runs(&device, warmup, iters, || {
+            let visual = scorer.encode(&frames)?;
+            Ok(scorer.score_encoded_clips(&[visual], &quality)?)
+        })?;
+        let mut row = Row::new(
+            "video_clip",
+            format!("video clip, {t} frames (encode frames + LLM)"),
+            None,
+            t,
+            &samples,
+        );
+        row.positions = Some(positions);
+        rows.push(row);
+    }
+
+    let report = Report {
+        model: dir.display().to_string(),
+        weights: if args.random_weights {
+            "random"
+        } else {
+            "checkpoint"
+        },
+        device: args.model.device.clone(),
+        dtype: dtype.as_str().to_string(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rayon_num_threads: std::env::var("RAYON_NUM_THREADS").ok(),
+        warmup,
+        iters,
+        images: images.names(),
+        config: scorer.model().config().clone(),
+        ratios: ratios(&rows, &batch_sizes),
+        rows,
+    };
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    match args.format {
+        BenchFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
+        BenchFormat::Table => write_table(&mut w, &report)?,
+    }
+    w.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find<'a>(rows: &'a [Row], stage: &str, batch: usize) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.stage == stage && r.batch == Some(batch))
+}
+
+/// Ratios of medians from this run: batching gains and the saving of encoding once for two queries.
+fn ratios(rows: &[Row], batch_sizes: &[usize]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    if let (Some(&small), Some(&large)) = (batch_sizes.first(), batch_sizes.last())
+        && small != large
+    {
+        for (stage, what) in [
+            ("encode", "encode"),
+            ("llm", "LLM"),
+            ("score_1q", "score_images"),
+        ] {
+            if let (Some(a), Some(b)) = (find(rows, stage, small), find(rows, stage, large)) {
+                out.push(Ratio {
+                    name: format!("{stage}_per_image_b{small}_over_b{large}"),
+                    value: a.median_ms_per_item / b.median_ms_per_item,
+                    meaning: format!(
+                        "{what} time per image at batch {small} / at batch {large} (>1: batching helps)"
+                    ),
+                });
+            }
+        }
+    }
+    for &b in batch_sizes {
+        if let (Some(one), Some(two)) = (find(rows, "score_1q", b), find(rows, "score_2q", b)) {
+            out.push(Ratio {
+                name: format!("score_2q_over_1q_b{b}"),
+                value: two.median_ms / one.median_ms,
+                meaning: format!(
+                    "2 queries / 1 query at batch {b} (2.0 would mean encoding each image twice)"
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
+    let c = &report.config;
+    writeln!(
+        w,
+        "qalign bench: {} ({} weights{}) on {}, {}, {} CPUs{}",
+        report.model,
+        report.weights,
+        if report.weights == "random" {
+            ": timing only, scores meaningless"
+        } else {
+            ""
+        },
+        report.device,
+        report.dtype,
+        report.cpus,
+        report
+            .rayon_num_threads
+            .as_deref()
+            .map(|n| format!(" (RAYON_NUM_THREADS={n})"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        w,
+        "config: ViT {}×{} layers ({} px, {} tokens), abstractor {}×{} layers ({} tokens/image), \
+         LLM {}×{} layers (MLP {}, {} heads), vocab {}",
+        c.vision.hidden_size,
+        c.vision.num_layers,
+        c.vision.image_size,
+        c.vision.num_positions,
+        c.abstractor.hidden_size,
+        c.abstractor.num_layers,
+        c.abstractor.tokens_per_image(),
+        c.llm.hidden_size,
+        c.llm.num_layers,
+        c.llm.intermediate_size,
+        c.llm.num_heads,
+        c.llm.vocab_size
+    )?;
+    writeln!(
+        w,
+        "images: {}; {} warm-up + {} timed runs per stage",
+        report.images.join(", "),
+        report.warmup,
+        report.iters
+    )?;
+    writeln!(w)?;
+    let labels: Vec<String> = report
+        .rows
+        .iter()
+        .map(|r| match r.positions {
+            Some(p) => format!("{} [{p} positions]", r.label),
+            None => r.label.clone(),
+        })
+        .collect();
+    let label_width = labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    writeln!(
+        w,
+        "{:<label_width$}  {:>5}  {:>5}  {:>11}  {:>11}  {:>11}  {:>10}",
+        "stage", "batch", "items", "median ms", "min ms", "ms/item", "items/s"
+    )?;
+    for (r, label) in report.rows.iter().zip(labels) {
+        let batch = r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
+        writeln!(
+            w,
+            "{:<label_width$}  {:>5}  {:>5}  {:>11.2}  {:>11.2}  {:>11.2}  {:>10.2}",
+            label, batch, r.items, r.median_ms, r.min_ms, r.median_ms_per_item, r.items_per_s
+        )?;
+    }
+    if !report.ratios.is_empty() {
+        writeln!(w)?;
+        for ratio in &report.ratios {
+            writeln!(w, "{:>6.2}  {}", ratio.value, ratio.meaning)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `qalign bench` run as the real binary on the tiny fixture model: every stage reports positive
+//! timings, the JSON holds what the docs quote, and --random-weights needs only config.json.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+fn qalign() -> Command {
+    Command::cargo_bin("qalign").unwrap()
+}
+
+fn bench_json(extra: &[&str]) -> Value {
+    let out = qalign()
+        .args([
+            "bench",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-sizes",
+            "1,2",
+        ])
+        .args(["--frames", "2", "--format", "json", "--offline"])
+        .args(extra)
+        .env_remove("QALIGN_MODEL")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice(&out).unwrap()
+}
+
+fn stages(report: &Value) -> Vec<(String, Option<u64>)> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap().to_string(),
+                r["batch"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+fn check_rows(report: &Value) {
+    for row in report["rows"].as_array().unwrap() {
+        for key in ["median_ms", "min_ms", "median_ms_per_item", "items_per_s"] {
+            let v = row[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{key} = {v} in {row}");
+        }
+        assert!(row["min_ms"].as_f64() <= row["median_ms"].as_f64());
+        let per_item = row["median_ms"].as_f64().unwrap() / row["items"].as_f64().unwrap();
+        assert!((row["median_ms_per_item"].as_f64().unwrap() - per_item).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn bench_tiny_model_reports_every_stage() {
+    let model = fixtures().join("tiny-onealign");
+    let image = fixtures().join("images/singapore_flyer.jpg");
+    let report = bench_json(&["--model", model.to_str().unwrap(), image.to_str().unwrap()]);
+    assert_eq!(report["weights"], "checkpoint");
+    assert_eq!(report["dtype"], "f32");
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["iters"], 1);
+    assert_eq!(report["config"]["llm"]["hidden_size"], 64);
+    let expected: Vec<(String, Option<u64>)> = [
+        ("load", None),
+        ("preprocess", None),
+        ("encode", Some(1)),
+        ("llm", Some(1)),
+        ("score_1q", Some(1)),
+        ("score_2q", Some(1)),
+        ("encode", Some(2)),
+        ("llm", Some(2)),
+        ("score_1q", Some(2)),
+        ("score_2q", Some(2)),
+        ("video_llm", None),
+        ("video_clip", None),
+    ]
+    .into_iter()
+    .map(|(s, b)| (s.to_string(), b))
+    .collect();
+    assert_eq!(stages(&report), expected);
+    check_rows(&report);
+    // The video prompt has 27 text tokens besides `<|image|>`; each frame adds 64 queries + 1.
+    let video = &report["rows"][10];
+    assert_eq!(video["positions"], 27 + 2 * 65);
+    assert_eq!(video["items"], 2);
+    let ratio_names: Vec<&str> = report["ratios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(ratio_names.contains(&"encode_per_image_b1_over_b2"));
+    assert!(ratio_names.contains(&"score_2q_over_1q_b2"));
+}
+
+#[test]
+fn bench_random_weights_needs_only_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(
+            fixtures().join("tiny-onealign").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    let report = bench_json(&[
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--random-weights",
+        "--dtype",
+        "bf16",
+    ]);
+    assert_eq!(report["weights"], "random");
+    assert_eq!(report["dtype"], "bf16");
+    assert_eq!(report["images"][0], "synthetic 640x480");
+    check_rows(&report);
+
+    // Without the flag the same folder has no weights to read.
+    qalign()
+        .args(["bench", "--iters", "1", "--offline", "--model"])
+        .arg(dir.path())
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("model.safetensors"));
+}
+
+#[test]
+fn bench_rejects_random_weights_for_a_hub_id() {
+    qalign()
+        .args([
+            "bench",
+            "--random-weights",
+            "--offline",
+            "--model",
+            "q-future/one-align",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "--random-weights needs --model to be a folder",
+        ));
+}
