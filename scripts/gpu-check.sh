@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One-shot GPU check of a `qalign` built with `--features cuda` (see scripts/cuda-env.sh), run from
+# the repository root on a machine with an NVIDIA GPU, its driver and NVIDIA's cuBLAS/cuRAND 13
+# libraries (e.g. PyTorch's pip wheels). It checks the tiny fixture model's scores on CUDA
+# against tests/fixtures/expected (f32: score15 within 8e-6; f16/bf16: deviations reported), then
+# times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights.
+#   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]
+# Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
+set -u
+bin_src=${1:?usage: scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]}
+out=${2:-gpu-check-out}
+mkdir -p "$out"
+work=$(mktemp -d)
+log() { echo "== $*"; }
+
+if [[ $bin_src == *.xz ]]; then xz -dc "$bin_src" > "$work/qalign"; else cp "$bin_src" "$work/qalign"; fi
+chmod +x "$work/qalign"
+q=$work/qalign
+
+# cuBLAS / cuRAND from the Python wheels next to PyTorch, libcuda from the driver.
+nv=$(python3 -c 'import nvidia, sys; print(list(nvidia.__path__)[0])' 2>/dev/null)
+if [ -n "$nv" ]; then
+    libdirs=$(find "$nv" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+    export LD_LIBRARY_PATH=${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+fi
+
+summarize() {
+    python3 - "$1" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"-- {sys.argv[1].rsplit('/', 1)[-1]}: {r['weights']} weights, {r['device']} {r['dtype']}")
+for row in r["rows"]:
+    b = row["batch"] if row["batch"] is not None else "-"
+    print(f"{row['label']:<62} {b:>3} {row['median_ms']:>10.2f} {row['min_ms']:>10.2f} "
+          f"{row['median_ms_per_item']:>9.2f} ms/item {row['items_per_s']:>9.1f}/s")
+for x in r["ratios"]:
+    print(f"  {x['value']:.2f}  {x['meaning']}")
+EOF
+}
+# Results are packed after every step, so a run cut short still returns what it finished.
+save() { tar -C "$work" -cf "$out/results.tar" --exclude qalign .; }
+
+log "machine"
+date -u
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+nproc
+grep -m1 'model name' /proc/cpuinfo
+echo "ffmpeg: $(command -v ffmpeg || echo none)"
+ldd "$q" | grep -E 'cuda|cublas|curand|nvrtc|not found'
+
+log "score on CUDA and CPU (tiny model)"
+inputs=(tests/fixtures/images)
+if command -v ffmpeg > /dev/null; then inputs+=(tests/fixtures/video/baby.mp4); fi
+for run in cuda:f32 cuda:f16 cuda:bf16 cpu:f32; do
+    device=${run%%:*} dtype=${run##*:}
+    timeout 60 "$q" score "${inputs[@]}" --model tests/fixtures/tiny-onealign --task all \
+        --format json --device "$device" --dtype "$dtype" > "$work/score-$device-$dtype.json"
+    echo "score $device $dtype: exit $?"
+    save
+done
+python3 - "$work" <<'EOF'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+exp = json.load(open("tests/fixtures/expected/expected.json"))
+def expected(rec):
+    name = pathlib.Path(rec["path"]).name
+    if rec["input"] == "video":
+        return exp["video"]["video_all_frames"] if rec["task"] == "quality" else None
+    return exp["images"].get(name, {}).get("tasks", {}).get(rec["task"])
+cpu = {}
+for name in ["score-cpu-f32", "score-cuda-f32", "score-cuda-f16", "score-cuda-bf16"]:
+    try:
+        recs = json.load(open(work / f"{name}.json"))
+    except Exception as e:
+        print(f"{name}: no result ({e})")
+        continue
+    worst_s = worst_l = worst_cpu = 0.0
+    n = 0
+    for r in recs:
+        key = (r["path"], r["task"])
+        if name == "score-cpu-f32":
+            cpu[key] = r["score"]
+        elif key in cpu:
+            worst_cpu = max(worst_cpu, abs(r["score"] - cpu[key]))
+        e = expected(r)
+        if e is None:
+            continue
+        n += 1
+        worst_s = max(worst_s, abs(r["score"] - e["score15"]))
+        worst_l = max(worst_l, max(abs(a - b) for a, b in zip(r["logits"], e["level_logits"])))
+    verdict = ""
+    if name.endswith("f32"):
+        verdict = "PASS" if n and worst_s <= 8e-6 and worst_l <= 1e-5 else "FAIL"
+    print(f"{name}: {n} records vs expected.json: max |score15 diff| {worst_s:.3g}, "
+          f"max |level logit diff| {worst_l:.3g}, max |score diff vs CPU f32| {worst_cpu:.3g} {verdict}")
+EOF
+
+log "bench, tiny model"
+timeout 90 "$q" bench tests/fixtures/images --model tests/fixtures/tiny-onealign --device cuda \
+    --batch-sizes 1,8 --iters 10 --format json > "$work/bench-tiny-cuda-f32.json"
+echo "exit $?"
+save
+summarize "$work/bench-tiny-cuda-f32.json"
+
+for dtype in f16 bf16 f32; do
+    log "bench, OneAlign dimensions, random weights, $dtype"
+    timeout 120 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign --random-weights \
+        --device cuda --dtype "$dtype" --batch-sizes 1,8,32 --iters 5 --format json \
+        > "$work/bench-onealign-cuda-$dtype.json"
+    echo "exit $?"
+    save
+    summarize "$work/bench-onealign-cuda-$dtype.json"
+done
+
