@@ -77,10 +77,14 @@ fn bench_tiny_model_reports_every_stage() {
         ("load", None),
         ("preprocess", None),
         ("encode", Some(1)),
+        ("vision", Some(1)),
+        ("abstractor", Some(1)),
         ("llm", Some(1)),
         ("score_1q", Some(1)),
         ("score_2q", Some(1)),
         ("encode", Some(2)),
+        ("vision", Some(2)),
+        ("abstractor", Some(2)),
         ("llm", Some(2)),
         ("score_1q", Some(2)),
         ("score_2q", Some(2)),
@@ -93,7 +97,7 @@ fn bench_tiny_model_reports_every_stage() {
     assert_eq!(stages(&report), expected);
     check_rows(&report);
     // The video prompt has 27 text tokens besides `<|image|>`; each frame adds 64 queries + 1.
-    let video = &report["rows"][10];
+    let video = &report["rows"][14];
     assert_eq!(video["positions"], 27 + 2 * 65);
     assert_eq!(video["items"], 2);
     let ratio_names: Vec<&str> = report["ratios"]

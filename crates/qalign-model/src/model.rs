@@ -20,7 +20,7 @@ use crate::vision::VisionTransformer;
 pub const IMAGE_TOKEN_INDEX: i64 = -200;
 
 /// Images per ViT batch inside [`OneAlignModel::encode_images`]; bounds the attention memory for long clips.
-const IMAGES_PER_VISION_BATCH: usize = 8;
+pub const IMAGES_PER_VISION_BATCH: usize = 8;
 
 /// How to load a model.
 #[derive(Debug, Clone)]

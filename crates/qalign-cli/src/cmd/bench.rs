@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_media::{MediaKind, Pixels, PreprocessConfig, RgbImage};
+use qalign_model::model::IMAGES_PER_VISION_BATCH;
 use qalign_model::{
     Device, ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Tensor, Tokenizer,
     TokenizerSource,
@@ -64,7 +65,8 @@ pub struct Args {
 /// One timed stage.
 #[derive(Debug, Serialize)]
 struct Row {
-    /// Machine-readable stage name: load, preprocess, encode, llm, score_1q, score_2q, video_llm, video_clip.
+    /// Machine-readable stage name: load, preprocess, encode, vision, abstractor, llm, score_1q,
+    /// score_2q, video_llm, video_clip.
     stage: &'static str,
     /// What was timed, in words.
     label: String,
@@ -349,6 +351,43 @@ pub fn run(args: Args) -> Result<ExitCode> {
         rows.push(Row::new(
             "encode",
             "encode (ViT + abstractor)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+        // The two halves of the encode, in the same chunks as `encode_images`.
+        let model = scorer.model();
+        let pixels_in = scorer.pixels_tensor(&batch)?;
+        let chunks: Vec<Tensor> = (0..b)
+            .step_by(IMAGES_PER_VISION_BATCH)
+            .map(|start| pixels_in.narrow(0, start, IMAGES_PER_VISION_BATCH.min(b - start)))
+            .collect::<std::result::Result<_, _>>()?;
+        let samples = time_runs(&device, warmup, iters, || {
+            chunks
+                .iter()
+                .map(|c| Ok(model.vision_forward(c)?))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        rows.push(Row::new(
+            "vision",
+            "ViT alone (part of encode)".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
+        let hidden = chunks
+            .iter()
+            .map(|c| model.vision_forward(c))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let samples = time_runs(&device, warmup, iters, || {
+            hidden
+                .iter()
+                .map(|h| Ok(model.abstract_visual(h)?))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        rows.push(Row::new(
+            "abstractor",
+            "abstractor alone (part of encode)".into(),
             Some(b),
             b,
             &samples,
