@@ -149,7 +149,12 @@ impl Scorer {
     /// model folder. A folder without `preprocessor_config.json` uses the CLIP settings at the
     /// config's image size; one without `tokenizer.model` uses the built-in LLaMA-2 vocabulary.
     pub fn load(dir: &Path, opts: &ScorerOptions) -> Result<Self> {
-        let model = OneAlignModel::load(dir, &opts.load)?;
+        Self::with_model(OneAlignModel::load(dir, &opts.load)?, dir, opts)
+    }
+
+    /// Wraps an already built model (e.g. [`OneAlignModel::random_init`]) with the
+    /// preprocessing and tokenizer of its folder, with the same fallbacks as [`Scorer::load`].
+    pub fn with_model(model: OneAlignModel, dir: &Path, opts: &ScorerOptions) -> Result<Self> {
         let preprocess_path = dir.join("preprocessor_config.json");
         let preprocess = if preprocess_path.exists() {
             PreprocessConfig::from_file(&preprocess_path)?

@@ -11,11 +11,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use qalign_media::{MediaKind, Pixels, PreprocessConfig, RgbImage};
+use qalign_media::{MediaKind, Pixels, RgbImage};
 use qalign_model::model::IMAGES_PER_VISION_BATCH;
 use qalign_model::{
-    Device, ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Tensor, Tokenizer,
-    TokenizerSource,
+    Device, ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Tensor,
 };
 use serde::Serialize;
 
@@ -255,29 +254,7 @@ fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<Scor
     }
     let model = OneAlignModel::random_init(dir, &options.load)
         .with_context(|| format!("cannot build the model of {}", dir.display()))?;
-    let preprocess_path = dir.join("preprocessor_config.json");
-    let preprocess = if preprocess_path.exists() {
-        PreprocessConfig::from_file(&preprocess_path)?
-    } else {
-        PreprocessConfig::clip(model.config().vision.image_size as u32)
-    };
-    let tokenizer_path = dir.join("tokenizer.model");
-    let (tokenizer, source) = if tokenizer_path.exists() {
-        (
-            Tokenizer::from_file(&tokenizer_path)
-                .with_context(|| format!("cannot read {}", tokenizer_path.display()))?,
-            TokenizerSource::Checkpoint,
-        )
-    } else {
-        (Tokenizer::llama2_builtin(), TokenizerSource::BuiltIn)
-    };
-    Ok(Scorer::from_parts(
-        model,
-        tokenizer,
-        source,
-        preprocess,
-        options.decode,
-    )?)
+    Ok(Scorer::with_model(model, dir, options)?)
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
