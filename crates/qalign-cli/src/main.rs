@@ -30,6 +30,10 @@ enum Command {
     Syllabus(cmd::syllabus::Args),
     /// Compare predictions with human scores: SRCC, PLCC, KRCC, RMSE with confidence intervals.
     Eval(cmd::eval::Args),
+    /// Fine-tune on your own ratings: LoRA (official recipe) or full SFT on the official SFT JSON.
+    Train(cmd::train::Args),
+    /// Bake a LoRA adapter into its base model and write a plain checkpoint.
+    Merge(cmd::train::MergeArgs),
     /// Time each stage of scoring (load, preprocessing, encode, LLM, end to end, video) on a model.
     Bench(cmd::bench::Args),
 }
@@ -42,6 +46,8 @@ fn main() -> ExitCode {
         Command::Syllabus(args) => cmd::syllabus::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Merge(args) => cmd::train::run_merge(args),
     };
     match result {
         Ok(code) => code,

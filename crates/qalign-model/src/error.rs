@@ -43,6 +43,9 @@ pub enum ModelError {
         found: Vec<usize>,
         file: PathBuf,
     },
+    /// A LoRA adapter folder is incomplete or does not fit the base model.
+    #[error("adapter {dir}: {message}")]
+    Adapter { dir: PathBuf, message: String },
     /// The caller passed inputs the model cannot take (wrong pixel shape, image count, ...).
     #[error("invalid input: {0}")]
     Input(String),

@@ -3,6 +3,8 @@
 //! LLaMA-2 with modality-adaptive (multiway) layers, reading the logits at each sample's last token.
 
 pub mod abstractor;
+pub mod adapt;
+pub mod adapter;
 pub mod config;
 mod device;
 pub mod error;
@@ -17,11 +19,16 @@ pub mod summary;
 pub mod video_score;
 pub mod vision;
 
+pub use adapt::{Adaptation, LoraPair, Param, Trainable};
+pub use adapter::{Adapter, AdapterConfig};
 pub use config::{ModelConfig, MplugOwl2Config};
 pub use error::{ModelError, Result};
 pub use llm::{DecoderOutput, TEXT_MODALITY, VISUAL_MODALITY};
 pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
-pub use model::{IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel};
+pub use model::{
+    IGNORE_LABEL, IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel, TrainingLoss,
+    TrainingSample, TrainingTarget,
+};
 
 pub use device::parse_device;
 pub use report::{FrameRecord, ScoreRecord, WindowRecord};

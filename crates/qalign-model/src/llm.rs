@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LlmConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::nn::{Linear, attention, merge_heads, rms_normalize, split_heads};
+use crate::nn::{Derived, Linear, attention, merge_heads, project, rms_normalize, split_heads};
 
 /// Modality indicator of text tokens (and padding).
 pub const TEXT_MODALITY: u8 = 0;
@@ -98,7 +98,7 @@ impl Routing {
 #[derive(Debug, Clone)]
 struct MultiwayRmsNorm {
     /// `[2, D]`: row 0 text, row 1 visual.
-    weights: Tensor,
+    weights: Derived,
     eps: f64,
 }
 
@@ -107,7 +107,7 @@ impl MultiwayRmsNorm {
         let text = w.pp("multiway.0").get(&[dim], "weight")?;
         let visual = w.pp("multiway.1").get(&[dim], "weight")?;
         Ok(Self {
-            weights: Tensor::stack(&[&text, &visual], 0)?,
+            weights: Derived::new(vec![text, visual], |t| Tensor::stack(t, 0))?,
             eps,
         })
     }
@@ -115,10 +115,10 @@ impl MultiwayRmsNorm {
     /// `x` `[B, L, D]`.
     fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let normed = rms_normalize(x, self.eps)?;
+        let weights = self.weights.get()?;
         let weight = match routing.kind {
-            RoutingKind::Uniform(m) => self.weights.get(m)?,
-            RoutingKind::Split { .. } => self
-                .weights
+            RoutingKind::Uniform(m) => weights.get(m)?,
+            RoutingKind::Split { .. } => weights
                 .index_select(&routing.modality, 0)?
                 .reshape(x.shape())?,
         };
@@ -189,6 +189,16 @@ fn causal_padding_mask(lengths: &[usize], len: usize, device: &Device) -> Result
     )?)
 }
 
+/// Rotate-half RoPE on `[B, H, L, head_dim]`: candle's fused kernel, or under autograd (it has no
+/// backward) the same formula from differentiable ops.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?)
+    } else {
+        Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
+    }
+}
+
 /// Self-attention with shared Q/O and per-modality K/V (`self_attn.`).
 #[derive(Debug, Clone)]
 struct MultiwayAttention {
@@ -206,17 +216,17 @@ impl MultiwayAttention {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let kv_dim = cfg.num_kv_heads * hd;
         let fused = |m: usize| -> Result<Linear> {
-            let k = w
-                .pp("k_proj")
-                .pp("multiway")
-                .pp(m)
-                .get(&[kv_dim, d], "weight")?;
-            let v = w
-                .pp("v_proj")
-                .pp("multiway")
-                .pp(m)
-                .get(&[kv_dim, d], "weight")?;
-            Ok(Linear::from_parts(Tensor::cat(&[&k, &v], 0)?, None))
+            let k_w = w.pp("k_proj").pp("multiway").pp(m);
+            let v_w = w.pp("v_proj").pp("multiway").pp(m);
+            let k = k_w.get(&[kv_dim, d], "weight")?;
+            let v = v_w.get(&[kv_dim, d], "weight")?;
+            let mut linear = Linear::from_derived(
+                Derived::new(vec![k, v], |t| Tensor::cat(&[&t[0], &t[1]], 0))?,
+                None,
+            );
+            linear.attach_branch(&k_w, d, kv_dim, 0)?;
+            linear.attach_branch(&v_w, d, kv_dim, kv_dim)?;
+            Ok(linear)
         };
         Ok(Self {
             q_proj: Linear::load(&w.pp("q_proj"), d, cfg.num_heads * hd, false)?,
@@ -259,8 +269,8 @@ impl MultiwayAttention {
         let k = split_heads(&kv.narrow(2, 0, kv_dim)?, self.num_kv_heads, hd)?;
         let v = split_heads(&kv.narrow(2, kv_dim, kv_dim)?, self.num_kv_heads, hd)?;
         let (cos, sin) = rope;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let context = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(mask))?;
         self.o_proj.forward(&merge_heads(&context)?)
@@ -453,7 +463,7 @@ impl MultiwayLlama {
 
     /// Full-vocabulary logits for normed hidden states `[B, D]`: `[B, vocab]`.
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
-        Ok(normed.matmul(&self.lm_head.t()?)?)
+        project(normed, &self.lm_head)
     }
 }
 

@@ -12,6 +12,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
 
 const SAFETENSORS_SINGLE: &str = "model.safetensors";
@@ -338,6 +339,7 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    adaptation: Option<Arc<Adaptation>>,
 }
 
 impl Weights {
@@ -348,6 +350,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device,
+            adaptation: None,
         }
     }
 
@@ -361,7 +364,27 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device,
+            adaptation: None,
         }
+    }
+
+    /// This view with every tensor passed through `adaptation` (overrides, merged LoRA, trainability).
+    pub fn with_adaptation(self, adaptation: Option<Arc<Adaptation>>) -> Self {
+        Self { adaptation, ..self }
+    }
+
+    /// The training LoRA branch of the module this view points at (its prefix), if it has one.
+    pub fn lora_branch(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<(LoraBranch, Arc<Adaptation>)>> {
+        let Some(adaptation) = &self.adaptation else {
+            return Ok(None);
+        };
+        Ok(adaptation
+            .branch(&self.prefix, in_dim, out_dim, self.dtype, &self.device)?
+            .map(|branch| (branch, adaptation.clone())))
     }
 
     /// Whether this view makes up its tensors ([`Weights::random`]).
@@ -398,6 +421,11 @@ impl Weights {
 
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(adaptation) = &self.adaptation
+            && adaptation.has_override(&self.key(name))
+        {
+            return true;
+        }
         match &self.source {
             WeightSource::Checkpoint(store) => store.contains(&self.key(name)),
             WeightSource::Random => false,
@@ -419,11 +447,14 @@ impl Weights {
 
     /// Reads `name` with the given shape, in `dtype`.
     pub fn get_as(&self, shape: &[usize], name: &str, dtype: DType) -> Result<Tensor> {
-        match &self.source {
-            WeightSource::Checkpoint(store) => {
-                store.load(&self.key(name), shape, dtype, &self.device)
-            }
+        let key = self.key(name);
+        let load = || match &self.source {
+            WeightSource::Checkpoint(store) => store.load(&key, shape, dtype, &self.device),
             WeightSource::Random => random_tensor(name, shape, dtype, &self.device),
+        };
+        match &self.adaptation {
+            Some(adaptation) => adaptation.adapt(&key, shape, dtype, &self.device, load),
+            None => load(),
         }
     }
 }

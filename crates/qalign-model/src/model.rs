@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::abstractor::VisualAbstractor;
+use crate::adapt::Adaptation;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
@@ -29,6 +30,8 @@ pub struct LoadOptions {
     /// Compute dtype: F32 (default, matches the fixtures), F16 or BF16.
     pub dtype: DType,
     pub format: WeightFormat,
+    /// Changes on top of the checkpoint: an adapter to merge, or what to train.
+    pub adaptation: Option<Arc<Adaptation>>,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +40,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             format: WeightFormat::Auto,
+            adaptation: None,
         }
     }
 }
@@ -86,7 +90,8 @@ impl OneAlignModel {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open_dir(dir, opts.format)?;
         let files = store.files().clone();
-        let root = Weights::new(Arc::new(store), opts.dtype, opts.device.clone());
+        let root = Weights::new(Arc::new(store), opts.dtype, opts.device.clone())
+            .with_adaptation(opts.adaptation.clone());
         Self::build(config, files, &root, opts)
     }
 
@@ -101,7 +106,8 @@ impl OneAlignModel {
             index: None,
             shards: Vec::new(),
         };
-        let root = Weights::random(opts.dtype, opts.device.clone());
+        let root = Weights::random(opts.dtype, opts.device.clone())
+            .with_adaptation(opts.adaptation.clone());
         Self::build(config, files, &root, opts)
     }
 
@@ -121,7 +127,7 @@ impl OneAlignModel {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let model = root.pp("model");
-        Ok(Self {
+        let built = Self {
             vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,
             abstractor: VisualAbstractor::load(&model.pp("visual_abstractor"), &config.abstractor)?,
             llm: MultiwayLlama::load(&model, root, &config.llm)?,
@@ -130,7 +136,11 @@ impl OneAlignModel {
             files,
             device: opts.device.clone(),
             dtype: opts.dtype,
-        })
+        };
+        if let Some(adaptation) = &opts.adaptation {
+            adaptation.check_all_used()?;
+        }
+        Ok(built)
     }
 
     /// Whether the weights were made up by [`OneAlignModel::random_init`].
@@ -382,6 +392,174 @@ impl OneAlignModel {
         }
         let prompts = vec![input_ids; clips.len()];
         self.level_logits(&self.merge_inputs(&prompts, &blocks)?, level_ids)
+    }
+}
+
+/// The loss of one training batch and how many target tokens it averages over.
+#[derive(Debug, Clone)]
+pub struct TrainingLoss {
+    /// Scalar f32: mean cross-entropy over every target token of the batch (one mean over tokens, not a
+    /// mean of per-sample means, as the official trainer computes it).
+    pub loss: Tensor,
+    pub n_targets: usize,
+}
+
+/// One sample of a training batch: ids with one `-200`, labels of the same length (`-100` where no loss is
+/// taken), and the visual input that fills the placeholder: `[T, 3, S, S]` (one image: T = 1).
+#[derive(Debug, Clone)]
+pub struct TrainingSample<'a> {
+    pub input_ids: &'a [i64],
+    pub labels: &'a [i64],
+    pub pixels: &'a Tensor,
+}
+
+/// A position whose next token is a training target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingTarget {
+    /// Sample in the batch.
+    pub sample: usize,
+    /// Position in the merged sequence (its logits predict `id`).
+    pub position: usize,
+    pub id: u32,
+}
+
+/// Label of positions without loss.
+pub const IGNORE_LABEL: i64 = -100;
+
+impl OneAlignModel {
+    /// Labels spread over the merged sequence (`-100` at every visual position and in the padding):
+    /// `[B][L]`.
+    pub fn merged_labels(
+        &self,
+        samples: &[TrainingSample],
+        merged: &MergedInputs,
+    ) -> Result<Vec<Vec<i64>>> {
+        let len = merged.padded_len();
+        samples
+            .iter()
+            .enumerate()
+            .map(|(b, sample)| {
+                if sample.labels.len() != sample.input_ids.len() {
+                    return Err(ModelError::input(format!(
+                        "sample {b}: {} labels for {} token ids",
+                        sample.labels.len(),
+                        sample.input_ids.len()
+                    )));
+                }
+                let frames = sample.pixels.dim(0)?;
+                let mut out = Vec::with_capacity(len);
+                for (&id, &label) in sample.input_ids.iter().zip(sample.labels) {
+                    if id == IMAGE_TOKEN_INDEX {
+                        out.extend(std::iter::repeat_n(
+                            IGNORE_LABEL,
+                            frames * self.tokens_per_image(),
+                        ));
+                    } else {
+                        out.push(label);
+                    }
+                }
+                if out.len() != merged.lengths[b] {
+                    return Err(ModelError::input(format!(
+                        "sample {b}: merged labels have length {}, merged tokens {}",
+                        out.len(),
+                        merged.lengths[b]
+                    )));
+                }
+                out.resize(len, IGNORE_LABEL);
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// Next-token cross-entropy of a batch (logits at t against label t + 1), the official training
+    /// objective. Differentiable: gradients reach every trainable tensor the model was loaded with.
+    pub fn training_loss(&self, samples: &[TrainingSample]) -> Result<TrainingLoss> {
+        let (hidden, targets) = self.training_hidden(samples)?;
+        if targets.is_empty() {
+            return Err(ModelError::input("the batch has no target tokens"));
+        }
+        let n = targets.len();
+        let logits = self.llm.logits(&hidden)?.to_dtype(DType::F32)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        let ids: Vec<u32> = targets.iter().map(|t| t.id).collect();
+        let ids = Tensor::from_vec(ids, (n, 1), &self.device)?;
+        let picked = log_probs.gather(&ids, 1)?;
+        let loss = (picked.sum_all()? * (-1.0 / n as f64))?;
+        Ok(TrainingLoss { loss, n_targets: n })
+    }
+
+    /// Normed hidden states at every position whose next label is a target: `[n, D]`, with for each row
+    /// its sample, its merged position and the target id.
+    pub fn training_hidden(
+        &self,
+        samples: &[TrainingSample],
+    ) -> Result<(Tensor, Vec<TrainingTarget>)> {
+        if samples.is_empty() {
+            return Err(ModelError::input("empty training batch"));
+        }
+        let frames: Vec<Tensor> = samples.iter().map(|s| s.pixels.clone()).collect();
+        let visual = self.encode_images(&Tensor::cat(&frames, 0)?)?;
+        let mut blocks = Vec::with_capacity(samples.len());
+        let mut start = 0;
+        for (b, sample) in samples.iter().enumerate() {
+            let placeholders = sample
+                .input_ids
+                .iter()
+                .filter(|&&id| id == IMAGE_TOKEN_INDEX)
+                .count();
+            if placeholders != 1 {
+                return Err(ModelError::input(format!(
+                    "sample {b} has {placeholders} image placeholders; training needs exactly one"
+                )));
+            }
+            let t = sample.pixels.dim(0)?;
+            blocks.push(visual.narrow(0, start, t)?);
+            start += t;
+        }
+        let ids: Vec<&[i64]> = samples.iter().map(|s| s.input_ids).collect();
+        let merged = self.merge_inputs(&ids, &blocks)?;
+        let labels = self.merged_labels(samples, &merged)?;
+        let max = self.config.llm.max_position_embeddings;
+        if let Some((b, &n)) = merged.lengths.iter().enumerate().find(|&(_, &n)| n > max) {
+            return Err(ModelError::input(format!(
+                "sample {b} is {n} tokens long with its visual tokens, more than the model's context of {max}"
+            )));
+        }
+        let hidden = self.forward_decoder(&merged, false)?.last_hidden_state;
+        let (bsz, len, d) = hidden.dims3()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (b, labels) in labels.iter().enumerate() {
+            for t in 0..len.saturating_sub(1) {
+                let next = labels[t + 1];
+                if next != IGNORE_LABEL {
+                    let id = u32::try_from(next)
+                        .ok()
+                        .filter(|&id| (id as usize) < self.config.llm.vocab_size)
+                        .ok_or_else(|| {
+                            ModelError::input(format!("sample {b}: label {next} is not a token id"))
+                        })?;
+                    rows.push((b * len + t) as u32);
+                    targets.push(TrainingTarget {
+                        sample: b,
+                        position: t,
+                        id,
+                    });
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok((Tensor::zeros((0, d), self.dtype, &self.device)?, targets));
+        }
+        let picked = hidden
+            .reshape((bsz * len, d))?
+            .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        Ok((self.llm.final_norm(&picked)?, targets))
+    }
+
+    /// Full-vocabulary logits of normed hidden rows `[n, D]`: `[n, vocab]` in the compute dtype.
+    pub fn lm_logits(&self, normed: &Tensor) -> Result<Tensor> {
+        self.llm.logits(normed)
     }
 }
 

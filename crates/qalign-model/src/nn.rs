@@ -1,22 +1,177 @@
-//! Small building blocks shared by the three sub-networks: a bias-optional Linear on any leading shape,
-//! a two-pass LayerNorm computed in f32, the unit-weight RMS normalisation of transformers' LlamaRMSNorm,
-//! and an attention core whose softmax always runs in f32 (as upstream does for the LLM, and as fp16
-//! PyTorch kernels effectively do elsewhere).
+//! Small building blocks shared by the three sub-networks: a bias-optional Linear on any leading shape
+//! (with optional LoRA branches for fine-tuning), a two-pass LayerNorm computed in f32, the unit-weight RMS
+//! normalisation of transformers' LlamaRMSNorm, and an attention core whose softmax always runs in f32 (as
+//! upstream does for the LLM, and as fp16 PyTorch kernels effectively do elsewhere).
+//!
+//! Everything here also runs under candle's autograd: when an input tracks gradients, fused kernels without
+//! a backward pass are swapped for differentiable compositions, and frozen weights go through
+//! [`frozen_matmul`], whose backward returns only the input gradient.
 
-use candle_core::{D, DType, Tensor};
+use std::sync::{Arc, Mutex};
 
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
+
+use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 
-/// `y = x·Wᵀ + b` over the last dimension; weights kept in PyTorch's `[out, in]` layout.
+/// How a [`Derived`] weight is computed from its sources.
+type Combine = Arc<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// A weight computed from checkpoint tensors (fused, regrouped, stacked). Frozen sources are combined once
+/// at load; trainable ones at every use, so the layer always sees the optimizer's latest values.
+#[derive(Clone)]
+pub struct Derived {
+    sources: Vec<Tensor>,
+    combine: Option<Combine>,
+    fixed: Option<Tensor>,
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Derived")
+            .field("live", &self.fixed.is_none())
+            .finish()
+    }
+}
+
+impl Derived {
+    /// A tensor used as it is.
+    pub fn fixed(tensor: Tensor) -> Self {
+        Self {
+            sources: Vec::new(),
+            combine: None,
+            fixed: Some(tensor),
+        }
+    }
+
+    /// `combine(sources)`, computed now unless a source is trainable.
+    pub fn new(
+        sources: Vec<Tensor>,
+        combine: impl Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        if sources.iter().any(Tensor::track_op) {
+            Ok(Self {
+                sources,
+                combine: Some(Arc::new(combine)),
+                fixed: None,
+            })
+        } else {
+            Ok(Self::fixed(combine(&sources)?))
+        }
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Result<Tensor> {
+        match (&self.fixed, &self.combine) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(combine)) => Ok(combine(&self.sources)?),
+            (None, None) => Err(ModelError::input("derived weight without sources")),
+        }
+    }
+}
+
+/// `x·Wᵀ` for a weight that receives no gradient: the forward is an ordinary matmul, the backward returns
+/// only `grad·W` (candle's own matmul backward would also materialise a full gradient for `W`).
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let out = x.detach().matmul(&weight.t()?)?;
+    if !x.track_op() {
+        return Ok(out);
+    }
+    let op = FrozenMatmul {
+        weight: weight.clone(),
+        out: Mutex::new(Some(out)),
+    };
+    Ok(x.apply_op1(op)?)
+}
+
+/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`: gradients reach `W` only when it is trainable.
+pub fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if weight.track_op() {
+        Ok(x.matmul(&weight.t()?)?)
+    } else {
+        frozen_matmul(x, weight)
+    }
+}
+
+/// The autograd node of [`frozen_matmul`]: its forward hands over the product computed beforehand.
+struct FrozenMatmul {
+    weight: Tensor,
+    out: Mutex<Option<Tensor>>,
+}
+
+impl FrozenMatmul {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-matmul lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul forward ran twice".into()))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.take()?.contiguous()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) if layout.start_offset() == 0 => {
+                Ok((cpu.clone(), layout.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "frozen-matmul: product is not a plain CPU tensor".into(),
+            )),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = self.take()?.contiguous()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(cuda) => {
+                Ok((cuda.try_clone(layout)?, layout.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "frozen-matmul: product is not a CUDA tensor".into(),
+            )),
+        }
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight.to_dtype(grad.dtype())?)?))
+    }
+}
+
+/// A LoRA branch placed on output columns `offset..offset + B.rows` of a (possibly fused) Linear.
+#[derive(Debug, Clone)]
+struct PlacedBranch {
+    branch: LoraBranch,
+    offset: usize,
+}
+
+/// `y = x·Wᵀ + b` over the last dimension; weights kept in PyTorch's `[out, in]` layout. Fine-tuning adds
+/// LoRA branches `scale·(dropout(x)·Aᵀ)·Bᵀ`, kept apart from `W`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    weight: Derived,
+    bias: Option<Derived>,
+    branches: Vec<PlacedBranch>,
+    adaptation: Option<Arc<Adaptation>>,
 }
 
 impl Linear {
-    /// Reads `<prefix>.weight` `[out, in]` and, when `bias`, `<prefix>.bias` `[out]`.
+    /// Reads `<prefix>.weight` `[out, in]` and, when `bias`, `<prefix>.bias` `[out]`; picks up the LoRA
+    /// branch the model is being trained with for this module, if any.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias {
@@ -24,17 +179,45 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let mut linear = Self::from_parts(weight, bias);
+        linear.attach_branch(w, in_dim, out_dim, 0)?;
+        Ok(linear)
     }
 
     /// Builds a layer from tensors already in the compute dtype (`weight` is `[out, in]`).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self::from_derived(Derived::fixed(weight), bias.map(Derived::fixed))
     }
 
-    /// The `[out, in]` weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Builds a layer from derived (fused or regrouped) weights.
+    pub fn from_derived(weight: Derived, bias: Option<Derived>) -> Self {
+        Self {
+            weight,
+            bias,
+            branches: Vec::new(),
+            adaptation: None,
+        }
+    }
+
+    /// Adds the training LoRA branch of module `w` (if the model is trained with one there) on output
+    /// columns `offset..offset + out_dim`: fused layers host the branches of their parts.
+    pub fn attach_branch(
+        &mut self,
+        w: &Weights,
+        in_dim: usize,
+        out_dim: usize,
+        offset: usize,
+    ) -> Result<()> {
+        if let Some((branch, adaptation)) = w.lora_branch(in_dim, out_dim)? {
+            self.branches.push(PlacedBranch { branch, offset });
+            self.adaptation = Some(adaptation);
+        }
+        Ok(())
+    }
+
+    /// The current `[out, in]` weight (without LoRA branches).
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.get()
     }
 
     /// Applies the layer to `[..., in]`, giving `[..., out]`.
@@ -44,12 +227,41 @@ impl Linear {
         };
         let rows = leading.iter().product::<usize>();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let weight = self.weight.get()?;
+        let mut y = project(&x2, &weight)?;
         if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+            y = y.broadcast_add(&bias.get()?)?;
+        }
+        let out_dim = weight.dim(0)?;
+        for placed in &self.branches {
+            let input = match &self.adaptation {
+                Some(adaptation) => adaptation.lora_dropout(&x2, placed.branch.dropout)?,
+                None => x2.clone(),
+            };
+            let delta = placed.branch.forward(&input)?;
+            let width = delta.dim(1)?;
+            let delta = if width == out_dim {
+                delta
+            } else {
+                let mut parts = Vec::with_capacity(3);
+                if placed.offset > 0 {
+                    parts.push(Tensor::zeros(
+                        (rows, placed.offset),
+                        delta.dtype(),
+                        delta.device(),
+                    )?);
+                }
+                let rest = out_dim - placed.offset - width;
+                parts.push(delta.clone());
+                if rest > 0 {
+                    parts.push(Tensor::zeros((rows, rest), delta.dtype(), delta.device())?);
+                }
+                Tensor::cat(&parts, 1)?
+            };
+            y = (y + delta)?;
         }
         let mut out_dims = leading.to_vec();
-        out_dims.push(self.weight.dim(0)?);
+        out_dims.push(out_dim);
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -139,6 +351,18 @@ pub fn attention(
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(v)?)
+}
+
+/// Softmax over the last dimension: candle's fused kernel for inference; under autograd (it has no
+/// backward) the same max-shifted formula from differentiable ops, with the shift held constant.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(candle_nn::ops::softmax_last_dim(x)?);
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    Ok(exp.broadcast_div(&sum)?)
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::nn::{LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads};
+use crate::nn::{Derived, LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads};
 
 /// Conv2d(kernel = stride = patch, no bias) computed as one matmul over flattened patches.
 #[derive(Debug, Clone)]
@@ -88,20 +88,20 @@ impl VisionAttention {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         let (d, h, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
         let qkv = w.pp("query_key_value");
-        let weight = qkv
-            .get(&[3 * d, d], "weight")?
-            .reshape((h, 3, hd, d))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((3 * d, d))?;
-        let bias = qkv
-            .get(&[3 * d], "bias")?
-            .reshape((h, 3, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape(3 * d)?;
+        let weight = Derived::new(vec![qkv.get(&[3 * d, d], "weight")?], move |t| {
+            t[0].reshape((h, 3, hd, d))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((3 * d, d))
+        })?;
+        let bias = Derived::new(vec![qkv.get(&[3 * d], "bias")?], move |t| {
+            t[0].reshape((h, 3, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape(3 * d)
+        })?;
         Ok(Self {
-            qkv: Linear::from_parts(weight, Some(bias)),
+            qkv: Linear::from_derived(weight, Some(bias)),
             dense: Linear::load(&w.pp("dense"), d, d, true)?,
             num_heads: h,
             head_dim: hd,

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod info;
 pub mod score;
 pub mod syllabus;
+pub mod train;
 
 /// The run failed (bad input, unreadable file, model error).
 pub const EXIT_ERROR: u8 = 1;

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -13,8 +14,8 @@ use qalign_core::Scale;
 use qalign_media::{MediaKind, SamplingOptions};
 use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use qalign_model::{
-    LoadOptions, Query, ScoreRecord, Scorer, ScorerOptions, Task, VideoOptions, WeightFormat,
-    parse_device,
+    Adapter, LoadOptions, Query, ScoreRecord, Scorer, ScorerOptions, Task, VideoOptions,
+    WeightFormat, parse_device,
 };
 
 use crate::cmd::EXIT_PARTIAL;
@@ -111,6 +112,9 @@ pub struct ModelArgs {
     /// Which weight files to read when a folder has several layouts.
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: WeightsArg,
+    /// A LoRA adapter folder (official or from `qalign train`), merged into the base as it loads.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
 }
 
 impl From<WeightsArg> for WeightFormat {
@@ -148,12 +152,21 @@ impl ModelArgs {
         };
         let format = self.weights.into();
         let resolved = resolve_model(&self.model, self.offline || offline_from_env())?;
+        let adaptation = match &self.lora {
+            Some(dir) => {
+                let adapter = Adapter::load(dir)
+                    .with_context(|| format!("cannot load the LoRA adapter {}", dir.display()))?;
+                Some(Arc::new(adapter.merged_adaptation()))
+            }
+            None => None,
+        };
         Ok((
             resolved.dir,
             LoadOptions {
                 device,
                 dtype,
                 format,
+                adaptation,
             },
         ))
     }

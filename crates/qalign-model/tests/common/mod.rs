@@ -33,6 +33,7 @@ pub fn load_tiny(format: WeightFormat, dtype: DType) -> OneAlignModel {
         device: Device::Cpu,
         dtype,
         format,
+        ..LoadOptions::default()
     };
     OneAlignModel::load(&tiny_dir(), &opts).expect("tiny model loads")
 }

@@ -1,0 +1,294 @@
+//! `qalign train` (LoRA or full SFT on the official SFT JSON) and `qalign merge` (an adapter baked into
+//! its base). Flags become a validated [`TrainConfig`]; the loop, the optimizer and the output formats
+//! live in `qalign-train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+use qalign_model::{DType, Device, parse_device};
+use qalign_train::optim::Schedule;
+use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, Trainer};
+
+use crate::cmd::score::DtypeArg;
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum TrainDtype {
+    /// f32 on the CPU, bf16 on a GPU (trainable tensors and optimizer state stay f32).
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LossArg {
+    /// One-hot cross-entropy on the answer (the official objective).
+    Hard,
+    /// A Gaussian over the levels around each sample's MOS at the level word (DeQA-Score style).
+    Soft,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model folder, or a Hugging Face hub id resolved through the HF cache.
+    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
+    model: String,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// Training data: the official SFT JSON (what `qalign syllabus` writes).
+    #[arg(long, value_name = "JSON")]
+    data: PathBuf,
+    /// Folder the `image` paths of the JSON are relative to.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    image_folder: PathBuf,
+    /// Where the adapter (or, with --full, the checkpoint) and checkpoint-N folders go.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// LoRA on the LLM plus the whole visual abstractor (the official recipe; the default).
+    #[arg(long, conflicts_with = "full")]
+    lora: bool,
+    /// Train every parameter (the official OneAlign SFT recipe).
+    #[arg(long)]
+    full: bool,
+    /// Continue from an adapter: its r, alpha, targets, matrices and abstractor.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["full", "lora_r", "lora_alpha", "lora_targets"])]
+    lora_init: Option<PathBuf>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    lora_r: u64,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 256.0)]
+    lora_alpha: f64,
+    /// LoRA dropout on the branch inputs.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated LoRA targets: module names or suffixes such as q_proj, v_proj.multiway.1, o_proj.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LORA_TARGETS.map(String::from))]
+    lora_targets: Vec<String>,
+    /// Peak learning rate (default 2e-4 with LoRA, 2e-5 with --full).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value = "cosine", value_parser = parse_schedule)]
+    lr_schedule: Schedule,
+    /// Fraction of the steps spent warming up linearly from 0.
+    #[arg(long, default_value_t = 0.03)]
+    warmup_ratio: f64,
+    /// AdamW weight decay (never applied to biases and norms).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the total gradient norm to this (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Samples per micro-batch.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    grad_accum: u64,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100000))]
+    epochs: u64,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_steps: Option<u64>,
+    /// Seeds the data order, the LoRA initialisation and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write a resumable OUTPUT/checkpoint-N every this many steps.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    save_steps: Option<u64>,
+    /// Continue from a checkpoint-N folder of an earlier run with the same settings.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Also append one JSON object per optimizer step to this file.
+    #[arg(long, value_name = "FILE")]
+    log_json: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the frozen weights.
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: TrainDtype,
+    #[arg(long, value_enum, default_value = "hard")]
+    loss: LossArg,
+    /// Width of the soft target in levels (--loss soft).
+    #[arg(long, default_value_t = 0.5)]
+    soft_sigma: f64,
+    /// Video samples: frames per second (1, as in scoring).
+    #[arg(long, default_value_t = 1.0)]
+    fps: f64,
+    /// Video samples: at most this many frames.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_frames: Option<u64>,
+    /// Build the base with random weights of the folder's config.json (for benchmarks only).
+    #[arg(long, hide = true)]
+    random_weights: bool,
+}
+
+fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {
+    s.parse()
+}
+
+impl Args {
+    fn validate(&self) -> Result<TrainConfig> {
+        let device = parse_device(&self.device)?;
+        let dtype = match (self.dtype, &device) {
+            (TrainDtype::Auto, Device::Cpu) | (TrainDtype::F32, _) => DType::F32,
+            (TrainDtype::Auto, _) | (TrainDtype::Bf16, _) => DType::BF16,
+            (TrainDtype::F16, _) => DType::F16,
+        };
+        let model_dir = if self.random_weights {
+            PathBuf::from(&self.model)
+        } else {
+            resolve_model(&self.model, self.offline || offline_from_env())?.dir
+        };
+        let mode = if self.full {
+            Mode::Full
+        } else {
+            Mode::Lora {
+                rank: self.lora_r as usize,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: self.lora_targets.clone(),
+                init: self.lora_init.clone(),
+            }
+        };
+        let lr = self.lr.unwrap_or(if self.full { 2e-5 } else { 2e-4 });
+        if !self.data.is_file() {
+            bail!("--data {}: no such file", self.data.display());
+        }
+        if !self.image_folder.is_dir() {
+            bail!(
+                "--image-folder {}: no such directory",
+                self.image_folder.display()
+            );
+        }
+        if let Some(resume) = &self.resume
+            && !resume.is_dir()
+        {
+            bail!("--resume {}: no such directory", resume.display());
+        }
+        let sampling =
+            qalign_media::SamplingOptions::new(self.fps, self.max_frames.map(|m| m as usize))?;
+        Ok(TrainConfig {
+            model_dir,
+            model_name: self.model.clone(),
+            random_weights: self.random_weights,
+            data: self.data.clone(),
+            image_folder: self.image_folder.clone(),
+            output: self.output.clone(),
+            mode,
+            lr,
+            schedule: self.lr_schedule,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            batch_size: self.batch_size as usize,
+            grad_accum: self.grad_accum as usize,
+            epochs: self.epochs as usize,
+            max_steps: self.max_steps.map(|s| s as usize),
+            seed: self.seed,
+            save_steps: self.save_steps.map(|s| s as usize),
+            resume: self.resume.clone(),
+            log_json: self.log_json.clone(),
+            device,
+            dtype,
+            loss: match self.loss {
+                LossArg::Hard => LossKind::Hard,
+                LossArg::Soft => LossKind::Soft {
+                    sigma: self.soft_sigma,
+                },
+            },
+            sampling,
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let config = args.validate()?;
+    eprintln!(
+        "loading {} and {}",
+        config.model_dir.display(),
+        config.data.display()
+    );
+    let mut trainer = Trainer::new(config).context("cannot set up training")?;
+    let total = trainer.total_steps();
+    let n_params: usize = trainer.params().iter().map(|p| p.var.elem_count()).sum();
+    eprintln!(
+        "{} samples, {} trainable tensors ({} parameters), {total} optimizer steps",
+        trainer.dataset().samples.len(),
+        trainer.params().len(),
+        n_params
+    );
+    let bar = crate::progress::bar(total as u64, "training");
+    let summary = trainer.run(&mut |log, _| {
+        bar.set_position(log.step as u64);
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.2} samples/s",
+            log.loss, log.lr, log.samples_per_s
+        ));
+        if bar.is_hidden() {
+            eprintln!(
+                "step {}/{total}: loss {:.4}, lr {:.3e}, grad norm {:.4}, {:.2} samples/s",
+                log.step, log.loss, log.lr, log.grad_norm, log.samples_per_s
+            );
+        }
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained {} steps on {} samples in {:.1} s: loss {} → {}; wrote {}",
+        summary.steps,
+        summary.samples_seen,
+        summary.seconds,
+        summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Base model folder or hub id.
+    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
+    model: String,
+    #[arg(long)]
+    offline: bool,
+    /// The LoRA adapter folder.
+    #[arg(long, value_name = "DIR")]
+    lora: PathBuf,
+    /// Output folder (replaced atomically).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Store every tensor in this dtype (default: each tensor's dtype in the base).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+pub fn run_merge(args: MergeArgs) -> Result<ExitCode> {
+    let base = resolve_model(&args.model, args.offline || offline_from_env())?.dir;
+    let dtype = args.dtype.map(|d| match d {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    });
+    let summary = qalign_train::merge::merge_adapter(&base, &args.lora, &args.out, dtype)
+        .with_context(|| {
+            format!(
+                "cannot merge {} into {}",
+                args.lora.display(),
+                base.display()
+            )
+        })?;
+    eprintln!(
+        "merged {} LoRA modules and {} replaced tensors; wrote {} tensors to {}",
+        summary.merged_modules,
+        summary.replaced_tensors,
+        summary.tensors,
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,709 @@
+//! The training loop: loads the base model with what is trained (LoRA branches + the visual abstractor,
+//! or everything), runs deterministic shuffled epochs of micro-batches with gradient accumulation,
+//! clips, steps AdamW on the HF schedule, logs every optimizer step, writes resumable checkpoints, and
+//! finally the adapter (official layout) or the full checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use qalign_core::LevelSet;
+use qalign_media::{PreprocessConfig, SamplingOptions};
+use qalign_model::adapter::{Adapter, AdapterConfig};
+use qalign_model::{
+    Adaptation, LoadOptions, ModelConfig, OneAlignModel, Param, Trainable, TrainingSample,
+    WeightFormat,
+};
+use qalign_tokenizer::Tokenizer;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DataOptions, Dataset, Sample, load_pixels};
+use crate::error::{Result, TrainError};
+use crate::optim::{AdamW, AdamWConfig, Schedule, clip, grad_norm, lr_factor, warmup_steps};
+use crate::save;
+use crate::soft::SoftTargets;
+
+/// The official LoRA targets: every LLM query projection and the visual value projection.
+pub const DEFAULT_LORA_TARGETS: [&str; 2] = ["self_attn.q_proj", "self_attn.v_proj.multiway.1"];
+
+/// What is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// LoRA branches on `targets` (module names or suffixes) plus the whole visual abstractor.
+    Lora {
+        rank: usize,
+        alpha: f64,
+        dropout: f32,
+        targets: Vec<String>,
+        /// Continue from this adapter (its r, alpha, targets, matrices and abstractor).
+        init: Option<PathBuf>,
+    },
+    /// Every parameter.
+    Full,
+}
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossKind {
+    /// Cross-entropy on the answer tokens (the official objective).
+    Hard,
+    /// At the level word, cross-entropy against a Gaussian over the levels around the sample's MOS
+    /// (DeQA-Score style); elsewhere as `Hard`.
+    Soft { sigma: f64 },
+}
+
+/// A validated training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub model_dir: PathBuf,
+    /// How the base model was named (a hub id or a folder), for `base_model_name_or_path`.
+    pub model_name: String,
+    /// Build the base with random weights of `config.json`'s shapes (benchmarks).
+    pub random_weights: bool,
+    pub data: PathBuf,
+    pub image_folder: PathBuf,
+    pub output: PathBuf,
+    pub mode: Mode,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub seed: u64,
+    pub save_steps: Option<usize>,
+    pub resume: Option<PathBuf>,
+    pub log_json: Option<PathBuf>,
+    pub device: Device,
+    pub dtype: DType,
+    pub loss: LossKind,
+    pub sampling: SamplingOptions,
+}
+
+impl TrainConfig {
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("--batch-size and --grad-accum must be ≥ 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!(
+                "--lr must be a non-negative number, got {}",
+                self.lr
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!(
+                "--warmup-ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("--weight-decay must be ≥ 0".into());
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad("--max-grad-norm must be ≥ 0 (0 turns clipping off)".into());
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return bad("--epochs must be ≥ 1 (or give --max-steps)".into());
+        }
+        if let Mode::Lora {
+            rank,
+            alpha,
+            dropout,
+            ..
+        } = &self.mode
+            && (*rank == 0 || !alpha.is_finite() || !(0.0..1.0).contains(dropout))
+        {
+            return bad("LoRA needs r ≥ 1, a finite alpha and dropout in [0, 1)".into());
+        }
+        if let LossKind::Soft { sigma } = self.loss
+            && !(sigma.is_finite() && sigma > 0.0)
+        {
+            return bad("--soft-sigma must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step, as logged (`--log-json`, `training_log.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: f64,
+    /// Mean loss of the step's micro-batches, before the update.
+    pub loss: f64,
+    pub lr: f64,
+    /// Total L2 norm of the trainable gradients before clipping.
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub samples_seen: usize,
+    pub trainable_params: usize,
+    pub trainable_tensors: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub seconds: f64,
+    pub output: PathBuf,
+}
+
+/// Where a run stands, saved with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    global_step: usize,
+    /// Micro-batches consumed, counted over the whole run.
+    micro_batches: usize,
+    samples_seen: usize,
+    total_steps: usize,
+    seed: u64,
+    batch_size: usize,
+    grad_accum: usize,
+    mode: String,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const TRAINING_LOG: &str = "training_log.jsonl";
+
+/// Called after every optimizer step.
+pub type Progress<'a> = &'a mut dyn FnMut(&StepLog, usize);
+
+/// A loaded run: the model with its trainable tensors, the data and the optimizer.
+pub struct Trainer {
+    config: TrainConfig,
+    model: OneAlignModel,
+    adaptation: Arc<Adaptation>,
+    params: Vec<Param>,
+    dataset: Dataset,
+    preprocess: PreprocessConfig,
+    adapter_config: Option<AdapterConfig>,
+    soft: Option<SoftTargets>,
+    log: Vec<StepLog>,
+}
+
+/// Every LLM linear layer of a configuration, by module name (the LoRA candidates).
+pub fn llm_linear_modules(config: &ModelConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..config.llm.num_layers {
+        let p = format!("model.layers.{i}");
+        out.push(format!("{p}.self_attn.q_proj"));
+        for m in 0..2 {
+            out.push(format!("{p}.self_attn.k_proj.multiway.{m}"));
+            out.push(format!("{p}.self_attn.v_proj.multiway.{m}"));
+        }
+        out.push(format!("{p}.self_attn.o_proj"));
+        for name in ["gate_proj", "up_proj", "down_proj"] {
+            out.push(format!("{p}.mlp.{name}"));
+        }
+    }
+    out
+}
+
+/// PEFT's matching: a target names a module exactly or is a dotted suffix of its name.
+pub fn resolve_targets(targets: &[String], modules: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for target in targets {
+        let target = target.trim();
+        let hits: Vec<&String> = modules
+            .iter()
+            .filter(|m| m.as_str() == target || m.ends_with(&format!(".{target}")))
+            .collect();
+        if hits.is_empty() {
+            return Err(TrainError::Target {
+                target: target.to_owned(),
+                known: "q_proj, k_proj.multiway.0/1, v_proj.multiway.0/1, o_proj, gate_proj, up_proj, down_proj (each `model.layers.N.…`)".into(),
+            });
+        }
+        out.extend(hits.into_iter().cloned());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+impl Trainer {
+    /// Reads the data, loads the model with its trainable tensors, and checks everything.
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.check()?;
+        let dir = &config.model_dir;
+        let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer_path = dir.join("tokenizer.model");
+        let tokenizer = if tokenizer_path.exists() {
+            Tokenizer::from_file(&tokenizer_path)?
+        } else {
+            Tokenizer::llama2_builtin()
+        };
+        let preprocess_path = dir.join("preprocessor_config.json");
+        let preprocess = if preprocess_path.exists() {
+            PreprocessConfig::from_file(&preprocess_path)?
+        } else {
+            PreprocessConfig::clip(model_config.vision.image_size as u32)
+        };
+        let levels = LevelSet::itu();
+        let data_opts = DataOptions {
+            image_folder: config.image_folder.clone(),
+            max_positions: model_config.llm.max_position_embeddings,
+            tokens_per_image: model_config.abstractor.tokens_per_image(),
+            sampling: config.sampling,
+            level_words: levels.words().to_vec(),
+        };
+        let dataset = Dataset::load(&config.data, &tokenizer, &data_opts)?;
+        let soft = match config.loss {
+            LossKind::Hard => None,
+            LossKind::Soft { sigma } => {
+                Some(SoftTargets::new(&dataset, &tokenizer, &levels, sigma)?)
+            }
+        };
+
+        let (adaptation, adapter_config) = match &config.mode {
+            Mode::Full => (
+                Adaptation::new(config.seed).with_trainable(Trainable::All),
+                None,
+            ),
+            Mode::Lora {
+                rank,
+                alpha,
+                dropout,
+                targets,
+                init,
+            } => {
+                let abstractor = Trainable::Prefixes(vec!["model.visual_abstractor.".into()]);
+                match init {
+                    Some(adapter_dir) => {
+                        let adapter = Adapter::load(adapter_dir)?;
+                        let scale = adapter.config.scale();
+                        let r = adapter.config.r;
+                        let adaptation = adapter.lora.iter().fold(
+                            Adaptation::new(config.seed)
+                                .with_overrides(adapter.non_lora.clone())
+                                .with_trainable(abstractor),
+                            |a, (module, pair)| {
+                                a.with_lora_branch(
+                                    module.clone(),
+                                    r,
+                                    scale,
+                                    *dropout,
+                                    Some(pair.clone()),
+                                )
+                            },
+                        );
+                        let mut cfg = adapter.config.clone();
+                        cfg.lora_dropout = f64::from(*dropout);
+                        cfg.base_model_name_or_path = Some(config.model_name.clone());
+                        (adaptation, Some(cfg))
+                    }
+                    None => {
+                        let modules = resolve_targets(targets, &llm_linear_modules(&model_config))?;
+                        let scale = alpha / *rank as f64;
+                        let adaptation = modules.iter().fold(
+                            Adaptation::new(config.seed).with_trainable(abstractor),
+                            |a, m| a.with_lora_branch(m.clone(), *rank, scale, *dropout, None),
+                        );
+                        let cfg = AdapterConfig::new(
+                            Some(config.model_name.clone()),
+                            *rank,
+                            *alpha,
+                            f64::from(*dropout),
+                            modules,
+                        );
+                        (adaptation, Some(cfg))
+                    }
+                }
+            }
+        };
+        let adaptation = Arc::new(adaptation);
+        let opts = LoadOptions {
+            device: config.device.clone(),
+            dtype: config.dtype,
+            format: WeightFormat::Auto,
+            adaptation: Some(adaptation.clone()),
+        };
+        let model = if config.random_weights {
+            OneAlignModel::random_init(dir, &opts)?
+        } else {
+            OneAlignModel::load(dir, &opts)?
+        };
+        let params = adaptation.params();
+        if params.is_empty() {
+            return Err(TrainError::Config("nothing to train".into()));
+        }
+        Ok(Self {
+            config,
+            model,
+            adaptation,
+            params,
+            dataset,
+            preprocess,
+            adapter_config,
+            soft,
+            log: Vec::new(),
+        })
+    }
+
+    /// The trainable tensors.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    pub fn model(&self) -> &OneAlignModel {
+        &self.model
+    }
+
+    fn micro_batches_per_epoch(&self) -> usize {
+        self.dataset.samples.len().div_ceil(self.config.batch_size)
+    }
+
+    /// Optimizer steps of the whole run.
+    pub fn total_steps(&self) -> usize {
+        let per_epoch = self
+            .micro_batches_per_epoch()
+            .div_ceil(self.config.grad_accum);
+        self.config
+            .max_steps
+            .unwrap_or(per_epoch * self.config.epochs)
+    }
+
+    /// The sample order of epoch `epoch` (deterministic in the seed).
+    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.dataset.samples.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64));
+        order.shuffle(&mut rng);
+        order
+    }
+
+    /// Loss of a micro-batch (scalar, differentiable) and its sample count.
+    fn micro_loss(&self, samples: &[&Sample]) -> Result<Tensor> {
+        let mut pixels = Vec::with_capacity(samples.len());
+        for s in samples {
+            let (data, n, [c, h, w]) = load_pixels(
+                s,
+                &self.preprocess,
+                &self.config.sampling,
+                &self.dataset.path,
+            )?;
+            pixels.push(Tensor::from_vec(data, (n, c, h, w), self.model.device())?);
+        }
+        let batch: Vec<TrainingSample> = samples
+            .iter()
+            .zip(&pixels)
+            .map(|(s, p)| TrainingSample {
+                input_ids: &s.input_ids,
+                labels: &s.labels,
+                pixels: p,
+            })
+            .collect();
+        match &self.soft {
+            None => Ok(self.model.training_loss(&batch)?.loss),
+            Some(soft) => soft.loss(&self.model, &batch, samples),
+        }
+    }
+
+    /// Runs the whole training and writes the output; `progress` sees every step.
+    pub fn run(&mut self, progress: Progress) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let total = self.total_steps();
+        let warmup = warmup_steps(total, self.config.warmup_ratio);
+        let mut opt = AdamW::new(
+            &self.params,
+            AdamWConfig {
+                weight_decay: self.config.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        let mut state = TrainerState {
+            global_step: 0,
+            micro_batches: 0,
+            samples_seen: 0,
+            total_steps: total,
+            seed: self.config.seed,
+            batch_size: self.config.batch_size,
+            grad_accum: self.config.grad_accum,
+            mode: self.mode_name().into(),
+        };
+        if let Some(dir) = self.config.resume.clone() {
+            state = self.resume(&dir, &mut opt, &state)?;
+        }
+        std::fs::create_dir_all(&self.config.output).map_err(|source| TrainError::Write {
+            path: self.config.output.clone(),
+            source,
+        })?;
+        if let Some(path) = &self.config.log_json
+            && state.global_step == 0
+        {
+            save::write_atomic(path, b"")?;
+        }
+        self.adaptation.set_training(true);
+        let per_epoch = self.micro_batches_per_epoch();
+        let bs = self.config.batch_size;
+        let mut first_loss = None;
+        let mut step_start = Instant::now();
+        let mut step_samples = 0usize;
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let mut losses = Vec::new();
+        let result = (|| -> Result<()> {
+            while state.global_step < total {
+                let epoch = state.micro_batches / per_epoch;
+                let in_epoch = state.micro_batches % per_epoch;
+                let order = self.epoch_order(epoch);
+                let ids = &order[in_epoch * bs..((in_epoch + 1) * bs).min(order.len())];
+                let samples: Vec<&Sample> = ids.iter().map(|&i| &self.dataset.samples[i]).collect();
+                let loss = self.micro_loss(&samples)?;
+                let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                if !value.is_finite() {
+                    return Err(TrainError::Config(format!(
+                        "the loss became {value} at step {} (lower --lr?)",
+                        state.global_step + 1
+                    )));
+                }
+                let accum = self.config.grad_accum;
+                // The step ends after `accum` micro-batches or at the end of an epoch.
+                let last_of_epoch = in_epoch + 1 == per_epoch;
+                let in_step = (in_epoch % accum) + 1;
+                let n_in_step = if in_epoch / accum == (per_epoch - 1) / accum {
+                    per_epoch - (in_epoch / accum) * accum
+                } else {
+                    accum
+                };
+                let grads = (loss / n_in_step as f64)?.backward()?;
+                for (slot, p) in acc.iter_mut().zip(&self.params) {
+                    if let Some(g) = grads.get(p.var.as_tensor()) {
+                        let g = g.to_dtype(DType::F32)?;
+                        *slot = Some(match slot.take() {
+                            Some(a) => (a + g)?,
+                            None => g,
+                        });
+                    }
+                }
+                drop(grads);
+                losses.push(value);
+                state.micro_batches += 1;
+                state.samples_seen += samples.len();
+                step_samples += samples.len();
+                if in_step < n_in_step && !last_of_epoch {
+                    continue;
+                }
+                let mut grads = std::mem::replace(&mut acc, vec![None; self.params.len()]);
+                let norm = grad_norm(&grads)?;
+                clip(&mut grads, norm, self.config.max_grad_norm)?;
+                let lr = self.config.lr
+                    * lr_factor(self.config.schedule, state.global_step, warmup, total);
+                opt.step(&grads, lr)?;
+                drop(grads);
+                state.global_step += 1;
+                let mean_loss = losses.iter().sum::<f64>() / losses.len() as f64;
+                losses.clear();
+                first_loss.get_or_insert(mean_loss);
+                let secs = step_start.elapsed().as_secs_f64();
+                let entry = StepLog {
+                    step: state.global_step,
+                    epoch: state.micro_batches as f64 / per_epoch as f64,
+                    loss: mean_loss,
+                    lr,
+                    grad_norm: norm,
+                    samples_per_s: step_samples as f64 / secs.max(1e-9),
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                };
+                step_start = Instant::now();
+                step_samples = 0;
+                self.append_log(&entry)?;
+                progress(&entry, total);
+                if let Some(every) = self.config.save_steps
+                    && state.global_step.is_multiple_of(every)
+                    && state.global_step < total
+                {
+                    self.save_checkpoint(&state, &opt)?;
+                }
+            }
+            Ok(())
+        })();
+        self.adaptation.set_training(false);
+        if let Err(err) = result {
+            // Keep what was learnt: a checkpoint of the last completed step, then the error.
+            if state.global_step > 0 {
+                self.save_checkpoint(&state, &opt)?;
+            }
+            return Err(err);
+        }
+        self.write_output()?;
+        Ok(TrainSummary {
+            steps: state.global_step,
+            total_steps: total,
+            samples_seen: state.samples_seen,
+            trainable_params: self.params.iter().map(|p| p.var.elem_count()).sum(),
+            trainable_tensors: self.params.len(),
+            first_loss,
+            last_loss: self.log.last().map(|l| l.loss),
+            seconds: start.elapsed().as_secs_f64(),
+            output: self.config.output.clone(),
+        })
+    }
+
+    fn mode_name(&self) -> &'static str {
+        match self.config.mode {
+            Mode::Full => "full",
+            Mode::Lora { .. } => "lora",
+        }
+    }
+
+    fn append_log(&mut self, entry: &StepLog) -> Result<()> {
+        let line = serde_json::to_string(entry).map_err(|e| TrainError::Internal(e.to_string()))?;
+        if let Some(path) = &self.config.log_json {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| TrainError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            writeln!(f, "{line}").map_err(|source| TrainError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        self.log.push(entry.clone());
+        Ok(())
+    }
+
+    fn log_bytes(&self) -> Vec<u8> {
+        self.log
+            .iter()
+            .filter_map(|l| serde_json::to_string(l).ok())
+            .flat_map(|l| (l + "\n").into_bytes())
+            .collect()
+    }
+
+    /// The trained weights into `dir` (adapter files, or a full checkpoint).
+    fn write_weights(&self, dir: &Path) -> Result<()> {
+        let model_dir = (!self.config.random_weights).then_some(self.config.model_dir.as_path());
+        match &self.adapter_config {
+            Some(cfg) => save::write_adapter(dir, cfg, &self.params, &self.config.model_dir),
+            None => save::write_full(dir, &self.params, model_dir),
+        }
+    }
+
+    fn save_checkpoint(&self, state: &TrainerState, opt: &AdamW) -> Result<()> {
+        let dest = self
+            .config
+            .output
+            .join(format!("checkpoint-{}", state.global_step));
+        save::write_dir_atomic(&dest, |dir| {
+            self.write_weights(dir)?;
+            save::write_optimizer(dir, &opt.state())?;
+            save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;
+            let json = serde_json::to_vec_pretty(state)
+                .map_err(|e| TrainError::Internal(e.to_string()))?;
+            save::write_atomic(&dir.join(STATE_FILE), &json)
+        })
+    }
+
+    fn write_output(&self) -> Result<()> {
+        let out = &self.config.output;
+        self.write_weights(out)?;
+        save::write_atomic(&out.join(TRAINING_LOG), &self.log_bytes())
+    }
+
+    /// Restores parameters, optimizer state, position in the data and the log from a checkpoint.
+    fn resume(
+        &mut self,
+        dir: &Path,
+        opt: &mut AdamW,
+        fresh: &TrainerState,
+    ) -> Result<TrainerState> {
+        let read = |name: &str| -> Result<String> {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| TrainError::Io { path, source })
+        };
+        let state: TrainerState =
+            serde_json::from_str(&read(STATE_FILE)?).map_err(|source| TrainError::Json {
+                path: dir.join(STATE_FILE),
+                source,
+            })?;
+        let same = state.seed == fresh.seed
+            && state.batch_size == fresh.batch_size
+            && state.grad_accum == fresh.grad_accum
+            && state.mode == fresh.mode;
+        if !same {
+            return Err(TrainError::Resume(format!(
+                "{} was made with seed {}, batch size {}, grad accum {}, mode {}; this run uses {}, {}, {}, {}",
+                dir.display(),
+                state.seed,
+                state.batch_size,
+                state.grad_accum,
+                state.mode,
+                fresh.seed,
+                fresh.batch_size,
+                fresh.grad_accum,
+                fresh.mode
+            )));
+        }
+        let saved = self.saved_params(dir)?;
+        for p in &self.params {
+            let t = saved.get(&p.name).ok_or_else(|| {
+                TrainError::Resume(format!("{} has no tensor `{}`", dir.display(), p.name))
+            })?;
+            if t.dims() != p.var.dims() {
+                return Err(TrainError::Resume(format!(
+                    "`{}` has shape {:?} in the checkpoint, {:?} in the model",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                )));
+            }
+            p.var
+                .set(&t.to_device(p.var.device())?.to_dtype(p.var.dtype())?)?;
+        }
+        let opt_path = dir.join("optimizer.safetensors");
+        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)?;
+        opt.load_state(&opt_state, state.global_step)?;
+        self.log = read(TRAINING_LOG)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Resume(e.to_string())))
+            .collect::<Result<_>>()?;
+        if let Some(path) = &self.config.log_json {
+            save::write_atomic(path, &self.log_bytes())?;
+        }
+        Ok(TrainerState {
+            total_steps: fresh.total_steps,
+            ..state
+        })
+    }
+
+    /// The trained tensors of a checkpoint folder, by parameter name.
+    fn saved_params(&self, dir: &Path) -> Result<HashMap<String, Tensor>> {
+        if self.adapter_config.is_some() {
+            let adapter = Adapter::load(dir)?;
+            let mut out = adapter.non_lora;
+            for (module, pair) in adapter.lora {
+                out.insert(format!("{module}.lora_A.weight"), pair.a);
+                out.insert(format!("{module}.lora_B.weight"), pair.b);
+            }
+            Ok(out)
+        } else {
+            Ok(candle_core::safetensors::load(
+                dir.join("model.safetensors"),
+                &Device::Cpu,
+            )?)
+        }
+    }
+}
