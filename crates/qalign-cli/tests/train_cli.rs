@@ -1,0 +1,507 @@
+//! `qalign train`, `qalign merge` and `score --lora` through the real binary: the official LoRA fixture's
+//! two AdamW steps reproduced from `--lora-init` (losses, gradient norms, parameters after two steps),
+//! scores with official and qalign adapters, merged checkpoints, the torch pickle read back the way
+//! `torch.load` reads it, resuming, and a clear error for every bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixtures, json_records, num, qalign, run_expecting, tiny_model};
+use serde_json::Value;
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn lora_fixture() -> PathBuf {
+    fixtures().join("lora/q-align-tiny-lora")
+}
+
+/// `qalign train` on the fixture batch with the settings of the LoRA fixture (the issue's bar).
+fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
+    let mut cmd = qalign();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(fixtures().join("training/sft_batch.json"))
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--lora-init")
+        .arg(lora_fixture())
+        .args([
+            "--lr",
+            "2e-4",
+            "--lr-schedule",
+            "constant",
+            "--warmup-ratio",
+            "0",
+            "--weight-decay",
+            "0",
+            "--max-grad-norm",
+            "0",
+            "--lora-dropout",
+            "0",
+            "--batch-size",
+            "3",
+        ])
+        .arg("--log-json")
+        .arg(log)
+        .arg("--output")
+        .arg(out)
+        .args(extra);
+    run_expecting(&mut cmd, 0)
+}
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The trained tensors of an adapter folder, by the PEFT in-memory names the fixture uses.
+fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    let lora = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    for (k, v) in lora {
+        // base_model.model.X.lora_A.weight → base_model.model.X.lora_A.default.weight
+        let k = k
+            .replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight");
+        out.insert(k, v);
+    }
+    for (k, v) in candle_core::pickle::read_all(dir.join("non_lora_trainables.bin")).unwrap() {
+        out.insert(k, v);
+    }
+    out
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn two_adamw_steps_from_the_official_adapter_match_the_official_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, log) = (tmp.path().join("out"), tmp.path().join("log.jsonl"));
+    train_fixture_bar(&out, &log, &["--max-steps", "2"]);
+    let expected = read_json(&fixtures().join("lora/expected.json"));
+    let steps = expected["training"]["steps"].as_array().unwrap();
+    let logged = log_lines(&log);
+    assert_eq!(logged.len(), 2);
+    for (got, want) in logged.iter().zip(steps) {
+        let (l, w) = (num(&got["loss"]), num(&want["loss"]));
+        assert!((l - w).abs() <= 1e-5 * w.abs(), "loss {l} vs {w}");
+        let (g, w) = (
+            num(&got["grad_norm"]),
+            num(&want["total_trainable_grad_norm_l2"]),
+        );
+        assert!((g - w).abs() <= 1e-4 * w, "grad norm {g} vs {w}");
+        assert_eq!(num(&got["lr"]), 2e-4);
+        for key in ["step", "samples_per_s", "epoch", "elapsed_s"] {
+            assert!(got[key].is_number(), "{key} missing in {got}");
+        }
+    }
+    // The adapter's own log is the same.
+    assert_eq!(log_lines(&out.join("training_log.jsonl")), logged);
+
+    // Parameters after two steps: 1e-6 where the first gradient is clearly non-zero, else 2·lr.
+    let fixture = candle_core::safetensors::load(
+        fixtures().join("lora/lora_train.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let saved = adapter_tensors(&out);
+    for name in expected["training"]["watched"].as_array().unwrap() {
+        let name = name.as_str().unwrap();
+        let want = &fixture[&format!("after_step2/{name}")];
+        let grad0 = fixture[&format!("grad_step0/{name}")].flatten_all().unwrap();
+        let got = saved[name].reshape(want.shape()).unwrap();
+        let diff: Vec<f32> = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let grad0: Vec<f32> = grad0.to_vec1().unwrap();
+        for (i, (d, g)) in diff.iter().zip(&grad0).enumerate() {
+            let tol = if g.abs() > 1e-4 { 1e-6 } else { 4e-4 };
+            assert!(*d <= tol, "{name}[{i}]: |Δ| {d} > {tol} (grad {g})");
+        }
+    }
+
+    // The official layout: PEFT config, keys without `.default`, the abstractor in the pickle.
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"].as_f64(), Some(16.0));
+    assert_eq!(
+        cfg["target_modules"],
+        expected["recipe"]["target_modules"],
+        "targets carried over from --lora-init"
+    );
+    assert!(cfg["base_model_name_or_path"].is_string());
+    let lora =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut keys: Vec<&String> = lora.keys().collect();
+    keys.sort();
+    let mut want_keys: Vec<String> = expected["adapter_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().replace(".default.", "."))
+        .collect();
+    want_keys.sort();
+    assert_eq!(keys, want_keys.iter().collect::<Vec<_>>());
+    let pickled: Vec<String> = candle_core::pickle::read_all(out.join("non_lora_trainables.bin"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut pickled_sorted = pickled.clone();
+    pickled_sorted.sort();
+    let mut want_nl: Vec<String> = expected["non_lora_trainables_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    want_nl.sort();
+    assert_eq!(pickled_sorted, want_nl);
+    for f in ["config.json", "preprocessor_config.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // Scoring with the trained adapter works and differs from the starting adapter.
+    let trained = score_json(&["--lora", out.to_str().unwrap()]);
+    let start = score_json(&["--lora", lora_fixture().to_str().unwrap()]);
+    assert!((num(&trained[0]["score"]) - num(&start[0]["score"])).abs() > 1e-6);
+}
+
+/// `qalign score boy_colorful.jpg --model tiny` + `extra`, as JSON records.
+fn score_json(extra: &[&str]) -> Vec<Value> {
+    let mut cmd = common::score();
+    cmd.arg(fixtures().join("images/boy_colorful.jpg"))
+        .args(["--format", "json", "--task", "all"])
+        .args(extra);
+    json_records(&run_expecting(&mut cmd, 0).stdout)
+}
+
+fn expected_adapter_scores() -> Value {
+    read_json(&fixtures().join("lora/expected.json"))["scores_with_adapter"]["boy_colorful.jpg"]
+        .clone()
+}
+
+fn assert_official_adapter_scores(records: &[Value]) {
+    let want = expected_adapter_scores();
+    assert_eq!(records.len(), 2);
+    for r in records {
+        let task = r["task"].as_str().unwrap();
+        let w = &want[task];
+        for (l, wl) in common::f64s(&r["logits"]).iter().zip(common::f64s(&w["level_logits"])) {
+            assert_close(*l, wl, common::TOL_LOGITS, &format!("{task} logit"));
+        }
+        assert_close(num(&r["score"]), num(&w["score15"]), common::TOL_SCORE15, task);
+    }
+}
+
+#[test]
+fn score_with_the_official_adapter_gives_the_official_scores() {
+    assert_official_adapter_scores(&score_json(&["--lora", lora_fixture().to_str().unwrap()]));
+}
+
+#[test]
+fn merged_checkpoint_scores_like_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("merged");
+    let mut cmd = qalign();
+    cmd.arg("merge")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--lora")
+        .arg(lora_fixture())
+        .arg("--out")
+        .arg(&merged)
+        .args(["--dtype", "f32"]);
+    run_expecting(&mut cmd, 0);
+    for f in ["model.safetensors", "config.json", "tokenizer.model"] {
+        assert!(merged.join(f).is_file(), "{f} missing");
+    }
+    let mut cmd = qalign();
+    cmd.arg("score")
+        .arg("--model")
+        .arg(&merged)
+        .arg(fixtures().join("images/boy_colorful.jpg"))
+        .args(["--format", "json", "--task", "all"]);
+    assert_official_adapter_scores(&json_records(&run_expecting(&mut cmd, 0).stdout));
+}
+
+#[test]
+fn python_reads_our_pickle_as_torch_load_does() {
+    let Ok(status) = std::process::Command::new("python3").arg("--version").status() else {
+        eprintln!("python3 not found: skipping the torch.load-style read");
+        return;
+    };
+    assert!(status.success());
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, log) = (tmp.path().join("out"), tmp.path().join("log.jsonl"));
+    train_fixture_bar(&out, &log, &["--max-steps", "1"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_torch_pickle.py");
+    let run = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(out.join("non_lora_trainables.bin"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let ours = candle_core::pickle::read_all(out.join("non_lora_trainables.bin")).unwrap();
+    assert_eq!(read.as_object().unwrap().len(), ours.len());
+    for (name, t) in ours {
+        let entry = &read[&name];
+        assert_eq!(entry["dtype"], "float32", "{name}");
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(shape, t.dims(), "{name}");
+        let sum = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((num(&entry["sum"]) - sum).abs() <= 1e-6 * sum.abs().max(1.0), "{name}");
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    train_fixture_bar(&straight, &tmp.path().join("a.jsonl"), &["--max-steps", "3"]);
+    let split = tmp.path().join("split");
+    let log = tmp.path().join("b.jsonl");
+    train_fixture_bar(&split, &log, &["--max-steps", "3", "--save-steps", "2"]);
+    let checkpoint = split.join("checkpoint-2");
+    for f in ["adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(checkpoint.join(f).is_file(), "{f} missing in checkpoint");
+    }
+    let resumed = tmp.path().join("resumed");
+    let log_c = tmp.path().join("c.jsonl");
+    let r = train_fixture_bar(
+        &resumed,
+        &log_c,
+        &["--max-steps", "3", "--resume", checkpoint.to_str().unwrap()],
+    );
+    assert!(r.stderr.contains("step 3/3"), "{}", r.stderr);
+    let a = adapter_tensors(&straight);
+    let c = adapter_tensors(&resumed);
+    for (name, t) in &a {
+        let d = max_abs(&(t - &c[name]).unwrap());
+        assert!(d <= 1e-7, "{name}: resumed run differs by {d}");
+    }
+    let logged = log_lines(&log_c);
+    assert_eq!(logged.len(), 3, "the resumed log holds all steps");
+}
+
+/// A dataset folder with the fixture images and an SFT JSON made of `items`.
+fn dataset(items: &Value) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sft.json");
+    std::fs::write(&data, serde_json::to_string(items).unwrap()).unwrap();
+    (tmp, data)
+}
+
+fn item(image: Value, question: &str, answer: Option<&str>) -> Value {
+    let mut conv = vec![serde_json::json!({"from": "human", "value": question})];
+    if let Some(a) = answer {
+        conv.push(serde_json::json!({"from": "gpt", "value": a}));
+    }
+    serde_json::json!({"id": "x->1.0", "image": image, "conversations": conv})
+}
+
+fn train_bad(data: &Path, extra: &[&str]) -> common::Run {
+    let out = data.parent().unwrap().join("out");
+    let mut cmd = qalign();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(data)
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--lora-r", "4", "--max-steps", "1"])
+        .args(extra);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(!out.join("adapter_config.json").exists(), "nothing written");
+    r
+}
+
+#[test]
+fn bad_training_input_is_named_and_nothing_is_written() {
+    let q = "How would you rate the quality of this image?\n<|image|>";
+    let a = Some("The quality of the image is good.");
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            serde_json::json!([item("missing.jpg".into(), q, a)]),
+            "missing.jpg does not exist",
+        ),
+        (
+            serde_json::json!([item("boy_colorful.jpg".into(), q, None)]),
+            "has no answer",
+        ),
+        (
+            serde_json::json!([item("boy_colorful.jpg".into(), q, Some("  "))]),
+            "has no answer",
+        ),
+        (serde_json::json!([]), "has no samples"),
+        (
+            serde_json::json!([item("boy_colorful.jpg".into(), "no marker", a)]),
+            "markers",
+        ),
+        (
+            serde_json::json!([item(
+                Value::Array(vec!["boy_colorful.jpg".into(); 70]),
+                q,
+                a
+            )]),
+            "more than the model's context",
+        ),
+    ];
+    for (items, message) in cases {
+        let (_tmp, data) = dataset(&items);
+        let r = train_bad(&data, &[]);
+        assert!(r.stderr.contains(message), "expected `{message}` in:\n{}", r.stderr);
+        if message != "has no samples" {
+            assert!(r.stderr.contains("sample 0 (x->1.0)"), "{}", r.stderr);
+        }
+    }
+    // An undecodable image (a text file named .jpg) is caught before training.
+    let (tmp, data) = dataset(&serde_json::json!([item("broken.jpg".into(), q, a)]));
+    std::fs::write(tmp.path().join("broken.jpg"), "not an image").unwrap();
+    let mut cmd = qalign();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .arg("--image-folder")
+        .arg(tmp.path())
+        .arg("--output")
+        .arg(tmp.path().join("out"))
+        .args(["--max-steps", "1"]);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(r.stderr.contains("broken.jpg") && r.stderr.contains("sample 0"), "{}", r.stderr);
+
+    // Unknown LoRA targets and bad settings.
+    let (_tmp, data) = dataset(&serde_json::json!([item("boy_colorful.jpg".into(), q, a)]));
+    let r = train_bad(&data, &["--lora-targets", "q_proj,no_such_proj"]);
+    assert!(r.stderr.contains("`no_such_proj` matches no linear layer"), "{}", r.stderr);
+    let r = train_bad(&data, &["--warmup-ratio", "2"]);
+    assert!(r.stderr.contains("--warmup-ratio"), "{}", r.stderr);
+}
+
+#[test]
+fn adapter_whose_targets_are_not_in_the_base_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::copy(
+        lora_fixture().join("adapter_config.json"),
+        adapter.join("adapter_config.json"),
+    )
+    .unwrap();
+    // A LoRA pair for layer 7 of a two-layer model.
+    let a = Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((64, 8), DType::F32, &Device::Cpu).unwrap();
+    let tensors = HashMap::from([
+        (
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight".to_owned(),
+            a,
+        ),
+        (
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight".to_owned(),
+            b,
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors")).unwrap();
+    let mut cmd = common::score();
+    cmd.arg(fixtures().join("images/boy_colorful.jpg"))
+        .arg("--lora")
+        .arg(&adapter);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(
+        r.stderr.contains("model.layers.7.self_attn.q_proj") && r.stderr.contains("not found"),
+        "{}",
+        r.stderr
+    );
+    // A folder that is not an adapter.
+    let mut cmd = common::score();
+    cmd.arg(fixtures().join("images/boy_colorful.jpg"))
+        .arg("--lora")
+        .arg(tmp.path());
+    let r = run_expecting(&mut cmd, 1);
+    assert!(r.stderr.contains("adapter_config.json"), "{}", r.stderr);
+}
+
+#[test]
+fn full_fine_tuning_writes_a_checkpoint_that_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("full");
+    let mut cmd = qalign();
+    cmd.arg("train")
+        .arg("--full")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(fixtures().join("training/sft_batch.json"))
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--max-steps", "1", "--batch-size", "3"]);
+    let r = run_expecting(&mut cmd, 0);
+    assert!(r.stderr.contains("step 1/1"), "{}", r.stderr);
+    let loss = training_loss_of_first_step(&out);
+    let want = num(&read_json(&fixtures().join("training/expected.json"))["loss"]);
+    assert!((loss - want).abs() <= 1e-5, "full-model loss {loss} vs {want}");
+    let mut cmd = qalign();
+    cmd.arg("score")
+        .arg("--model")
+        .arg(&out)
+        .arg(fixtures().join("images/boy_colorful.jpg"))
+        .args(["--format", "json"]);
+    let records = json_records(&run_expecting(&mut cmd, 0).stdout);
+    let s = num(&records[0]["score"]);
+    assert!((1.0..=5.0).contains(&s));
+}
+
+fn training_loss_of_first_step(out: &Path) -> f64 {
+    num(&log_lines(&out.join("training_log.jsonl"))[0]["loss"])
+}
