@@ -128,7 +128,9 @@ fn two_adamw_steps_from_the_official_adapter_match_the_official_trainer() {
     for name in expected["training"]["watched"].as_array().unwrap() {
         let name = name.as_str().unwrap();
         let want = &fixture[&format!("after_step2/{name}")];
-        let grad0 = fixture[&format!("grad_step0/{name}")].flatten_all().unwrap();
+        let grad0 = fixture[&format!("grad_step0/{name}")]
+            .flatten_all()
+            .unwrap();
         let got = saved[name].reshape(want.shape()).unwrap();
         let diff: Vec<f32> = (got - want)
             .unwrap()
@@ -151,13 +153,12 @@ fn two_adamw_steps_from_the_official_adapter_match_the_official_trainer() {
     assert_eq!(cfg["r"], 8);
     assert_eq!(cfg["lora_alpha"].as_f64(), Some(16.0));
     assert_eq!(
-        cfg["target_modules"],
-        expected["recipe"]["target_modules"],
+        cfg["target_modules"], expected["recipe"]["target_modules"],
         "targets carried over from --lora-init"
     );
     assert!(cfg["base_model_name_or_path"].is_string());
-    let lora =
-        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let lora = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
     let mut keys: Vec<&String> = lora.keys().collect();
     keys.sort();
     let mut want_keys: Vec<String> = expected["adapter_keys"]
@@ -213,10 +214,18 @@ fn assert_official_adapter_scores(records: &[Value]) {
     for r in records {
         let task = r["task"].as_str().unwrap();
         let w = &want[task];
-        for (l, wl) in common::f64s(&r["logits"]).iter().zip(common::f64s(&w["level_logits"])) {
+        for (l, wl) in common::f64s(&r["logits"])
+            .iter()
+            .zip(common::f64s(&w["level_logits"]))
+        {
             assert_close(*l, wl, common::TOL_LOGITS, &format!("{task} logit"));
         }
-        assert_close(num(&r["score"]), num(&w["score15"]), common::TOL_SCORE15, task);
+        assert_close(
+            num(&r["score"]),
+            num(&w["score15"]),
+            common::TOL_SCORE15,
+            task,
+        );
     }
 }
 
@@ -253,7 +262,10 @@ fn merged_checkpoint_scores_like_the_adapter() {
 
 #[test]
 fn python_reads_our_pickle_as_torch_load_does() {
-    let Ok(status) = std::process::Command::new("python3").arg("--version").status() else {
+    let Ok(status) = std::process::Command::new("python3")
+        .arg("--version")
+        .status()
+    else {
         eprintln!("python3 not found: skipping the torch.load-style read");
         return;
     };
@@ -293,7 +305,10 @@ fn python_reads_our_pickle_as_torch_load_does() {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
-        assert!((num(&entry["sum"]) - sum).abs() <= 1e-6 * sum.abs().max(1.0), "{name}");
+        assert!(
+            (num(&entry["sum"]) - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+            "{name}"
+        );
     }
 }
 
@@ -301,12 +316,20 @@ fn python_reads_our_pickle_as_torch_load_does() {
 fn resuming_from_a_checkpoint_continues_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
-    train_fixture_bar(&straight, &tmp.path().join("a.jsonl"), &["--max-steps", "3"]);
+    train_fixture_bar(
+        &straight,
+        &tmp.path().join("a.jsonl"),
+        &["--max-steps", "3"],
+    );
     let split = tmp.path().join("split");
     let log = tmp.path().join("b.jsonl");
     train_fixture_bar(&split, &log, &["--max-steps", "3", "--save-steps", "2"]);
     let checkpoint = split.join("checkpoint-2");
-    for f in ["adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+    for f in [
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(checkpoint.join(f).is_file(), "{f} missing in checkpoint");
     }
     let resumed = tmp.path().join("resumed");
@@ -397,7 +420,11 @@ fn bad_training_input_is_named_and_nothing_is_written() {
     for (items, message) in cases {
         let (_tmp, data) = dataset(&items);
         let r = train_bad(&data, &[]);
-        assert!(r.stderr.contains(message), "expected `{message}` in:\n{}", r.stderr);
+        assert!(
+            r.stderr.contains(message),
+            "expected `{message}` in:\n{}",
+            r.stderr
+        );
         if message != "has no samples" {
             assert!(r.stderr.contains("sample 0 (x->1.0)"), "{}", r.stderr);
         }
@@ -417,12 +444,20 @@ fn bad_training_input_is_named_and_nothing_is_written() {
         .arg(tmp.path().join("out"))
         .args(["--max-steps", "1"]);
     let r = run_expecting(&mut cmd, 1);
-    assert!(r.stderr.contains("broken.jpg") && r.stderr.contains("sample 0"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("broken.jpg") && r.stderr.contains("sample 0"),
+        "{}",
+        r.stderr
+    );
 
     // Unknown LoRA targets and bad settings.
     let (_tmp, data) = dataset(&serde_json::json!([item("boy_colorful.jpg".into(), q, a)]));
     let r = train_bad(&data, &["--lora-targets", "q_proj,no_such_proj"]);
-    assert!(r.stderr.contains("`no_such_proj` matches no linear layer"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`no_such_proj` matches no linear layer"),
+        "{}",
+        r.stderr
+    );
     let r = train_bad(&data, &["--warmup-ratio", "2"]);
     assert!(r.stderr.contains("--warmup-ratio"), "{}", r.stderr);
 }
@@ -490,7 +525,10 @@ fn full_fine_tuning_writes_a_checkpoint_that_scores() {
     assert!(r.stderr.contains("step 1/1"), "{}", r.stderr);
     let loss = training_loss_of_first_step(&out);
     let want = num(&read_json(&fixtures().join("training/expected.json"))["loss"]);
-    assert!((loss - want).abs() <= 1e-5, "full-model loss {loss} vs {want}");
+    assert!(
+        (loss - want).abs() <= 1e-5,
+        "full-model loss {loss} vs {want}"
+    );
     let mut cmd = qalign();
     cmd.arg("score")
         .arg("--model")
@@ -504,4 +542,61 @@ fn full_fine_tuning_writes_a_checkpoint_that_scores() {
 
 fn training_loss_of_first_step(out: &Path) -> f64 {
     num(&log_lines(&out.join("training_log.jsonl"))[0]["loss"])
+}
+
+#[test]
+fn bench_train_times_lora_steps() {
+    let mut cmd = qalign();
+    cmd.arg("bench")
+        .arg("--train")
+        .arg("--model")
+        .arg(tiny_model())
+        .args(["--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--format", "json"]);
+    let r = run_expecting(&mut cmd, 0);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["mode"], "lora");
+    // r 128 on 2 × (q_proj + v_proj.multiway.1) of a 64-wide model, plus the abstractor.
+    let lora = 4 * (128 * 64 + 64 * 128);
+    assert!(num(&report["trainable_params"]) as usize > lora);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["batch"], 2);
+    assert_eq!(rows[0]["steps"], 2, "warm-up steps are not timed");
+    assert!(num(&rows[0]["samples_per_s"]) > 0.0);
+    assert!(num(&report["peak_rss_mib"]) > 0.0);
+}
+
+#[test]
+fn video_samples_train_on_their_sampled_frames() {
+    if std::process::Command::new("ffprobe").arg("-version").output().is_err() {
+        eprintln!("ffprobe not found: skipping");
+        return;
+    }
+    let q = "How would you rate the quality of this video?\n<|image|>";
+    let items = serde_json::json!([item(
+        "baby.mp4".into(),
+        q,
+        Some("The quality of the video is good.")
+    )]);
+    let (tmp, data) = dataset(&items);
+    let out = tmp.path().join("out");
+    let log = tmp.path().join("log.jsonl");
+    let mut cmd = qalign();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .arg("--image-folder")
+        .arg(fixtures().join("video"))
+        .arg("--output")
+        .arg(&out)
+        .arg("--log-json")
+        .arg(&log)
+        .args(["--lora-r", "4", "--max-steps", "1", "--max-frames", "3"]);
+    run_expecting(&mut cmd, 0);
+    let logged = log_lines(&log);
+    assert_eq!(logged.len(), 1);
+    assert!(num(&logged[0]["loss"]).is_finite());
+    assert!(out.join("adapter_config.json").is_file());
 }

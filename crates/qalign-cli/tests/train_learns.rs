@@ -36,7 +36,10 @@ fn make_image(seed: u64, sigma: f64) -> RgbImage {
     let angle: f64 = rng.random_range(0.0..std::f64::consts::TAU);
     let (dx, dy) = (angle.cos(), angle.sin());
     let s = f64::from(SIZE);
-    let (cx, cy) = (rng.random_range(0.25..0.75) * s, rng.random_range(0.25..0.75) * s);
+    let (cx, cy) = (
+        rng.random_range(0.25..0.75) * s,
+        rng.random_range(0.25..0.75) * s,
+    );
     let radius = rng.random_range(0.15..0.35) * s;
     let mut noise = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     RgbImage::from_fn(SIZE, SIZE, |x, y| {
@@ -117,6 +120,15 @@ fn train_learns_noise_quality() {
         .collect();
     let labels_path = root.join("labels.json");
     std::fs::write(&labels_path, serde_json::to_string(&labels).unwrap()).unwrap();
+    let tl: Vec<Value> = test
+        .iter()
+        .map(|(rel, sigma)| json!({"image": rel, "gt_score": mos(*sigma)}))
+        .collect();
+    std::fs::write(
+        root.join("test_labels.json"),
+        serde_json::to_string(&tl).unwrap(),
+    )
+    .unwrap();
     let sft = root.join("sft.json");
     let mut cmd = qalign();
     cmd.arg("syllabus")

@@ -96,6 +96,7 @@ fn grads_by_name(params: &[Param], grads: &GradStore) -> HashMap<String, Tensor>
 
 fn assert_rel(found: f64, expected: f64, tol: f64, what: &str) {
     let rel = (found - expected).abs() / expected.abs().max(1e-12);
+    eprintln!("{what}: rel {rel:.1e}");
     assert!(
         rel <= tol,
         "{what}: {found} vs {expected} (rel {rel:e} > {tol:e})"
@@ -128,6 +129,7 @@ fn full_model_loss_and_gradients_match_the_official_trainer() {
     );
     let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
     let want = expected["loss"].as_f64().unwrap();
+    eprintln!("full-model loss: abs {:.1e}", (loss - want).abs());
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
 
     let grads = grads_by_name(&params, &out.loss.backward().unwrap());
@@ -165,6 +167,7 @@ fn full_model_loss_and_gradients_match_the_official_trainer() {
         let got = grads[name].reshape(want.shape()).unwrap();
         let scale = max_abs(want);
         let err = max_abs(&(got - want).unwrap());
+        eprintln!("full gradient: {:.1e} of its max", err / max_abs(want));
         assert!(
             err <= 1e-4 * scale,
             "{name}: max abs err {err} vs max {scale}"

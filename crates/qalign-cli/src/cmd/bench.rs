@@ -59,6 +59,18 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: BenchFormat,
+    /// Time training steps (forward, backward, AdamW) instead of scoring, one row per batch size.
+    #[arg(long)]
+    train: bool,
+    /// What --train trains: LoRA r 128 on the official targets + the abstractor, or everything.
+    #[arg(long, value_enum, default_value = "lora", requires = "train")]
+    train_mode: TrainModeArg,
+}
+
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum TrainModeArg {
+    Lora,
+    Full,
 }
 
 /// One timed stage.
@@ -263,6 +275,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "--random-weights needs --model to be a folder with config.json, not `{}`",
             args.model.model
         );
+    }
+    if args.train {
+        return run_train(&args);
     }
     let images = args.image_source()?;
     let (dir, load) = args.model.resolve()?;
@@ -599,4 +614,186 @@ fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One `bench --train` row: a training step at one batch size.
+#[derive(Debug, Serialize)]
+struct TrainRow {
+    batch: usize,
+    steps: usize,
+    median_ms_per_step: f64,
+    min_ms_per_step: f64,
+    samples_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct TrainReport {
+    model: String,
+    weights: &'static str,
+    device: String,
+    dtype: String,
+    mode: String,
+    cpus: usize,
+    warmup: usize,
+    iters: usize,
+    trainable_params: usize,
+    /// Peak resident memory of the process (VmHWM), MiB: the whole run, all batch sizes.
+    peak_rss_mib: Option<f64>,
+    rows: Vec<TrainRow>,
+}
+
+/// Peak resident set size of this process in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `bench --train`: trains on a synthetic 640×480 image (one SFT sample per batch slot) for `warmup +
+/// iters` optimizer steps per batch size and reports the timed steps.
+fn run_train(args: &Args) -> Result<ExitCode> {
+    use qalign_train::{Mode, TrainConfig, Trainer};
+    let (dir, load) = if args.random_weights {
+        (PathBuf::from(&args.model.model), args.model.resolve_load()?)
+    } else {
+        args.model.resolve()?
+    };
+    let tmp = tempfile::tempdir()?;
+    let image = qalign_media::RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    image.save(tmp.path().join("synthetic.png"))?;
+    let (warmup, iters) = (args.warmup as usize, args.iters as usize);
+    let mut batch_sizes: Vec<usize> = args.batch_sizes.iter().map(|&b| b as usize).collect();
+    batch_sizes.sort_unstable();
+    batch_sizes.dedup();
+    let mut rows = Vec::new();
+    let mut trainable_params = 0;
+    for &batch in &batch_sizes {
+        let steps = warmup + iters;
+        let items: Vec<serde_json::Value> = (0..batch)
+            .map(|i| {
+                serde_json::json!({
+                    "id": format!("synthetic.png->{}", i % 5),
+                    "image": "synthetic.png",
+                    "conversations": [
+                        {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
+                        {"from": "gpt", "value": "The quality of the image is good."}
+                    ]
+                })
+            })
+            .collect();
+        let data = tmp.path().join(format!("bench-{batch}.json"));
+        std::fs::write(&data, serde_json::to_vec(&items)?)?;
+        let mode = match args.train_mode {
+            TrainModeArg::Lora => Mode::Lora {
+                rank: 128,
+                alpha: 256.0,
+                dropout: 0.05,
+                targets: qalign_train::DEFAULT_LORA_TARGETS
+                    .map(String::from)
+                    .to_vec(),
+                init: None,
+            },
+            TrainModeArg::Full => Mode::Full,
+        };
+        let config = TrainConfig {
+            model_dir: dir.clone(),
+            model_name: args.model.model.clone(),
+            random_weights: args.random_weights,
+            data,
+            image_folder: tmp.path().to_owned(),
+            output: tmp.path().join(format!("out-{batch}")),
+            mode,
+            lr: 1e-5,
+            schedule: qalign_train::optim::Schedule::Constant,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            batch_size: batch,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: Some(steps),
+            seed: 0,
+            save_steps: None,
+            resume: None,
+            log_json: None,
+            device: load.device.clone(),
+            dtype: load.dtype,
+            loss: qalign_train::LossKind::Hard,
+            sampling: Default::default(),
+        };
+        let mut trainer = Trainer::new(config)?;
+        trainable_params = trainer.params().iter().map(|p| p.var.elem_count()).sum();
+        let mut secs = Vec::new();
+        trainer.run(&mut |log, _| {
+            if log.step > warmup {
+                secs.push(batch as f64 / log.samples_per_s);
+            }
+            eprintln!(
+                "batch {batch}: step {}/{steps} {:.3} s",
+                log.step,
+                batch as f64 / log.samples_per_s
+            );
+        })?;
+        let mut ms: Vec<f64> = secs.iter().map(|s| s * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let median = median_of_sorted(&ms);
+        rows.push(TrainRow {
+            batch,
+            steps: ms.len(),
+            median_ms_per_step: median,
+            min_ms_per_step: ms.first().copied().unwrap_or(f64::NAN),
+            samples_per_s: batch as f64 / (median / 1e3),
+        });
+    }
+    let report = TrainReport {
+        model: dir.display().to_string(),
+        weights: if args.random_weights {
+            "random"
+        } else {
+            "checkpoint"
+        },
+        device: args.model.device.clone(),
+        dtype: load.dtype.as_str().to_owned(),
+        mode: format!("{:?}", args.train_mode).to_lowercase(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        warmup,
+        iters,
+        trainable_params,
+        peak_rss_mib: peak_rss_mib(),
+        rows,
+    };
+    let mut w = std::io::stdout().lock();
+    match args.format {
+        BenchFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
+        BenchFormat::Table => {
+            writeln!(
+                w,
+                "training ({} mode, {} weights, {} on {}): {} trainable parameters, peak RSS {} MiB",
+                report.mode,
+                report.weights,
+                report.dtype,
+                report.device,
+                report.trainable_params,
+                report
+                    .peak_rss_mib
+                    .map_or("?".into(), |m| format!("{m:.0}"))
+            )?;
+            writeln!(
+                w,
+                "{:>6} {:>6} {:>14} {:>14} {:>12}",
+                "batch", "steps", "median ms/step", "min ms/step", "samples/s"
+            )?;
+            for r in &report.rows {
+                writeln!(
+                    w,
+                    "{:>6} {:>6} {:>14.1} {:>14.1} {:>12.3}",
+                    r.batch, r.steps, r.median_ms_per_step, r.min_ms_per_step, r.samples_per_s
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

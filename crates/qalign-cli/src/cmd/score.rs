@@ -144,6 +144,12 @@ fn parse_fps(s: &str) -> std::result::Result<f64, String> {
 impl ModelArgs {
     /// Resolves the model folder and the load options.
     pub fn resolve(&self) -> Result<(PathBuf, LoadOptions)> {
+        let resolved = resolve_model(&self.model, self.offline || offline_from_env())?;
+        Ok((resolved.dir, self.resolve_load()?))
+    }
+
+    /// The load options alone (device, dtype, format, adapter), for a folder found another way.
+    pub fn resolve_load(&self) -> Result<LoadOptions> {
         let device = parse_device(&self.device)?;
         let dtype = match self.dtype {
             DtypeArg::F32 => qalign_model::DType::F32,
@@ -151,7 +157,6 @@ impl ModelArgs {
             DtypeArg::Bf16 => qalign_model::DType::BF16,
         };
         let format = self.weights.into();
-        let resolved = resolve_model(&self.model, self.offline || offline_from_env())?;
         let adaptation = match &self.lora {
             Some(dir) => {
                 let adapter = Adapter::load(dir)
@@ -160,15 +165,12 @@ impl ModelArgs {
             }
             None => None,
         };
-        Ok((
-            resolved.dir,
-            LoadOptions {
-                device,
-                dtype,
-                format,
-                adaptation,
-            },
-        ))
+        Ok(LoadOptions {
+            device,
+            dtype,
+            format,
+            adaptation,
+        })
     }
 }
 
