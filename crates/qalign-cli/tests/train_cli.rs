@@ -551,7 +551,16 @@ fn bench_train_times_lora_steps() {
         .arg("--train")
         .arg("--model")
         .arg(tiny_model())
-        .args(["--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--format", "json"]);
+        .args([
+            "--batch-sizes",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--format",
+            "json",
+        ]);
     let r = run_expecting(&mut cmd, 0);
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(report["mode"], "lora");
@@ -568,7 +577,11 @@ fn bench_train_times_lora_steps() {
 
 #[test]
 fn video_samples_train_on_their_sampled_frames() {
-    if std::process::Command::new("ffprobe").arg("-version").output().is_err() {
+    if std::process::Command::new("ffprobe")
+        .arg("-version")
+        .output()
+        .is_err()
+    {
         eprintln!("ffprobe not found: skipping");
         return;
     }

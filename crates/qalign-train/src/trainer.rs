@@ -391,14 +391,34 @@ impl Trainer {
 
     /// Loss of a micro-batch (scalar, differentiable) and its sample count.
     fn micro_loss(&self, samples: &[&Sample]) -> Result<Tensor> {
+        // Decoding and resizing run in parallel, one thread per sample, as many at a time as there are CPUs.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut decoded: Vec<Result<_>> = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(threads) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|s| {
+                        scope.spawn(|| {
+                            load_pixels(
+                                s,
+                                &self.preprocess,
+                                &self.config.sampling,
+                                &self.dataset.path,
+                            )
+                        })
+                    })
+                    .collect();
+                decoded.extend(handles.into_iter().map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Internal("a decoder thread panicked".into()))
+                    })
+                }));
+            });
+        }
         let mut pixels = Vec::with_capacity(samples.len());
-        for s in samples {
-            let (data, n, [c, h, w]) = load_pixels(
-                s,
-                &self.preprocess,
-                &self.config.sampling,
-                &self.dataset.path,
-            )?;
+        for d in decoded {
+            let (data, n, [c, h, w]) = d?;
             pixels.push(Tensor::from_vec(data, (n, c, h, w), self.model.device())?);
         }
         let batch: Vec<TrainingSample> = samples
