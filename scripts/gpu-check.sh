@@ -3,7 +3,8 @@
 # the repository root on a machine with an NVIDIA GPU, its driver and NVIDIA's cuBLAS/cuRAND 13
 # libraries (e.g. PyTorch's pip wheels). It checks the tiny fixture model's scores on CUDA
 # against tests/fixtures/expected (f32: score15 within 8e-6; f16/bf16: deviations reported), then
-# times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights.
+# times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights,
+# then checks the LoRA training fixture on CUDA and times `bench --train` at the real dimensions.
 #   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]
 # Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
 set -u
@@ -112,3 +113,28 @@ for dtype in f16 bf16 f32; do
     summarize "$work/bench-onealign-cuda-$dtype.json"
 done
 
+
+log "training parity on CUDA (tiny model, f32): the LoRA fixture's two AdamW steps"
+F=tests/fixtures
+timeout 120 "$q" train --model $F/tiny-onealign --data $F/training/sft_batch.json --image-folder $F/images \
+    --lora-init $F/lora/q-align-tiny-lora --lr 2e-4 --lr-schedule constant --warmup-ratio 0 --weight-decay 0 \
+    --max-grad-norm 0 --lora-dropout 0 --batch-size 3 --max-steps 2 --device cuda --dtype f32 \
+    --log-json "$work/train-cuda-f32.jsonl" --output "$work/train-cuda-f32"
+echo "exit $?"
+python3 - "$work/train-cuda-f32.jsonl" <<'EOF'
+import json, sys
+exp = json.load(open("tests/fixtures/lora/expected.json"))["training"]["steps"]
+got = [json.loads(l) for l in open(sys.argv[1])]
+for g, e in zip(got, exp):
+    dl = abs(g["loss"] - e["loss"]) / e["loss"]
+    dn = abs(g["grad_norm"] - e["total_trainable_grad_norm_l2"]) / e["total_trainable_grad_norm_l2"]
+    print(f"step {g['step']}: loss rel {dl:.2e}, grad norm rel {dn:.2e} {'PASS' if dl <= 1e-5 and dn <= 1e-4 else 'FAIL'}")
+EOF
+save
+
+log "bench --train, OneAlign dimensions, random weights, bf16 (LoRA r 128 + abstractor)"
+timeout 300 "$q" bench --train --model docs/bench-configs/onealign --random-weights --device cuda --dtype bf16 \
+    --batch-sizes 1,16 --iters 3 --warmup 1 --format json > "$work/bench-train-onealign-cuda-bf16.json"
+echo "exit $?"
+cat "$work/bench-train-onealign-cuda-bf16.json"
+save
