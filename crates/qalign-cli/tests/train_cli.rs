@@ -20,17 +20,29 @@ fn lora_fixture() -> PathBuf {
     fixtures().join("lora/q-align-tiny-lora")
 }
 
-/// `qalign train` on the fixture batch with the settings of the LoRA fixture (the issue's bar).
-fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
+/// `qalign train --model <tiny> --data DATA --image-folder IMAGES --output OUT`.
+fn train_cmd(data: &Path, images: &Path, out: &Path) -> assert_cmd::Command {
     let mut cmd = qalign();
     cmd.arg("train")
         .arg("--model")
         .arg(tiny_model())
         .arg("--data")
-        .arg(fixtures().join("training/sft_batch.json"))
+        .arg(data)
         .arg("--image-folder")
-        .arg(fixtures().join("images"))
-        .arg("--lora-init")
+        .arg(images)
+        .arg("--output")
+        .arg(out);
+    cmd
+}
+
+/// `qalign train` on the fixture batch with the settings of the LoRA fixture (the issue's bar).
+fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        out,
+    );
+    cmd.arg("--lora-init")
         .arg(lora_fixture())
         .args([
             "--lr",
@@ -50,8 +62,6 @@ fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
         ])
         .arg("--log-json")
         .arg(log)
-        .arg("--output")
-        .arg(out)
         .args(extra);
     run_expecting(&mut cmd, 0)
 }
@@ -368,18 +378,8 @@ fn item(image: Value, question: &str, answer: Option<&str>) -> Value {
 
 fn train_bad(data: &Path, extra: &[&str]) -> common::Run {
     let out = data.parent().unwrap().join("out");
-    let mut cmd = qalign();
-    cmd.arg("train")
-        .arg("--model")
-        .arg(tiny_model())
-        .arg("--data")
-        .arg(data)
-        .arg("--image-folder")
-        .arg(fixtures().join("images"))
-        .arg("--output")
-        .arg(&out)
-        .args(["--lora-r", "4", "--max-steps", "1"])
-        .args(extra);
+    let mut cmd = train_cmd(data, &fixtures().join("images"), &out);
+    cmd.args(["--lora-r", "4", "--max-steps", "1"]).args(extra);
     let r = run_expecting(&mut cmd, 1);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     assert!(!out.join("adapter_config.json").exists(), "nothing written");
@@ -432,17 +432,8 @@ fn bad_training_input_is_named_and_nothing_is_written() {
     // An undecodable image (a text file named .jpg) is caught before training.
     let (tmp, data) = dataset(&serde_json::json!([item("broken.jpg".into(), q, a)]));
     std::fs::write(tmp.path().join("broken.jpg"), "not an image").unwrap();
-    let mut cmd = qalign();
-    cmd.arg("train")
-        .arg("--model")
-        .arg(tiny_model())
-        .arg("--data")
-        .arg(&data)
-        .arg("--image-folder")
-        .arg(tmp.path())
-        .arg("--output")
-        .arg(tmp.path().join("out"))
-        .args(["--max-steps", "1"]);
+    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
+    cmd.args(["--max-steps", "1"]);
     let r = run_expecting(&mut cmd, 1);
     assert!(
         r.stderr.contains("broken.jpg") && r.stderr.contains("sample 0"),
@@ -509,18 +500,12 @@ fn adapter_whose_targets_are_not_in_the_base_is_refused() {
 fn full_fine_tuning_writes_a_checkpoint_that_scores() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("full");
-    let mut cmd = qalign();
-    cmd.arg("train")
-        .arg("--full")
-        .arg("--model")
-        .arg(tiny_model())
-        .arg("--data")
-        .arg(fixtures().join("training/sft_batch.json"))
-        .arg("--image-folder")
-        .arg(fixtures().join("images"))
-        .arg("--output")
-        .arg(&out)
-        .args(["--max-steps", "1", "--batch-size", "3"]);
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &out,
+    );
+    cmd.args(["--full", "--max-steps", "1", "--batch-size", "3"]);
     let r = run_expecting(&mut cmd, 0);
     assert!(r.stderr.contains("step 1/1"), "{}", r.stderr);
     let loss = training_loss_of_first_step(&out);
@@ -594,22 +579,38 @@ fn video_samples_train_on_their_sampled_frames() {
     let (tmp, data) = dataset(&items);
     let out = tmp.path().join("out");
     let log = tmp.path().join("log.jsonl");
-    let mut cmd = qalign();
-    cmd.arg("train")
-        .arg("--model")
-        .arg(tiny_model())
-        .arg("--data")
-        .arg(&data)
-        .arg("--image-folder")
-        .arg(fixtures().join("video"))
-        .arg("--output")
-        .arg(&out)
-        .arg("--log-json")
-        .arg(&log)
-        .args(["--lora-r", "4", "--max-steps", "1", "--max-frames", "3"]);
+    let mut cmd = train_cmd(&data, &fixtures().join("video"), &out);
+    cmd.arg("--log-json").arg(&log).args([
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "1",
+        "--max-frames",
+        "3",
+    ]);
     run_expecting(&mut cmd, 0);
     let logged = log_lines(&log);
     assert_eq!(logged.len(), 1);
     assert!(num(&logged[0]["loss"]).is_finite());
     assert!(out.join("adapter_config.json").is_file());
+}
+
+#[test]
+fn bf16_training_keeps_f32_master_weights_and_tracks_the_f32_run() {
+    // The mixed-precision path (bf16 frozen weights and activations, f32 master copies and moments), on
+    // the CPU: the losses follow the f32 reference within bf16 accuracy, and the adapter is saved in f32.
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, log) = (tmp.path().join("out"), tmp.path().join("log.jsonl"));
+    train_fixture_bar(&out, &log, &["--max-steps", "2", "--dtype", "bf16"]);
+    let expected = read_json(&fixtures().join("lora/expected.json"));
+    for (got, want) in log_lines(&log)
+        .iter()
+        .zip(expected["training"]["steps"].as_array().unwrap())
+    {
+        let (l, w) = (num(&got["loss"]), num(&want["loss"]));
+        assert!((l - w).abs() <= 0.02 * w, "bf16 loss {l} vs f32 {w}");
+    }
+    let lora = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert!(lora.values().all(|t| t.dtype() == DType::F32));
 }

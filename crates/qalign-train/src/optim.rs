@@ -174,6 +174,14 @@ impl AdamW {
         Ok(())
     }
 
+    /// The f32 master copies by parameter name (only for parameters computed in another dtype).
+    pub fn masters(&self) -> HashMap<String, Tensor> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.master.as_ref().map(|m| (s.name.clone(), m.clone())))
+            .collect()
+    }
+
     /// The state to checkpoint: `exp_avg/<name>`, `exp_avg_sq/<name>` and `master/<name>`.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();

@@ -63,15 +63,18 @@ fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
     publish(tmp, path)
 }
 
-/// A CPU copy of every trainable tensor, by name.
-fn snapshot(params: &[Param], dtype: DType) -> Result<HashMap<String, Tensor>> {
+/// A CPU copy of every trainable tensor, by name, in `dtype`; `masters` (f32 copies kept by a
+/// mixed-precision optimizer) win over the model's own lower-precision values.
+fn snapshot(
+    params: &[Param],
+    masters: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
     params
         .iter()
         .map(|p| {
-            Ok((
-                p.name.clone(),
-                p.var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
-            ))
+            let t = masters.get(&p.name).unwrap_or(p.var.as_tensor());
+            Ok((p.name.clone(), t.to_device(&Device::Cpu)?.to_dtype(dtype)?))
         })
         .collect()
 }
@@ -80,18 +83,19 @@ fn is_lora(name: &str) -> bool {
     name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
 }
 
-/// The files of a LoRA adapter, written into `dir` (which must exist).
+/// The files of a LoRA adapter (f32 tensors), written into `dir` (which must exist).
 pub fn write_adapter(
     dir: &Path,
     config: &AdapterConfig,
     params: &[Param],
+    masters: &HashMap<String, Tensor>,
     model_dir: &Path,
 ) -> Result<()> {
     let config_path = dir.join(ADAPTER_CONFIG);
     if config_path.exists() {
         std::fs::remove_file(&config_path).map_err(write_err(&config_path))?;
     }
-    let tensors = snapshot(params, DType::F32)?;
+    let tensors = snapshot(params, masters, DType::F32)?;
     let mut lora = HashMap::new();
     let mut others: Vec<(&String, &Tensor)> = Vec::new();
     for (name, t) in &tensors {
@@ -137,10 +141,16 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// A full checkpoint (`model.safetensors` + the model folder's config and tokenizer files): the trained
-/// tensors, plus every checkpoint tensor that is not a parameter (the fixed position tables), read
-/// from the base model.
-pub fn write_full(dir: &Path, params: &[Param], model_dir: Option<&Path>) -> Result<()> {
-    let mut tensors = snapshot(params, params.first().map_or(DType::F32, |p| p.var.dtype()))?;
+/// tensors in the compute dtype, plus every checkpoint tensor that is not a parameter (the fixed
+/// position tables), read from the base model.
+pub fn write_full(
+    dir: &Path,
+    params: &[Param],
+    masters: &HashMap<String, Tensor>,
+    model_dir: Option<&Path>,
+) -> Result<()> {
+    let dtype = params.first().map_or(DType::F32, |p| p.var.dtype());
+    let mut tensors = snapshot(params, masters, dtype)?;
     if let Some(model_dir) = model_dir {
         let store = WeightStore::open_dir(model_dir, WeightFormat::Auto)?;
         for key in store.keys() {

@@ -562,7 +562,7 @@ impl Trainer {
             }
             return Err(err);
         }
-        self.write_output()?;
+        self.write_output(&opt)?;
         Ok(TrainSummary {
             steps: state.global_step,
             total_steps: total,
@@ -613,11 +613,14 @@ impl Trainer {
     }
 
     /// The trained weights into `dir` (adapter files, or a full checkpoint).
-    fn write_weights(&self, dir: &Path) -> Result<()> {
+    fn write_weights(&self, dir: &Path, opt: &AdamW) -> Result<()> {
         let model_dir = (!self.config.random_weights).then_some(self.config.model_dir.as_path());
+        let masters = opt.masters();
         match &self.adapter_config {
-            Some(cfg) => save::write_adapter(dir, cfg, &self.params, &self.config.model_dir),
-            None => save::write_full(dir, &self.params, model_dir),
+            Some(cfg) => {
+                save::write_adapter(dir, cfg, &self.params, &masters, &self.config.model_dir)
+            }
+            None => save::write_full(dir, &self.params, &masters, model_dir),
         }
     }
 
@@ -627,7 +630,7 @@ impl Trainer {
             .output
             .join(format!("checkpoint-{}", state.global_step));
         save::write_dir_atomic(&dest, |dir| {
-            self.write_weights(dir)?;
+            self.write_weights(dir, opt)?;
             save::write_optimizer(dir, &opt.state())?;
             save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;
             let json = serde_json::to_vec_pretty(state)
@@ -636,9 +639,9 @@ impl Trainer {
         })
     }
 
-    fn write_output(&self) -> Result<()> {
+    fn write_output(&self, opt: &AdamW) -> Result<()> {
         let out = &self.config.output;
-        self.write_weights(out)?;
+        self.write_weights(out, opt)?;
         save::write_atomic(&out.join(TRAINING_LOG), &self.log_bytes())
     }
 
