@@ -614,3 +614,41 @@ fn bf16_training_keeps_f32_master_weights_and_tracks_the_f32_run() {
         .unwrap();
     assert!(lora.values().all(|t| t.dtype() == DType::F32));
 }
+
+#[test]
+fn soft_loss_with_a_narrow_gaussian_is_the_official_loss() {
+    // The fixture ids carry MOS 62.5, 81.0 and 12.0 with answers good, excellent, bad: over that range
+    // they map to levels 3.93, 5 and 1, so a narrow Gaussian is one-hot on the answer's level.
+    let want = num(&read_json(&fixtures().join("training/expected.json"))["loss"]);
+    let first_loss = |sigma: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut cmd = train_cmd(
+            &fixtures().join("training/sft_batch.json"),
+            &fixtures().join("images"),
+            &out,
+        );
+        cmd.args([
+            "--full",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "3",
+            "--loss",
+            "soft",
+        ])
+        .args(["--soft-sigma", sigma]);
+        run_expecting(&mut cmd, 0);
+        training_loss_of_first_step(&out)
+    };
+    let narrow = first_loss("1e-4");
+    assert!(
+        (narrow - want).abs() <= 1e-5,
+        "soft σ→0 {narrow} vs hard {want}"
+    );
+    let wide = first_loss("0.8");
+    assert!(
+        (wide - want).abs() > 1e-3,
+        "a wide target changes the loss: {wide}"
+    );
+}

@@ -183,6 +183,9 @@ impl Dataset {
                             qalign_media::video::probe(&full).map_err(|e| err(e.to_string()))?;
                         let plan = qalign_media::video::plan_for(&info, &opts.sampling)
                             .map_err(|e| err(e.to_string()))?;
+                        if plan.indices().is_empty() {
+                            return Err(err(format!("{} has no frames to sample", full.display())));
+                        }
                         Visual::Video {
                             path: full,
                             frames: plan.indices().len(),
@@ -322,9 +325,12 @@ pub fn load_pixels(
             frames.extend(video.images().map(|img| preprocess.preprocess(img)));
         }
     }
-    let shape = frames[0].shape();
+    let Some(first) = frames.first() else {
+        return Err(err("the video gave no frames".into()));
+    };
+    let shape = first.shape();
     let n = frames.len();
-    let mut data = Vec::with_capacity(n * frames[0].data.len());
+    let mut data = Vec::with_capacity(n * first.data.len());
     for f in &frames {
         data.extend_from_slice(&f.data);
     }
