@@ -38,7 +38,20 @@ enum Command {
     Bench(cmd::bench::Args),
 }
 
+/// candle runs elementwise ops on a spin-waiting thread pool of its own, beside rayon's pool for
+/// matmuls; on a machine with two CPUs the two pools fight over the cores (docs/PERFORMANCE.md:
+/// "CPU threads"). Unless the user has chosen (`CANDLE_NUM_THREADS`), elementwise ops stay on the
+/// calling thread there; matmuls still use every core.
+fn tune_cpu_threads() {
+    let small = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 2);
+    if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 fn main() -> ExitCode {
+    tune_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
