@@ -124,6 +124,26 @@ pub enum TokenizerSource {
     BuiltIn,
 }
 
+/// A model folder's `preprocessor_config.json`, or the CLIP settings at `image_size` without one.
+pub fn folder_preprocess(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
+    let path = dir.join("preprocessor_config.json");
+    Ok(if path.exists() {
+        PreprocessConfig::from_file(&path)?
+    } else {
+        PreprocessConfig::clip(image_size as u32)
+    })
+}
+
+/// A model folder's `tokenizer.model`, or the built-in LLaMA-2 vocabulary without one.
+pub fn folder_tokenizer(dir: &Path) -> Result<(Tokenizer, TokenizerSource)> {
+    let path = dir.join("tokenizer.model");
+    Ok(if path.exists() {
+        (Tokenizer::from_file(&path)?, TokenizerSource::Checkpoint)
+    } else {
+        (Tokenizer::llama2_builtin(), TokenizerSource::BuiltIn)
+    })
+}
+
 /// How to load a [`Scorer`].
 #[derive(Debug, Clone, Default)]
 pub struct ScorerOptions {
@@ -155,21 +175,8 @@ impl Scorer {
     /// Wraps an already built model (e.g. [`OneAlignModel::random_init`]) with the
     /// preprocessing and tokenizer of its folder, with the same fallbacks as [`Scorer::load`].
     pub fn with_model(model: OneAlignModel, dir: &Path, opts: &ScorerOptions) -> Result<Self> {
-        let preprocess_path = dir.join("preprocessor_config.json");
-        let preprocess = if preprocess_path.exists() {
-            PreprocessConfig::from_file(&preprocess_path)?
-        } else {
-            PreprocessConfig::clip(model.config().vision.image_size as u32)
-        };
-        let tokenizer_path = dir.join("tokenizer.model");
-        let (tokenizer, tokenizer_source) = if tokenizer_path.exists() {
-            (
-                Tokenizer::from_file(&tokenizer_path)?,
-                TokenizerSource::Checkpoint,
-            )
-        } else {
-            (Tokenizer::llama2_builtin(), TokenizerSource::BuiltIn)
-        };
+        let preprocess = folder_preprocess(dir, model.config().vision.image_size)?;
+        let (tokenizer, tokenizer_source) = folder_tokenizer(dir)?;
         Self::from_parts(model, tokenizer, tokenizer_source, preprocess, opts.decode)
     }
 

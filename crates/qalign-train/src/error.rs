@@ -44,6 +44,8 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] qalign_model::ModelError),
     #[error(transparent)]
+    Score(#[from] qalign_model::ScoreError),
+    #[error(transparent)]
     Media(#[from] qalign_media::MediaError),
     #[error(transparent)]
     Tokenizer(#[from] qalign_tokenizer::TokenizerError),

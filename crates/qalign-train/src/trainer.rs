@@ -12,11 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use qalign_core::LevelSet;
 use qalign_media::{PreprocessConfig, SamplingOptions};
 use qalign_model::adapter::{Adapter, AdapterConfig};
+use qalign_model::scorer::{folder_preprocess, folder_tokenizer};
 use qalign_model::{
     Adaptation, LoadOptions, ModelConfig, OneAlignModel, Param, Trainable, TrainingSample,
     WeightFormat,
 };
-use qalign_tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -241,18 +241,8 @@ impl Trainer {
         config.check()?;
         let dir = &config.model_dir;
         let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer_path = dir.join("tokenizer.model");
-        let tokenizer = if tokenizer_path.exists() {
-            Tokenizer::from_file(&tokenizer_path)?
-        } else {
-            Tokenizer::llama2_builtin()
-        };
-        let preprocess_path = dir.join("preprocessor_config.json");
-        let preprocess = if preprocess_path.exists() {
-            PreprocessConfig::from_file(&preprocess_path)?
-        } else {
-            PreprocessConfig::clip(model_config.vision.image_size as u32)
-        };
+        let (tokenizer, _) = folder_tokenizer(dir)?;
+        let preprocess = folder_preprocess(dir, model_config.vision.image_size)?;
         let levels = LevelSet::itu();
         let data_opts = DataOptions {
             image_folder: config.image_folder.clone(),
@@ -493,15 +483,12 @@ impl Trainer {
                         state.global_step + 1
                     )));
                 }
+                // Micro-batches are grouped into steps of `accum` within an epoch; the last step of an
+                // epoch takes what is left.
                 let accum = self.config.grad_accum;
-                // The step ends after `accum` micro-batches or at the end of an epoch.
-                let last_of_epoch = in_epoch + 1 == per_epoch;
-                let in_step = (in_epoch % accum) + 1;
-                let n_in_step = if in_epoch / accum == (per_epoch - 1) / accum {
-                    per_epoch - (in_epoch / accum) * accum
-                } else {
-                    accum
-                };
+                let group_start = in_epoch - in_epoch % accum;
+                let n_in_step = accum.min(per_epoch - group_start);
+                let step_done = in_epoch + 1 == group_start + n_in_step;
                 let grads = (loss / n_in_step as f64)?.backward()?;
                 for (slot, p) in acc.iter_mut().zip(&self.params) {
                     if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -517,7 +504,7 @@ impl Trainer {
                 state.micro_batches += 1;
                 state.samples_seen += samples.len();
                 step_samples += samples.len();
-                if in_step < n_in_step && !last_of_epoch {
+                if !step_done {
                     continue;
                 }
                 let mut grads = std::mem::replace(&mut acc, vec![None; self.params.len()]);
