@@ -6,21 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-/// Extensions picked up when walking a directory: the image formats the decoder reads and the
-/// video containers the sniffer knows (not `.ts`, which is more often TypeScript than MPEG-TS).
-/// Files named explicitly are taken whatever their extension: their content decides.
-const MEDIA_EXTENSIONS: &[&str] = &[
-    "jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "mp4", "mov", "m4v", "mkv", "webm",
-    "avi", "qt", "flv", "wmv", "asf", "mts", "m2ts", "mpg", "mpeg", "vob", "ogv", "3gp", "3g2",
-    "y4m",
-];
-
-fn is_media_name(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| MEDIA_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
 fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
@@ -46,7 +31,7 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
                 .follow_links(true)
                 .into_iter()
                 .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_file() && is_media_name(e.path()))
+                .filter(|e| e.file_type().is_file() && qalign_core::is_media_file_name(e.path()))
                 .map(|e| e.into_path())
                 .collect();
             found.sort();

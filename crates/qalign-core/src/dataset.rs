@@ -11,54 +11,13 @@
 //! * CSV/TSV with a header row; quoted fields are handled.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::levels::{LevelDistribution, Scale};
-
-/// Whether an item is a still image or a video (decided by the path's extension).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MediaKind {
-    Image,
-    Video,
-}
-
-/// Extensions (lower case) treated as video.
-pub const VIDEO_EXTENSIONS: [&str; 11] = [
-    "mp4", "avi", "mkv", "mov", "webm", "m4v", "flv", "wmv", "mpg", "mpeg", "3gp",
-];
-
-impl MediaKind {
-    /// Video when the extension is one of [`VIDEO_EXTENSIONS`] (any case), image otherwise.
-    pub fn of_path(path: &str) -> Self {
-        let ext = Path::new(path)
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        match ext {
-            Some(e) if VIDEO_EXTENSIONS.contains(&e.as_str()) => MediaKind::Video,
-            _ => MediaKind::Image,
-        }
-    }
-
-    /// `"image"` or `"video"`, the word used in prompts.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MediaKind::Image => "image",
-            MediaKind::Video => "video",
-        }
-    }
-}
-
-impl fmt::Display for MediaKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::vocab::MediaKind;
 
 /// Errors while reading a label or prediction file. Each names the file and, where it applies,
 /// the record (0-based index in the file) and its line.
@@ -194,7 +153,8 @@ pub fn read_labels(path: &Path, columns: &Columns) -> Result<Dataset, DatasetErr
     let items = records
         .into_iter()
         .map(|r| LabelItem {
-            kind: MediaKind::of_path(&r.path),
+            // Content when the file is reachable from here, else the name; an unknown name is an image.
+            kind: MediaKind::of_file(Path::new(&r.path)).unwrap_or(MediaKind::Image),
             path: r.path,
             score: r.score,
             id: r.id,
@@ -418,7 +378,7 @@ fn fallback_score(
 /// README `wa5`: softmax over the logged logits of the five ITU words · [5, 4, 3, 2, 1].
 fn wa5_from_logits(logits: &Map<String, Value>) -> Result<f64, String> {
     let mut values = Vec::with_capacity(5);
-    for word in crate::levels::ITU_WORDS {
+    for word in crate::vocab::LEVEL_WORDS {
         let v = logits
             .get(word)
             .ok_or_else(|| format!("\"logits\" lacks the word \"{word}\""))?;

@@ -16,8 +16,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The five ITU-R BT.500 absolute-category-rating words, best → worst.
-pub const ITU_WORDS: [&str; 5] = ["excellent", "good", "fair", "poor", "bad"];
+use crate::vocab::LEVEL_WORDS;
 
 /// Errors from level sets, binning and level distributions.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -161,7 +160,7 @@ impl LevelSet {
     /// The five ITU words used by Q-Align: excellent, good, fair, poor, bad.
     pub fn itu() -> Self {
         Self {
-            words: ITU_WORDS.iter().map(|w| w.to_string()).collect(),
+            words: LEVEL_WORDS.iter().map(|w| w.to_string()).collect(),
         }
     }
 

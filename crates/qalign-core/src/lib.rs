@@ -7,10 +7,13 @@ pub mod levels;
 pub mod metrics;
 pub mod plot;
 pub mod syllabus;
+pub mod vocab;
 
-pub use dataset::{Columns, Dataset, DatasetError, LabelItem, MediaKind, Prediction};
+pub use dataset::{Columns, Dataset, DatasetError, LabelItem, Prediction};
 pub use levels::{
     Level, LevelDistribution, LevelError, LevelSet, Scale, Score, ScoreRange, softmax,
 };
 pub use metrics::{MetricError, Metrics};
-pub use syllabus::Task;
+pub use vocab::{
+    IMAGE_MARKER, IMAGE_TOKEN_INDEX, LEVEL_WORDS, MediaKind, Task, UnknownName, is_media_file_name,
+};

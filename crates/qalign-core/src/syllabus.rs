@@ -6,10 +6,8 @@
 //! precision (SRCC/PLCC between the MOS and the level number, the paper's Table 2) tells how much
 //! the discretisation costs.
 
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -17,49 +15,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::dataset::{Dataset, MediaKind};
+use crate::dataset::Dataset;
 use crate::levels::{LevelError, LevelSet, ScoreRange};
 use crate::metrics::{self, MetricError};
-
-/// What is rated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Quality,
-    Aesthetics,
-}
-
-impl Task {
-    /// The word used in prompts: "quality" or "aesthetics".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Quality => "quality",
-            Task::Aesthetics => "aesthetics",
-        }
-    }
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Task {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "quality" => Ok(Task::Quality),
-            "aesthetics" => Ok(Task::Aesthetics),
-            other => Err(format!(
-                "unknown task {other:?}: expected \"quality\" or \"aesthetics\""
-            )),
-        }
-    }
-}
-
-/// The image marker that follows every question.
-pub const IMAGE_MARKER: &str = "<|image|>";
+use crate::vocab::{IMAGE_MARKER, MediaKind, Task};
 
 const QUALITY_IMAGE: [&str; 9] = [
     "What is your quality rating for this image?",

@@ -5,7 +5,8 @@ mod common;
 use std::path::Path;
 
 use common::labels;
-use qalign_core::dataset::{Columns, DatasetError, MediaKind, read_labels, read_predictions};
+use qalign_core::MediaKind;
+use qalign_core::dataset::{Columns, DatasetError, read_labels, read_predictions};
 use qalign_core::levels::ScoreRange;
 
 struct Expect {
@@ -151,11 +152,14 @@ fn training_schema_keeps_id_and_answer() {
 }
 
 #[test]
-fn media_kind_by_extension() {
-    assert_eq!(MediaKind::of_path("a/b.MP4"), MediaKind::Video);
-    assert_eq!(MediaKind::of_path("x.mkv"), MediaKind::Video);
-    assert_eq!(MediaKind::of_path("x.jpg"), MediaKind::Image);
-    assert_eq!(MediaKind::of_path("noext"), MediaKind::Image);
+fn media_kind_of_items_not_on_this_machine_goes_by_name() {
+    let kind = |p: &str| MediaKind::of_file(Path::new(p));
+    assert_eq!(kind("a/b.MP4"), Some(MediaKind::Video));
+    assert_eq!(kind("x.mkv"), Some(MediaKind::Video));
+    assert_eq!(kind("x.y4m"), Some(MediaKind::Video));
+    assert_eq!(kind("x.ogv"), Some(MediaKind::Video));
+    assert_eq!(kind("x.jpg"), Some(MediaKind::Image));
+    assert_eq!(kind("noext"), None);
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{assert_close, labels};
-use qalign_core::dataset::{Columns, LabelItem, MediaKind, Prediction, read_labels};
+use qalign_core::MediaKind;
+use qalign_core::dataset::{Columns, LabelItem, Prediction, read_labels};
 use qalign_core::eval::{EvalOptions, evaluate, join, normalize_path};
 use qalign_core::metrics::{BootstrapOptions, MetricError};
 use qalign_core::plot::{PlotError, ScatterPlot, draw_scatter};
@@ -12,7 +13,7 @@ fn label(path: &str, score: f64) -> LabelItem {
     LabelItem {
         path: path.to_string(),
         score,
-        kind: MediaKind::of_path(path),
+        kind: MediaKind::from_extension(std::path::Path::new(path)).unwrap_or(MediaKind::Image),
         id: None,
         answer: None,
     }

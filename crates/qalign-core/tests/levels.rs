@@ -5,9 +5,9 @@ mod common;
 
 use common::{assert_close, fixtures};
 use proptest::prelude::*;
+use qalign_core::LEVEL_WORDS;
 use qalign_core::levels::{
-    ITU_WORDS, LevelDistribution, LevelError, LevelSet, Scale, Score, ScoreRange, softmax,
-    softmax_f64,
+    LevelDistribution, LevelError, LevelSet, Scale, Score, ScoreRange, softmax, softmax_f64,
 };
 
 fn range(m: f64, big_m: f64) -> ScoreRange {
@@ -17,7 +17,7 @@ fn range(m: f64, big_m: f64) -> ScoreRange {
 #[test]
 fn itu_words_and_weights() {
     let set = LevelSet::itu();
-    assert_eq!(set.words(), ITU_WORDS);
+    assert_eq!(set.words(), LEVEL_WORDS);
     assert_eq!(set.weights(Scale::OneToFive), vec![5.0, 4.0, 3.0, 2.0, 1.0]);
     assert_eq!(
         set.weights(Scale::ZeroToOne),

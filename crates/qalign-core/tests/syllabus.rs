@@ -4,11 +4,12 @@
 mod common;
 
 use common::{assert_close, labels};
-use qalign_core::dataset::{Columns, Dataset, LabelItem, MediaKind, read_labels};
+use qalign_core::dataset::{Columns, Dataset, LabelItem, read_labels};
 use qalign_core::levels::{LevelSet, ScoreRange};
 use qalign_core::syllabus::{
-    SftItem, SyllabusError, SyllabusOptions, Task, build_syllabus, question_pool, write_json_atomic,
+    SftItem, SyllabusError, SyllabusOptions, build_syllabus, question_pool, write_json_atomic,
 };
+use qalign_core::{MediaKind, Task};
 
 fn dataset(file: &str) -> Dataset {
     read_labels(&labels(file), &Columns::default()).unwrap()

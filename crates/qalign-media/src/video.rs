@@ -31,7 +31,7 @@ use image::RgbImage;
 pub use probe::VideoInfo;
 pub use reader::{FrameReader, SampledFrame};
 pub use sampling::{SamplingOptions, SamplingPlan};
-pub use sniff::{MediaKind, is_video, sniff_bytes, sniff_kind};
+pub use sniff::{MediaKind, is_video, sniff_kind};
 pub use tools::{FFMPEG_ENV, FFPROBE_ENV, FfmpegTools};
 
 use crate::MediaError;

@@ -143,7 +143,10 @@ fn webm_without_header_count_uses_packets() {
         "200k",
         clip.to_str().unwrap(),
     ]);
-    assert_eq!(qalign_media::sniff_kind(&clip).unwrap(), MediaKind::Video);
+    assert_eq!(
+        qalign_media::sniff_kind(&clip).unwrap(),
+        Some(MediaKind::Video)
+    );
     let info = tools().probe(&clip).unwrap();
     assert_eq!(info.header_frames, None);
     assert_eq!(info.n_frames, 36);

@@ -40,4 +40,4 @@ pub use video_score::{ClipResult, FrameResult, VideoOptions, VideoResult, Window
 pub use candle_core::{DType, Device, Tensor};
 pub use qalign_core::{LevelSet, Scale};
 pub use qalign_media::{DecodeOptions, SamplingOptions};
-pub use qalign_tokenizer::{InputKind, Task, Tokenizer};
+pub use qalign_tokenizer::{MediaKind, Task, Tokenizer};

@@ -17,8 +17,7 @@ use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
 use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 use crate::vision::VisionTransformer;
 
-/// The placeholder id (`IMAGE_TOKEN_INDEX`) where an image's or a clip's visual tokens go.
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
+pub use qalign_core::vocab::IMAGE_TOKEN_INDEX;
 
 /// Images per ViT batch inside [`OneAlignModel::encode_images`]; bounds the attention memory for long clips.
 pub const IMAGES_PER_VISION_BATCH: usize = 8;

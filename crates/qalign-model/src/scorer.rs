@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use qalign_core::{LevelDistribution, LevelError, LevelSet};
 use qalign_media::{DecodeOptions, MediaError, Pixels, PreprocessConfig, RgbImage};
 use qalign_tokenizer::{
-    InputKind, LEVEL_WORDS, Task, Tokenizer, TokenizerError, custom_scorer_prompt, level_token_ids,
+    LEVEL_WORDS, MediaKind, Task, Tokenizer, TokenizerError, custom_scorer_prompt, level_token_ids,
     scorer_prompt, tokenize_with_image,
 };
 
@@ -64,7 +64,7 @@ impl Query {
     }
 
     /// The prompt text, with one `<|image|>` marker.
-    pub fn prompt(&self, input: InputKind) -> String {
+    pub fn prompt(&self, input: MediaKind) -> String {
         match self {
             Query::Task(task) => scorer_prompt(*task, input),
             Query::Custom {
@@ -240,7 +240,7 @@ impl Scorer {
     }
 
     /// The prompt ids (with the `-200` placeholder) for a query.
-    pub fn prompt_ids(&self, query: &Query, input: InputKind) -> Vec<i64> {
+    pub fn prompt_ids(&self, query: &Query, input: MediaKind) -> Vec<i64> {
         tokenize_with_image(&self.tokenizer, &query.prompt(input))
     }
 
@@ -293,7 +293,7 @@ impl Scorer {
 
     /// Scores N encoded images (`visual`: `[N, Q + 1, D]`) for one query, in one batch.
     pub fn score_encoded_images(&self, visual: &Tensor, query: &Query) -> Result<Vec<LevelScores>> {
-        let ids = self.prompt_ids(query, InputKind::Image);
+        let ids = self.prompt_ids(query, MediaKind::Image);
         let n = visual.dim(0)?;
         let blocks = (0..n)
             .map(|i| visual.get(i))
@@ -325,7 +325,7 @@ impl Scorer {
         if clips.is_empty() {
             return Err(ScoreError::Input("no clips to score".into()));
         }
-        let ids = self.prompt_ids(query, InputKind::Video);
+        let ids = self.prompt_ids(query, MediaKind::Video);
         let prompts = vec![ids.as_slice(); clips.len()];
         let merged = self.model.merge_inputs(&prompts, clips)?;
         self.rows(&self.model.level_logits(&merged, &self.level_ids)?)
@@ -334,7 +334,7 @@ impl Scorer {
     /// The most frames one forward pass may hold for a query's video prompt within the model's
     /// position limit (`max_position_embeddings`).
     pub fn max_frames_per_pass(&self, query: &Query) -> usize {
-        let text = self.prompt_ids(query, InputKind::Video).len() - 1;
+        let text = self.prompt_ids(query, MediaKind::Video).len() - 1;
         let context = self.model.config().llm.max_position_embeddings;
         let per_frame = self.model.tokens_per_image();
         (context.saturating_sub(text) / per_frame).max(1)

@@ -113,7 +113,7 @@ fn prompt_ids_are_the_official_ones() {
             .iter()
             .map(|v| v.as_i64().unwrap())
             .collect();
-        let got = scorer.prompt_ids(&Query::Task(task), qalign_model::InputKind::Image);
+        let got = scorer.prompt_ids(&Query::Task(task), qalign_model::MediaKind::Image);
         assert_eq!(got, want, "{key}");
     }
     assert_eq!(scorer.level_ids(), &[15129, 1781, 6534, 6460, 4319]);

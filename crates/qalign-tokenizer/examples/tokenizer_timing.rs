@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qalign_tokenizer::{InputKind, Task, Tokenizer, scorer_prompt, tokenize_with_image};
+use qalign_tokenizer::{MediaKind, Task, Tokenizer, scorer_prompt, tokenize_with_image};
 
 /// Nanoseconds this thread has spent on a CPU, if the kernel exposes it.
 fn cpu_ns() -> Option<u64> {
@@ -52,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         measure(20, || Tokenizer::from_file(&path)),
     );
 
-    let prompt = scorer_prompt(Task::Quality, InputKind::Image);
+    let prompt = scorer_prompt(Task::Quality, MediaKind::Image);
     report(
         &format!(
             "tokenize_with_image, quality scorer prompt ({} ids, 10000 runs)",

@@ -9,8 +9,9 @@
 use serde::Deserialize;
 
 use crate::error::{Result, TokenizerError};
-use crate::image::{IMAGE_MARKER, tokenize_with_image};
+use crate::image::tokenize_with_image;
 use crate::tokenizer::Tokenizer;
+use qalign_core::vocab::IMAGE_MARKER;
 
 /// The vicuna v1 system prompt (`conv_vicuna_v1.system`).
 pub const VICUNA_V1_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \

@@ -35,14 +35,6 @@ pub enum TokenizerError {
     #[error("word {word:?} produces no token after BOS, so it has no level token id")]
     EmptyWord { word: String },
 
-    /// A name (task, input kind) that is not one of the known ones.
-    #[error("unknown {kind} {name:?} (expected one of: {expected})")]
-    UnknownName {
-        kind: &'static str,
-        name: String,
-        expected: &'static str,
-    },
-
     /// A training conversation that the official template code would reject.
     #[error("invalid training conversation: {reason}")]
     Conversation { reason: String },

@@ -5,11 +5,7 @@
 use crate::error::{Result, TokenizerError};
 use crate::tokenizer::Tokenizer;
 
-/// Placeholder id standing for the image (all frames of a video) in `input_ids`.
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
-
-/// The literal image marker in prompt text.
-pub const IMAGE_MARKER: &str = "<|image|>";
+use qalign_core::vocab::{IMAGE_MARKER, IMAGE_TOKEN_INDEX};
 
 /// Tokenises a prompt exactly as the official `tokenizer_image_token` does with the slow LLaMA
 /// tokenizer: split the text on [`IMAGE_MARKER`]; tokenise every non-empty chunk on its own with

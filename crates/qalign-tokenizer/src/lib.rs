@@ -18,10 +18,10 @@ pub use conversation::{
     move_image_marker_to_front, single_turn_training_text, tokenize_for_training, vicuna_v1_prompt,
 };
 pub use error::{Result, TokenizerError};
-pub use image::{IMAGE_MARKER, IMAGE_TOKEN_INDEX, level_token_ids, tokenize_with_image};
+pub use image::{level_token_ids, tokenize_with_image};
 pub use prompts::{
-    EVAL_SCRIPT_LOGGED_WORDS, InputKind, LEVEL_WORDS, Task, aesthetics_eval_script_prompt,
-    answer_prefix, custom_scorer_prompt, quality_eval_script_prompt, question,
-    score_method_prompt_repo_variant, scorer_prompt,
+    EVAL_SCRIPT_LOGGED_WORDS, aesthetics_eval_script_prompt, answer_prefix, custom_scorer_prompt,
+    quality_eval_script_prompt, question, score_method_prompt_repo_variant, scorer_prompt,
 };
+pub use qalign_core::vocab::{IMAGE_MARKER, IMAGE_TOKEN_INDEX, LEVEL_WORDS, MediaKind, Task};
 pub use tokenizer::{PieceKind, SPACE_SYMBOL, Tokenizer};

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use qalign_tokenizer::prompts::{
-    self, EVAL_SCRIPT_LOGGED_WORDS, InputKind, LEVEL_WORDS, Task, aesthetics_eval_script_prompt,
-    quality_eval_script_prompt, score_method_prompt_repo_variant,
+    self, EVAL_SCRIPT_LOGGED_WORDS, aesthetics_eval_script_prompt, quality_eval_script_prompt,
+    score_method_prompt_repo_variant,
 };
 use qalign_tokenizer::{
-    IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODEL_MAX_LENGTH, Message, PieceKind, Tokenizer,
-    TokenizerError, level_token_ids, scorer_prompt, single_turn_training_text,
+    IGNORE_INDEX, IMAGE_TOKEN_INDEX, LEVEL_WORDS, MODEL_MAX_LENGTH, MediaKind, Message, PieceKind,
+    Task, Tokenizer, TokenizerError, level_token_ids, scorer_prompt, single_turn_training_text,
     tokenize_for_training, tokenize_with_image, vicuna_v1_prompt,
 };
 use serde_json::Value;
@@ -167,27 +167,27 @@ fn qalign_prompts_by_name_and_by_text() {
     // The prompt builders give exactly the fixture strings.
     let text_of = |name: &str| prompts[name]["text"].as_str().unwrap().to_string();
     assert_eq!(
-        scorer_prompt(Task::Quality, InputKind::Image),
+        scorer_prompt(Task::Quality, MediaKind::Image),
         text_of("quality")
     );
     assert_eq!(
-        scorer_prompt(Task::Aesthetics, InputKind::Image),
+        scorer_prompt(Task::Aesthetics, MediaKind::Image),
         text_of("aesthetics")
     );
     assert_eq!(
-        scorer_prompt(Task::Quality, InputKind::Video),
+        scorer_prompt(Task::Quality, MediaKind::Video),
         text_of("video_quality")
     );
     assert_eq!(
-        score_method_prompt_repo_variant(Task::Quality, InputKind::Image),
+        score_method_prompt_repo_variant(Task::Quality, MediaKind::Image),
         text_of("score_method_quality_image")
     );
     assert_eq!(
-        score_method_prompt_repo_variant(Task::Aesthetics, InputKind::Image),
+        score_method_prompt_repo_variant(Task::Aesthetics, MediaKind::Image),
         text_of("score_method_aesthetics_image")
     );
     assert_eq!(
-        score_method_prompt_repo_variant(Task::Quality, InputKind::Video),
+        score_method_prompt_repo_variant(Task::Quality, MediaKind::Video),
         text_of("score_method_quality_video")
     );
     assert_eq!(
@@ -239,7 +239,7 @@ fn level_token_ids_match_fixture() {
 fn eval_script_prompts_match_spec_ids() {
     let tok = tokenizer();
     // Spec §5.3, iqa_eval.py.
-    let iqa = quality_eval_script_prompt(InputKind::Image);
+    let iqa = quality_eval_script_prompt(MediaKind::Image);
     assert_eq!(
         iqa,
         "USER: How would you rate the quality of this image?\n<|image|> ASSISTANT: The quality of the image is"
@@ -252,7 +252,7 @@ fn eval_script_prompts_match_spec_ids() {
         ]
     );
     // vqa_eval.py: the same with "video" (4863) in both places.
-    let vqa_ids = tokenize_with_image(tok, &quality_eval_script_prompt(InputKind::Video));
+    let vqa_ids = tokenize_with_image(tok, &quality_eval_script_prompt(MediaKind::Video));
     let mut expected_vqa = tokenize_with_image(tok, &iqa);
     for id in &mut expected_vqa {
         if *id == 1967 {
@@ -277,10 +277,10 @@ fn eval_script_prompts_match_spec_ids() {
     // A custom question in the scorer layout tokenises like the built-in one.
     assert_eq!(
         prompts::custom_scorer_prompt(
-            &prompts::question(Task::Quality, InputKind::Image),
-            &prompts::answer_prefix(Task::Quality, InputKind::Image)
+            &prompts::question(Task::Quality, MediaKind::Image),
+            &prompts::answer_prefix(Task::Quality, MediaKind::Image)
         ),
-        scorer_prompt(Task::Quality, InputKind::Image)
+        scorer_prompt(Task::Quality, MediaKind::Image)
     );
 }
 

@@ -178,7 +178,7 @@ impl Dataset {
             ImageField::One(p) => {
                 let full = resolve(&p)?;
                 match sniff_kind(&full).map_err(|e| err(e.to_string()))? {
-                    MediaKind::Video => {
+                    Some(MediaKind::Video) => {
                         let info =
                             qalign_media::video::probe(&full).map_err(|e| err(e.to_string()))?;
                         let plan = qalign_media::video::plan_for(&info, &opts.sampling)

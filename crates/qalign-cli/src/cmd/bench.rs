@@ -247,7 +247,7 @@ impl Args {
         let mut images = Vec::new();
         for path in inputs::expand(&self.images)? {
             match qalign_media::sniff_kind(&path) {
-                Ok(MediaKind::Video) => eprintln!("note: skipping video {}", path.display()),
+                Ok(Some(MediaKind::Video)) => eprintln!("note: skipping video {}", path.display()),
                 _ => images.push(path),
             }
         }
@@ -421,7 +421,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let t = args.frames as usize;
         eprintln!("timing a {t}-frame clip");
         let positions = scorer
-            .prompt_ids(&quality, qalign_model::InputKind::Video)
+            .prompt_ids(&quality, qalign_model::MediaKind::Video)
             .len()
             - 1
             + t * scorer.model().tokens_per_image();

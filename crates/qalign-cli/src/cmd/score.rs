@@ -287,8 +287,8 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
     };
     for path in &config.inputs {
         let name = path.display().to_string();
-        let kind = qalign_media::sniff_kind(path).unwrap_or(MediaKind::Unknown);
-        if kind == MediaKind::Video {
+        let kind = qalign_media::sniff_kind(path).ok().flatten();
+        if kind == Some(MediaKind::Video) {
             flush(&mut batch, out, &mut failures)?;
             bar.set_message(name.clone());
             let result =

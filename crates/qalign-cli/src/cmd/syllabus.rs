@@ -3,11 +3,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use qalign_core::dataset::{Columns, MediaKind, read_labels};
+use qalign_core::dataset::{Columns, read_labels};
 use qalign_core::levels::ScoreRange;
-use qalign_core::syllabus::{
-    ConversionReport, SyllabusOptions, Task, build_syllabus, write_json_atomic,
-};
+use qalign_core::syllabus::{ConversionReport, SyllabusOptions, build_syllabus, write_json_atomic};
+use qalign_core::{MediaKind, Task};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum TaskArg {
