@@ -66,9 +66,30 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", error_chain(&err));
+            if let Some(hint) = hint(&err) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(cmd::EXIT_ERROR)
         }
     }
+}
+
+/// What the user can do about an error the library reports in its own terms.
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    err.chain().find_map(|cause| {
+        let model_error = cause
+            .downcast_ref::<qalign_model::ModelError>()
+            .or_else(|| match cause.downcast_ref::<qalign_model::ScoreError>() {
+                Some(qalign_model::ScoreError::Model(e)) => Some(e),
+                _ => None,
+            });
+        match model_error {
+            Some(qalign_model::ModelError::NoCuda { .. }) => Some(
+                "rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit)",
+            ),
+            _ => None,
+        }
+    })
 }
 
 /// The error and its causes joined by ": ", leaving out a cause whose text the message

@@ -49,6 +49,17 @@ pub enum ModelError {
     /// The caller passed inputs the model cannot take (wrong pixel shape, image count, ...).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A device name that is not `cpu`, `cuda` or `cuda:N`.
+    #[error("unknown device `{name}`: expected cpu, cuda or cuda:N")]
+    UnknownDevice { name: String },
+    /// A dtype name that is not `f32`, `f16` or `bf16`.
+    #[error("unknown dtype `{name}`: expected f32, f16 or bf16")]
+    UnknownDtype { name: String },
+    /// A CUDA device was asked for, but this build has no CUDA support (the `cuda` feature).
+    #[error(
+        "device `{device}` needs CUDA, but this build of qalign has no CUDA support (it was built without the `cuda` feature)"
+    )]
+    NoCuda { device: crate::device::Device },
     /// A failure inside candle (device, dtype or kernel error).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,8 @@
 pub mod abstractor;
 pub mod adapt;
 pub mod adapter;
+mod batch;
+mod builder;
 pub mod config;
 mod device;
 pub mod error;
@@ -30,14 +32,18 @@ pub use model::{
     TrainingSample, TrainingTarget,
 };
 
-pub use device::parse_device;
-pub use report::{FrameRecord, ScoreRecord, WindowRecord};
+pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};
+pub use builder::ScorerBuilder;
+pub use device::{Device, Dtype, parse_device};
+pub use report::{FrameRecord, ScoreRecord, WarningRecord, WindowRecord};
 pub use scorer::{
-    LevelScores, Query, ScoreError, Scorer, ScorerOptions, TokenizerSource, balanced_windows,
+    LevelScores, Query, ScoreError, ScoreWarning, Scorer, ScorerOptions, TokenizerSource, Visual,
+    balanced_windows,
 };
 pub use video_score::{ClipResult, FrameResult, VideoOptions, VideoResult, WindowResult};
 
-pub use candle_core::{DType, Device, Tensor};
-pub use qalign_core::{LevelSet, Scale};
+/// The tensor library underneath, for callers of the low-level [`OneAlignModel`] API.
+pub use candle_core as candle;
+pub use qalign_core::{LevelSet, MediaKind, Scale, Task};
 pub use qalign_media::{DecodeOptions, SamplingOptions};
-pub use qalign_tokenizer::{MediaKind, Task, Tokenizer};
+pub use qalign_tokenizer::Tokenizer;

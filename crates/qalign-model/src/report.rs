@@ -1,10 +1,11 @@
 //! The one JSON shape of a scored item, shared by the CLI (`--format json|jsonl|csv`) and any
 //! other front end, so that every output names its scale and carries the full distribution.
 
-use qalign_core::{LevelSet, Scale};
+use qalign_core::{LevelSet, MediaKind, Scale};
 use serde::Serialize;
 
-use crate::scorer::LevelScores;
+use crate::batch::Scored;
+use crate::scorer::{LevelScores, Query, ScoreWarning};
 use crate::video_score::{ClipResult, VideoResult};
 
 /// One scored image or video for one task.
@@ -13,7 +14,7 @@ pub struct ScoreRecord {
     pub path: String,
     pub task: String,
     /// `"image"` or `"video"`.
-    pub input: &'static str,
+    pub input: MediaKind,
     pub score: f64,
     pub scale: Scale,
     /// The level words, best first: the order of `probs` and `logits`.
@@ -34,6 +35,25 @@ pub struct ScoreRecord {
     pub windows: Option<Vec<WindowRecord>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_frame: Option<Vec<FrameRecord>>,
+    /// What the score should be read with (a truncated video, ...); absent when nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<WarningRecord>,
+}
+
+/// A warning in a report: a stable code and the sentence that explains it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WarningRecord {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<&ScoreWarning> for WarningRecord {
+    fn from(w: &ScoreWarning) -> Self {
+        Self {
+            code: w.code(),
+            message: w.to_string(),
+        }
+    }
 }
 
 /// The score of one window of a long video.
@@ -66,7 +86,7 @@ impl ScoreRecord {
         Self {
             path: path.to_string(),
             task: task.to_string(),
-            input: "image",
+            input: MediaKind::Image,
             score: d.score(scale).value,
             scale,
             levels: levels.words().to_vec(),
@@ -79,7 +99,26 @@ impl ScoreRecord {
             sampled_indices: None,
             windows: None,
             per_frame: None,
+            warnings: Vec::new(),
         }
+    }
+
+    /// The records of a scored input: one per query, in query order.
+    pub fn for_scored(
+        path: &str,
+        queries: &[Query],
+        scored: &Scored,
+        levels: &LevelSet,
+        scale: Scale,
+    ) -> Vec<Self> {
+        queries
+            .iter()
+            .enumerate()
+            .map(|(q, query)| match scored {
+                Scored::Image(scores) => Self::image(path, query.name(), &scores[q], levels, scale),
+                Scored::Video(video) => Self::video(path, query.name(), q, video, levels, scale),
+            })
+            .collect()
     }
 
     /// A record for query `q` of a scored video.
@@ -93,7 +132,8 @@ impl ScoreRecord {
     ) -> Self {
         let clip: &ClipResult = &video.clip;
         let mut record = Self::image(path, task, &clip.scores[q], levels, scale);
-        record.input = "video";
+        record.input = MediaKind::Video;
+        record.warnings = video.warnings.iter().map(WarningRecord::from).collect();
         record.frames = Some(video.sampled_indices.len());
         record.fps = Some(video.info.avg_fps);
         record.sampled_indices = Some(video.sampled_indices.clone());

@@ -4,20 +4,21 @@
 //! the CLI and a server share one path that matches the official scorers.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Tensor};
-use qalign_core::{LevelDistribution, LevelError, LevelSet};
+use qalign_core::{IMAGE_MARKER, LevelDistribution, LevelError, LevelSet, MediaKind, Scale, Task};
 use qalign_media::{DecodeOptions, MediaError, Pixels, PreprocessConfig, RgbImage};
 use qalign_tokenizer::{
-    LEVEL_WORDS, MediaKind, Task, Tokenizer, TokenizerError, custom_scorer_prompt, level_token_ids,
-    scorer_prompt, tokenize_with_image,
+    Tokenizer, TokenizerError, custom_scorer_prompt, level_token_ids, scorer_prompt,
+    tokenize_with_image,
 };
 
 use crate::error::ModelError;
+use crate::hub::HubError;
 use crate::model::{LoadOptions, OneAlignModel};
 
-/// Everything that can stop a scoring call.
+/// Everything that can stop a scoring call. Variants name what went wrong and carry the
+/// numbers; none holds front-end wording (flags, commands).
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
     #[error(transparent)]
@@ -27,9 +28,67 @@ pub enum ScoreError {
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
-    Level(#[from] LevelError),
-    #[error("{0}")]
-    Input(String),
+    Level(LevelError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// A call got an empty list where it needs at least one item.
+    #[error("nothing to score: no {what} given")]
+    Empty { what: &'static str },
+    /// Preprocessed images of different shapes cannot share a batch.
+    #[error("images of different sizes in one batch: {first:?} and {other:?}")]
+    MixedSizes {
+        first: [usize; 3],
+        other: [usize; 3],
+    },
+    /// A level word's token id is not in the checkpoint's vocabulary.
+    #[error(
+        "the level word {word:?} has token id {id}, outside the model's vocabulary of {vocab}: \
+         the tokenizer and the checkpoint do not match"
+    )]
+    TokenizerMismatch { word: String, id: u32, vocab: usize },
+    /// A custom question or answer prefix is empty.
+    #[error("the custom {which} is empty")]
+    EmptyText { which: &'static str },
+    /// A custom question or answer prefix holds the image marker, which the prompt places itself.
+    #[error(
+        "the custom {which} contains the image marker {IMAGE_MARKER}; the prompt places the image itself"
+    )]
+    MarkerInText { which: &'static str },
+    /// The prompt and at least one image do not fit the model's context.
+    #[error(
+        "the prompt is too long: {text_tokens} text tokens + {visual_tokens} visual tokens \
+         exceed the model's context of {limit} positions"
+    )]
+    PromptTooLong {
+        text_tokens: usize,
+        visual_tokens: usize,
+        limit: usize,
+    },
+    /// The network produced NaN or infinite level logits: a fault of the weights (corrupt, or
+    /// overflowing in a half dtype), not of the input.
+    #[error(
+        "the model produced a non-finite level logit ({value}): its weights hold NaN/Inf values \
+         or overflow in this dtype (f32 avoids overflow)"
+    )]
+    NonFiniteOutput { value: f32 },
+    /// A clip yielded no frame to score.
+    #[error("the clip has no frames to score")]
+    NoFrames,
+    /// The frame stream ended before the planned frames were read.
+    #[error("the clip ended after {decoded} of {expected} frames")]
+    ClipEnded { decoded: usize, expected: usize },
+    /// A warning that strict mode turns into an error.
+    #[error("{0} (an error in strict mode)")]
+    Strict(ScoreWarning),
+}
+
+impl From<LevelError> for ScoreError {
+    fn from(e: LevelError) -> Self {
+        match e {
+            LevelError::NonFiniteLogit { value, .. } => Self::NonFiniteOutput { value },
+            other => Self::Level(other),
+        }
+    }
 }
 
 impl From<candle_core::Error> for ScoreError {
@@ -38,7 +97,54 @@ impl From<candle_core::Error> for ScoreError {
     }
 }
 
+impl ScoreError {
+    /// Whether the message already names `path` (media errors do), so that a front end names
+    /// each file once.
+    pub fn names_path(&self, path: &Path) -> bool {
+        let shown = path.display().to_string();
+        !shown.is_empty() && self.to_string().contains(&shown)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, ScoreError>;
+
+/// Something a result should be read with: the item was scored, but not quite as asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScoreWarning {
+    /// The clip is shorter than one sampling period: scored on its first frame.
+    #[error(
+        "shorter than one sampling period ({frames} frames at {fps:.3} fps): scored on its first frame"
+    )]
+    ShortClip { frames: usize, fps: f64 },
+    /// More frames were sampled than the frame cap allows: spread uniformly instead.
+    #[error("{sampled} sampled frames capped to {kept} (uniformly spread)")]
+    FramesCapped { sampled: usize, kept: usize },
+    /// The container promised more frames than could be decoded (a cut or damaged file).
+    #[error(
+        "truncated video: the header promises {expected_frames} frames but only {decoded_frames} \
+         could be decoded; scored on {scored_frames} sampled frame(s) of the decodable part"
+    )]
+    Truncated {
+        expected_frames: usize,
+        decoded_frames: usize,
+        scored_frames: usize,
+    },
+    /// The stream ended early and some sampled frames repeat the last decoded one.
+    #[error("the stream ended early; {count} sampled frame(s) repeat the last decoded frame")]
+    RepeatedFrames { count: usize },
+}
+
+impl ScoreWarning {
+    /// A stable machine-readable name (the `code` of a report's warning).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ScoreWarning::ShortClip { .. } => "short_clip",
+            ScoreWarning::FramesCapped { .. } => "frames_capped",
+            ScoreWarning::Truncated { .. } => "truncated",
+            ScoreWarning::RepeatedFrames { .. } => "repeated_frames",
+        }
+    }
+}
 
 /// What to ask the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +152,7 @@ pub enum Query {
     /// One of the official scorer prompts.
     Task(Task),
     /// A custom question (`USER: <question>\n<|image|>\nASSISTANT: <answer_prefix>`); the level
-    /// words are read right after the answer prefix.
+    /// words are read right after the answer prefix. Build it with [`Query::custom`].
     Custom {
         question: String,
         answer_prefix: String,
@@ -54,11 +160,20 @@ pub enum Query {
 }
 
 impl Query {
+    /// A custom question, checked: neither part may be blank or hold the image marker.
+    pub fn custom(question: impl Into<String>, answer_prefix: impl Into<String>) -> Result<Self> {
+        let query = Query::Custom {
+            question: question.into(),
+            answer_prefix: answer_prefix.into(),
+        };
+        query.check_text()?;
+        Ok(query)
+    }
+
     /// The name used in reports: `quality`, `aesthetics` or `custom`.
     pub fn name(&self) -> &'static str {
         match self {
-            Query::Task(Task::Quality) => "quality",
-            Query::Task(Task::Aesthetics) => "aesthetics",
+            Query::Task(task) => task.as_str(),
             Query::Custom { .. } => "custom",
         }
     }
@@ -73,6 +188,30 @@ impl Query {
             } => custom_scorer_prompt(question, answer_prefix),
         }
     }
+
+    fn check_text(&self) -> Result<()> {
+        if let Query::Custom {
+            question,
+            answer_prefix,
+        } = self
+        {
+            for (which, text) in [("question", question), ("answer prefix", answer_prefix)] {
+                if text.trim().is_empty() {
+                    return Err(ScoreError::EmptyText { which });
+                }
+                if text.contains(IMAGE_MARKER) {
+                    return Err(ScoreError::MarkerInText { which });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<Task> for Query {
+    fn from(task: Task) -> Self {
+        Query::Task(task)
+    }
 }
 
 /// The level logits of one scored item and the distribution they give.
@@ -85,6 +224,11 @@ pub struct LevelScores {
 }
 
 impl LevelScores {
+    /// The score on `scale`: the level-weighted mean of the probabilities (paper Eq. 4).
+    pub fn score(&self, scale: Scale) -> f64 {
+        self.distribution.score(scale).value
+    }
+
     fn from_logits(logits: Vec<f32>) -> Result<Self> {
         let distribution = LevelDistribution::from_logits(&logits)?;
         Ok(Self {
@@ -99,7 +243,9 @@ impl LevelScores {
         let total: f64 = parts.iter().map(|(_, w)| w).sum();
         let n = parts.first().map_or(0, |(s, _)| s.logits.len());
         if parts.is_empty() || total <= 0.0 || n == 0 {
-            return Err(ScoreError::Input("nothing to combine".into()));
+            return Err(ScoreError::Empty {
+                what: "weighted results",
+            });
         }
         let mut probs = vec![0.0f64; n];
         for (scores, weight) in parts {
@@ -144,11 +290,42 @@ pub fn folder_tokenizer(dir: &Path) -> Result<(Tokenizer, TokenizerSource)> {
     })
 }
 
-/// How to load a [`Scorer`].
+/// How to load a [`Scorer`] from a folder (the low-level path; [`Scorer::builder`] is the
+/// front door).
 #[derive(Debug, Clone, Default)]
 pub struct ScorerOptions {
     pub load: LoadOptions,
     pub decode: DecodeOptions,
+    /// The level words read from the logits, best first (default: the five ITU words).
+    pub levels: LevelSet,
+}
+
+/// The visual tokens of encoded images or frames (`[N, Q + 1, D]` on the model's device),
+/// ready to be scored for any number of queries.
+#[derive(Debug, Clone)]
+pub struct Visual {
+    tokens: Tensor,
+}
+
+impl Visual {
+    /// How many images or frames it holds.
+    pub fn len(&self) -> usize {
+        self.tokens.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wraps visual tokens `[N, Q + 1, D]` made another way (low level: benchmarks use random ones).
+    pub fn from_tensor(tokens: Tensor) -> Self {
+        Self { tokens }
+    }
+
+    /// The underlying tensor (low level).
+    pub fn tensor(&self) -> &Tensor {
+        &self.tokens
+    }
 }
 
 /// A loaded model with its tokenizer, preprocessing and level words.
@@ -160,8 +337,9 @@ pub struct Scorer {
     decode: DecodeOptions,
     levels: LevelSet,
     level_ids: Vec<u32>,
-    /// Images and frames encoded so far (ViT + abstractor passes), for statistics and tests.
-    images_encoded: AtomicUsize,
+    /// Images and frames through the ViT and abstractor, for the crate's own tests.
+    #[cfg(test)]
+    images_encoded: std::sync::atomic::AtomicUsize,
 }
 
 impl Scorer {
@@ -177,7 +355,14 @@ impl Scorer {
     pub fn with_model(model: OneAlignModel, dir: &Path, opts: &ScorerOptions) -> Result<Self> {
         let preprocess = folder_preprocess(dir, model.config().vision.image_size)?;
         let (tokenizer, tokenizer_source) = folder_tokenizer(dir)?;
-        Self::from_parts(model, tokenizer, tokenizer_source, preprocess, opts.decode)
+        Self::from_parts(
+            model,
+            tokenizer,
+            tokenizer_source,
+            preprocess,
+            opts.decode,
+            opts.levels.clone(),
+        )
     }
 
     /// Assembles a scorer from loaded parts.
@@ -187,14 +372,21 @@ impl Scorer {
         tokenizer_source: TokenizerSource,
         preprocess: PreprocessConfig,
         decode: DecodeOptions,
+        levels: LevelSet,
     ) -> Result<Self> {
-        let levels = LevelSet::itu();
-        let level_ids = level_token_ids(&tokenizer, &LEVEL_WORDS)?;
+        let words: Vec<&str> = levels.words().iter().map(String::as_str).collect();
+        let level_ids = level_token_ids(&tokenizer, &words)?;
         let vocab = model.config().llm.vocab_size;
-        if let Some(bad) = level_ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(ScoreError::Input(format!(
-                "level token id {bad} is outside the model's vocabulary of {vocab}: tokenizer and checkpoint do not match"
-            )));
+        if let Some((word, &id)) = words
+            .iter()
+            .zip(&level_ids)
+            .find(|&(_, &id)| id as usize >= vocab)
+        {
+            return Err(ScoreError::TokenizerMismatch {
+                word: (*word).to_string(),
+                id,
+                vocab,
+            });
         }
         Ok(Self {
             model,
@@ -204,10 +396,12 @@ impl Scorer {
             decode,
             levels,
             level_ids,
-            images_encoded: AtomicUsize::new(0),
+            #[cfg(test)]
+            images_encoded: Default::default(),
         })
     }
 
+    /// The network itself (low level: tensors in, tensors out).
     pub fn model(&self) -> &OneAlignModel {
         &self.model
     }
@@ -229,19 +423,34 @@ impl Scorer {
         &self.levels
     }
 
-    /// How many images and frames went through the ViT and abstractor so far.
-    pub fn images_encoded(&self) -> usize {
-        self.images_encoded.load(Ordering::Relaxed)
-    }
-
     /// Token ids of the level words.
     pub fn level_ids(&self) -> &[u32] {
         &self.level_ids
     }
 
-    /// The prompt ids (with the `-200` placeholder) for a query.
-    pub fn prompt_ids(&self, query: &Query, input: MediaKind) -> Vec<i64> {
-        tokenize_with_image(&self.tokenizer, &query.prompt(input))
+    /// The prompt ids (with the `-200` placeholder) for a query. A custom query must be valid
+    /// and its prompt must leave room in the model's context for at least one image.
+    pub fn prompt_ids(&self, query: &Query, input: MediaKind) -> Result<Vec<i64>> {
+        query.check_text()?;
+        let limit = self.model.config().llm.max_position_embeddings;
+        let visual_tokens = self.model.tokens_per_image();
+        let too_long = |text_tokens| ScoreError::PromptTooLong {
+            text_tokens,
+            visual_tokens,
+            limit,
+        };
+        let prompt = query.prompt(input);
+        // No token is shorter than one byte after the first: a prompt of more bytes than the
+        // context holds positions cannot fit, and is refused before it is tokenised.
+        if prompt.len() > limit * 64 {
+            return Err(too_long(prompt.len() / 64));
+        }
+        let ids = tokenize_with_image(&self.tokenizer, &prompt);
+        let text_tokens = ids.len().saturating_sub(1);
+        if text_tokens + visual_tokens > limit {
+            return Err(too_long(text_tokens));
+        }
+        Ok(ids)
     }
 
     /// Decodes and preprocesses an image file.
@@ -258,20 +467,18 @@ impl Scorer {
         self.preprocess.preprocess(image)
     }
 
-    /// Stacks preprocessed images into a `[N, 3, H, W]` f32 tensor on the model's device.
+    /// Stacks preprocessed images into a `[N, 3, H, W]` f32 tensor on the model's device (low
+    /// level: the model's input).
     pub fn pixels_tensor(&self, images: &[&Pixels]) -> Result<Tensor> {
-        let first = images
-            .first()
-            .ok_or_else(|| ScoreError::Input("no images".into()))?;
+        let first = images.first().ok_or(ScoreError::Empty { what: "images" })?;
         let shape = first.shape();
         let mut data = Vec::with_capacity(images.len() * first.data.len());
         for image in images {
             if image.shape() != shape {
-                return Err(ScoreError::Input(format!(
-                    "images of different sizes in one batch: {:?} and {:?}",
-                    shape,
-                    image.shape()
-                )));
+                return Err(ScoreError::MixedSizes {
+                    first: shape,
+                    other: image.shape(),
+                });
             }
             data.extend_from_slice(&image.data);
         }
@@ -282,21 +489,22 @@ impl Scorer {
         )?)
     }
 
-    /// ViT + abstractor: the visual tokens `[N, Q + 1, D]` of preprocessed images or frames.
-    pub fn encode(&self, images: &[&Pixels]) -> Result<Tensor> {
+    /// ViT + abstractor: the visual tokens of preprocessed images or frames.
+    pub fn encode(&self, images: &[&Pixels]) -> Result<Visual> {
         let pixels = self.pixels_tensor(images)?;
-        let visual = self.model.encode_images(&pixels)?;
+        let tokens = self.model.encode_images(&pixels)?;
+        #[cfg(test)]
         self.images_encoded
-            .fetch_add(images.len(), Ordering::Relaxed);
-        Ok(visual)
+            .fetch_add(images.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(Visual { tokens })
     }
 
-    /// Scores N encoded images (`visual`: `[N, Q + 1, D]`) for one query, in one batch.
-    pub fn score_encoded_images(&self, visual: &Tensor, query: &Query) -> Result<Vec<LevelScores>> {
-        let ids = self.prompt_ids(query, MediaKind::Image);
-        let n = visual.dim(0)?;
+    /// Scores N encoded images for one query, in one batch.
+    pub fn score_encoded_images(&self, visual: &Visual, query: &Query) -> Result<Vec<LevelScores>> {
+        let ids = self.prompt_ids(query, MediaKind::Image)?;
+        let n = visual.len();
         let blocks = (0..n)
-            .map(|i| visual.get(i))
+            .map(|i| visual.tokens.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let prompts = vec![ids.as_slice(); n];
         let merged = self.model.merge_inputs(&prompts, &blocks)?;
@@ -310,6 +518,12 @@ impl Scorer {
         images: &[&Pixels],
         queries: &[Query],
     ) -> Result<Vec<Vec<LevelScores>>> {
+        if queries.is_empty() {
+            return Err(ScoreError::Empty { what: "queries" });
+        }
+        for query in queries {
+            self.prompt_ids(query, MediaKind::Image)?;
+        }
         let visual = self.encode(images)?;
         let per_query = queries
             .iter()
@@ -318,26 +532,27 @@ impl Scorer {
         Ok(transpose(per_query, images.len()))
     }
 
-    /// Scores clips given their encoded frames (each `[T_i, Q + 1, D]`), all spliced at the
-    /// single `<|image|>` of the video prompt, in one padded batch. Every clip is read at its own
-    /// last real token, so a clip scores the same in a batch as alone.
-    pub fn score_encoded_clips(&self, clips: &[Tensor], query: &Query) -> Result<Vec<LevelScores>> {
+    /// Scores clips given their encoded frames, all spliced at the single `<|image|>` of the
+    /// video prompt, in one padded batch. Every clip is read at its own last real token, so a
+    /// clip scores the same in a batch as alone.
+    pub fn score_encoded_clips(&self, clips: &[Visual], query: &Query) -> Result<Vec<LevelScores>> {
         if clips.is_empty() {
-            return Err(ScoreError::Input("no clips to score".into()));
+            return Err(ScoreError::Empty { what: "clips" });
         }
-        let ids = self.prompt_ids(query, MediaKind::Video);
+        let ids = self.prompt_ids(query, MediaKind::Video)?;
         let prompts = vec![ids.as_slice(); clips.len()];
-        let merged = self.model.merge_inputs(&prompts, clips)?;
+        let tokens: Vec<Tensor> = clips.iter().map(|c| c.tokens.clone()).collect();
+        let merged = self.model.merge_inputs(&prompts, &tokens)?;
         self.rows(&self.model.level_logits(&merged, &self.level_ids)?)
     }
 
     /// The most frames one forward pass may hold for a query's video prompt within the model's
     /// position limit (`max_position_embeddings`).
-    pub fn max_frames_per_pass(&self, query: &Query) -> usize {
-        let text = self.prompt_ids(query, MediaKind::Video).len() - 1;
+    pub fn max_frames_per_pass(&self, query: &Query) -> Result<usize> {
+        let text = self.prompt_ids(query, MediaKind::Video)?.len() - 1;
         let context = self.model.config().llm.max_position_embeddings;
         let per_frame = self.model.tokens_per_image();
-        (context.saturating_sub(text) / per_frame).max(1)
+        Ok((context.saturating_sub(text) / per_frame).max(1))
     }
 
     fn rows(&self, logits: &Tensor) -> Result<Vec<LevelScores>> {
@@ -387,6 +602,25 @@ pub fn balanced_windows(total: usize, max: usize) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_image_is_encoded_once_whatever_the_number_of_queries() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"));
+        let scorer = Scorer::load(&dir.join("tiny-onealign"), &ScorerOptions::default()).unwrap();
+        let pixels: Vec<Pixels> = ["boy_colorful.jpg", "synth_rgba_255x180.png"]
+            .iter()
+            .map(|n| scorer.load_image(&dir.join("images").join(n)).unwrap())
+            .collect();
+        let refs: Vec<&Pixels> = pixels.iter().collect();
+        let queries = [Query::Task(Task::Quality), Query::Task(Task::Aesthetics)];
+        let results = scorer.score_images(&refs, &queries).unwrap();
+        assert_eq!(results.len(), 2);
+        assert!(results.iter().all(|r| r.len() == 2));
+        let encoded = scorer
+            .images_encoded
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(encoded, 2);
+    }
 
     #[test]
     fn windows_cover_all_frames_in_order() {

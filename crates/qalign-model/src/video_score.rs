@@ -8,7 +8,9 @@ use std::path::Path;
 use qalign_media::Pixels;
 use qalign_media::video::{self, SamplingOptions, VideoInfo};
 
-use crate::scorer::{LevelScores, Query, Result, ScoreError, Scorer, balanced_windows};
+use crate::scorer::{
+    LevelScores, Query, Result, ScoreError, ScoreWarning, Scorer, balanced_windows,
+};
 
 /// How to score a video.
 #[derive(Debug, Clone, Default)]
@@ -67,20 +69,22 @@ impl ClipResult {
 pub struct VideoResult {
     pub info: VideoInfo,
     pub sampled_indices: Vec<usize>,
-    /// Human-readable warnings (short clip, capped frames, repeated frames).
-    pub warnings: Vec<String>,
+    /// What the result should be read with (short clip, capped or repeated frames, truncation).
+    pub warnings: Vec<ScoreWarning>,
     pub clip: ClipResult,
 }
 
 impl Scorer {
     /// Frames per forward pass for these queries and options.
-    pub fn window_size(&self, queries: &[Query], window: Option<usize>) -> usize {
-        let context_bound = queries
-            .iter()
-            .map(|q| self.max_frames_per_pass(q))
-            .min()
-            .unwrap_or(1);
-        window.map_or(context_bound, |w| w.clamp(1, context_bound))
+    pub fn window_size(&self, queries: &[Query], window: Option<usize>) -> Result<usize> {
+        let mut context_bound = usize::MAX;
+        for query in queries {
+            context_bound = context_bound.min(self.max_frames_per_pass(query)?);
+        }
+        if queries.is_empty() {
+            context_bound = 1;
+        }
+        Ok(window.map_or(context_bound, |w| w.clamp(1, context_bound)))
     }
 
     /// Scores a stream of preprocessed frames `(source_index, pixels)` of known count `total`.
@@ -99,12 +103,12 @@ impl Scorer {
         I: IntoIterator<Item = Result<(usize, Pixels)>>,
     {
         if total == 0 {
-            return Err(ScoreError::Input("the clip has no frames to score".into()));
+            return Err(ScoreError::NoFrames);
         }
         if queries.is_empty() {
-            return Err(ScoreError::Input("no query to score".into()));
+            return Err(ScoreError::Empty { what: "queries" });
         }
-        let plan = balanced_windows(total, self.window_size(queries, options.window));
+        let plan = balanced_windows(total, self.window_size(queries, options.window)?);
         let mut frames = frames.into_iter();
         let mut windows = Vec::with_capacity(plan.len());
         let mut per_frame = Vec::new();
@@ -113,11 +117,9 @@ impl Scorer {
             let mut indices = Vec::with_capacity(len);
             let mut pixels = Vec::with_capacity(len);
             for _ in 0..len {
-                let (index, frame) = frames.next().ok_or_else(|| {
-                    ScoreError::Input(format!(
-                        "the clip ended after {} of {total} frames",
-                        done + pixels.len()
-                    ))
+                let (index, frame) = frames.next().ok_or(ScoreError::ClipEnded {
+                    decoded: done + pixels.len(),
+                    expected: total,
                 })??;
                 indices.push(index);
                 pixels.push(frame);
@@ -189,20 +191,16 @@ impl Scorer {
         let plan = video::plan_for(&info, &options.sampling)?;
         let mut warnings = Vec::new();
         if plan.is_shorter_than_period() {
-            warnings.push(format!(
-                "{}: shorter than one sampling period ({} frames at {:.3} fps): scored on its first frame",
-                path.display(),
-                info.n_frames,
-                info.avg_fps
-            ));
+            warnings.push(ScoreWarning::ShortClip {
+                frames: info.n_frames,
+                fps: info.avg_fps,
+            });
         }
         if plan.is_capped() {
-            warnings.push(format!(
-                "{}: {} sampled frames capped to {} (uniformly spread)",
-                path.display(),
-                plan.uncapped_count(),
-                plan.indices().len()
-            ));
+            warnings.push(ScoreWarning::FramesCapped {
+                sampled: plan.uncapped_count(),
+                kept: plan.indices().len(),
+            });
         }
         let total = plan.indices().len();
         let reader = video::open_frames(&info, &plan)?;
@@ -219,10 +217,7 @@ impl Scorer {
                 progress(done, total)
             })?;
         if repeated > 0 {
-            warnings.push(format!(
-                "{}: the stream ended early; {repeated} sampled frame(s) repeat the last decoded frame",
-                path.display()
-            ));
+            warnings.push(ScoreWarning::RepeatedFrames { count: repeated });
         }
         Ok(VideoResult {
             info,

@@ -12,10 +12,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_media::{MediaKind, Pixels, RgbImage};
+use qalign_model::candle::{Device, Tensor};
 use qalign_model::model::IMAGES_PER_VISION_BATCH;
-use qalign_model::{
-    Device, ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Tensor,
-};
+use qalign_model::{ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Visual};
 use serde::Serialize;
 
 use crate::cmd::score::ModelArgs;
@@ -302,7 +301,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     let options = ScorerOptions {
         load,
-        decode: Default::default(),
+        ..Default::default()
     };
     let start = Instant::now();
     let scorer = load_scorer(&dir, &options, args.random_weights)?;
@@ -421,7 +420,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let t = args.frames as usize;
         eprintln!("timing a {t}-frame clip");
         let positions = scorer
-            .prompt_ids(&quality, qalign_model::MediaKind::Video)
+            .prompt_ids(&quality, qalign_model::MediaKind::Video)?
             .len()
             - 1
             + t * scorer.model().tokens_per_image();
@@ -437,6 +436,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             &device,
         )?
         .to_dtype(dtype)?;
+        let tokens = Visual::from_tensor(tokens);
         let samples = time_runs(&device, warmup, iters, || {
             Ok(scorer.score_encoded_clips(std::slice::from_ref(&tokens), &quality)?)
         })?;
@@ -472,7 +472,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         } else {
             "checkpoint"
         },
-        device: args.model.device.clone(),
+        device: args.model.device.to_string(),
         dtype: dtype.as_str().to_string(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rayon_num_threads: std::env::var("RAYON_NUM_THREADS").ok(),
@@ -755,7 +755,7 @@ fn run_train(args: &Args) -> Result<ExitCode> {
         } else {
             "checkpoint"
         },
-        device: args.model.device.clone(),
+        device: args.model.device.to_string(),
         dtype: load.dtype.as_str().to_owned(),
         mode: format!("{:?}", args.train_mode).to_lowercase(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),

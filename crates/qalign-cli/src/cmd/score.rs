@@ -3,19 +3,19 @@
 //! reported and skipped, and the run exits with code 3 at the end.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_core::Scale;
-use qalign_media::{MediaKind, SamplingOptions};
-use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+use qalign_media::SamplingOptions;
+use qalign_model::hub::DEFAULT_MODEL;
 use qalign_model::{
-    Adapter, LoadOptions, Query, ScoreRecord, Scorer, ScorerOptions, Task, VideoOptions,
-    WeightFormat, parse_device,
+    Device, Dtype, LoadOptions, Query, ScoreOptions, ScoreRecord, Scorer, ScorerBuilder, Task,
+    VideoOptions, WeightFormat,
 };
 
 use crate::cmd::EXIT_PARTIAL;
@@ -92,6 +92,9 @@ pub struct Args {
     /// Video: also score each sampled frame alone with the image prompt (a per-second timeline).
     #[arg(long)]
     per_frame: bool,
+    /// Treat warnings (a truncated video, repeated or capped frames) as errors for that input.
+    #[arg(long)]
+    strict: bool,
 }
 
 /// Flags shared by every command that loads a model.
@@ -105,7 +108,7 @@ pub struct ModelArgs {
     pub offline: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// Compute dtype. f32 reproduces the reference; f16/bf16 halve memory (see docs/PARITY.md).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
@@ -141,36 +144,47 @@ fn parse_fps(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+impl From<DtypeArg> for Dtype {
+    fn from(arg: DtypeArg) -> Self {
+        match arg {
+            DtypeArg::F32 => Dtype::F32,
+            DtypeArg::F16 => Dtype::F16,
+            DtypeArg::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
 impl ModelArgs {
+    /// The library's scorer builder for these flags.
+    pub fn builder(&self) -> ScorerBuilder {
+        let mut builder = Scorer::builder()
+            .model(&self.model)
+            .device(self.device)
+            .dtype(self.dtype.into())
+            .weights(self.weights.into());
+        if self.offline {
+            builder = builder.offline(true);
+        }
+        if let Some(dir) = &self.lora {
+            builder = builder.lora(dir);
+        }
+        builder
+    }
+
     /// Resolves the model folder and the load options.
     pub fn resolve(&self) -> Result<(PathBuf, LoadOptions)> {
-        let resolved = resolve_model(&self.model, self.offline || offline_from_env())?;
-        Ok((resolved.dir, self.resolve_load()?))
+        let builder = self.builder();
+        Ok((builder.resolve()?, self.resolve_load()?))
     }
 
     /// The load options alone (device, dtype, format, adapter), for a folder found another way.
     pub fn resolve_load(&self) -> Result<LoadOptions> {
-        let device = parse_device(&self.device)?;
-        let dtype = match self.dtype {
-            DtypeArg::F32 => qalign_model::DType::F32,
-            DtypeArg::F16 => qalign_model::DType::F16,
-            DtypeArg::Bf16 => qalign_model::DType::BF16,
-        };
-        let format = self.weights.into();
-        let adaptation = match &self.lora {
-            Some(dir) => {
-                let adapter = Adapter::load(dir)
-                    .with_context(|| format!("cannot load the LoRA adapter {}", dir.display()))?;
-                Some(Arc::new(adapter.merged_adaptation()))
-            }
-            None => None,
-        };
-        Ok(LoadOptions {
-            device,
-            dtype,
-            format,
-            adaptation,
-        })
+        let options = self.builder().load_options();
+        match (&self.lora, options) {
+            (Some(dir), Err(e)) => Err(anyhow::Error::new(e)
+                .context(format!("cannot load the LoRA adapter {}", dir.display()))),
+            (_, options) => Ok(options?),
+        }
     }
 }
 
@@ -182,19 +196,14 @@ struct ScoreConfig {
     scale: Scale,
     format: Format,
     video: VideoOptions,
+    strict: bool,
 }
 
 impl Args {
     fn validate(&self) -> Result<ScoreConfig> {
         let queries = match (&self.question, &self.answer_prefix) {
             (Some(question), Some(answer_prefix)) => {
-                if question.trim().is_empty() || answer_prefix.trim().is_empty() {
-                    bail!("--question and --answer-prefix must not be empty");
-                }
-                vec![Query::Custom {
-                    question: question.clone(),
-                    answer_prefix: answer_prefix.clone(),
-                }]
+                vec![Query::custom(question, answer_prefix).context("--question/--answer-prefix")?]
             }
             _ => match self.task {
                 TaskArg::Quality => vec![Query::Task(Task::Quality)],
@@ -215,21 +224,24 @@ impl Args {
                 window: self.window.map(|n| n as usize),
                 per_frame: self.per_frame,
             },
+            strict: self.strict,
         })
     }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let config = args.validate()?;
-    let (dir, load) = args.model.resolve()?;
+    let builder = args.model.builder().exif_orientation(args.exif_orientation);
+    let dir = builder.resolve()?;
     let started = Instant::now();
     eprintln!("loading model from {}", dir.display());
-    let options = ScorerOptions {
-        load,
-        decode: qalign_media::DecodeOptions {
-            exif_orientation: args.exif_orientation,
-        },
-    };
+    let options = builder
+        .scorer_options()
+        .map_err(|e| match &args.model.lora {
+            Some(lora) => anyhow::Error::new(e)
+                .context(format!("cannot load the LoRA adapter {}", lora.display())),
+            None => e.into(),
+        })?;
     let scorer = Scorer::load(&dir, &options)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
@@ -248,90 +260,69 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Scores every input in order, batching consecutive images; returns the number of failures.
+/// Scores every input through the library's one-call path, writing each record as it comes;
+/// returns the number of failures.
 fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<usize> {
     let bar = progress::bar(config.inputs.len() as u64, "scoring");
     let mut failures = 0;
-    let mut batch: Vec<(String, qalign_media::Pixels)> = Vec::new();
-    let flush = |batch: &mut Vec<(String, qalign_media::Pixels)>,
-                 out: &mut Output,
-                 failures: &mut usize|
-     -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let pixels: Vec<&qalign_media::Pixels> = batch.iter().map(|(_, p)| p).collect();
-        match scorer.score_images(&pixels, &config.queries) {
-            Ok(results) => {
-                for ((path, _), per_query) in batch.iter().zip(results) {
-                    for (query, scores) in config.queries.iter().zip(per_query) {
-                        out.emit(ScoreRecord::image(
-                            path,
-                            query.name(),
-                            &scores,
-                            scorer.levels(),
-                            config.scale,
-                        ))?;
+    let mut write_error = None;
+    let options = ScoreOptions {
+        batch_size: config.batch_size,
+        video: config.video.clone(),
+        strict: config.strict,
+    };
+    let mut on_item = |item: qalign_model::ItemOutcome| {
+        let name = item.path.display().to_string();
+        match item.result {
+            Ok(scored) => {
+                for warning in scored.warnings() {
+                    bar.suspend(|| eprintln!("warning: {name}: {warning}"));
+                }
+                let records = ScoreRecord::for_scored(
+                    &name,
+                    &config.queries,
+                    &scored,
+                    scorer.levels(),
+                    config.scale,
+                );
+                for record in records {
+                    if let Err(e) = out.emit(record) {
+                        write_error = Some(e);
+                        return ControlFlow::Break(());
                     }
                 }
             }
             Err(err) => {
-                for (path, _) in batch.iter() {
-                    eprintln!("error: {path}: {err}");
+                failures += 1;
+                if err.names_path(&item.path) {
+                    bar.suspend(|| eprintln!("error: {err}"));
+                } else {
+                    bar.suspend(|| eprintln!("error: {name}: {err}"));
                 }
-                *failures += batch.len();
             }
         }
-        batch.clear();
-        Ok(())
+        ControlFlow::Continue(())
     };
-    for path in &config.inputs {
-        let name = path.display().to_string();
-        let kind = qalign_media::sniff_kind(path).ok().flatten();
-        if kind == Some(MediaKind::Video) {
-            flush(&mut batch, out, &mut failures)?;
-            bar.set_message(name.clone());
-            let result =
-                scorer.score_video(path, &config.queries, &config.video, &mut |done, total| {
-                    bar.set_message(format!("{name} ({done}/{total} frames)"))
-                });
-            match result {
-                Ok(video) => {
-                    for warning in &video.warnings {
-                        bar.suspend(|| eprintln!("warning: {warning}"));
-                    }
-                    for (q, query) in config.queries.iter().enumerate() {
-                        out.emit(ScoreRecord::video(
-                            &name,
-                            query.name(),
-                            q,
-                            &video,
-                            scorer.levels(),
-                            config.scale,
-                        ))?;
-                    }
-                }
-                Err(err) => {
-                    bar.suspend(|| eprintln!("error: {name}: {err}"));
-                    failures += 1;
-                }
+    let mut on_progress = |p: qalign_model::Progress<'_>| {
+        bar.set_position(p.done as u64);
+        match p.frames {
+            Some((done, total)) => {
+                bar.set_message(format!("{} ({done}/{total} frames)", p.current.display()))
             }
-        } else {
-            match scorer.load_image(path) {
-                Ok(pixels) => batch.push((name, pixels)),
-                Err(err) => {
-                    bar.suspend(|| eprintln!("error: {name}: {err}"));
-                    failures += 1;
-                }
-            }
-            if batch.len() >= config.batch_size {
-                flush(&mut batch, out, &mut failures)?;
-            }
+            None => bar.set_message(p.current.display().to_string()),
         }
-        bar.inc(1);
-    }
-    flush(&mut batch, out, &mut failures)?;
+    };
+    scorer.score_paths_with(
+        &config.inputs,
+        &config.queries,
+        &options,
+        &mut on_item,
+        Some(&mut on_progress),
+    )?;
     bar.finish_and_clear();
+    if let Some(e) = write_error {
+        return Err(e);
+    }
     Ok(failures)
 }
 

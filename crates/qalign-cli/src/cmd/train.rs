@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use qalign_model::candle::{DType, Device};
 use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
-use qalign_model::{DType, Device, parse_device};
 use qalign_train::optim::Schedule;
 use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, Trainer};
 
@@ -108,7 +108,7 @@ pub struct Args {
     log_json: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: qalign_model::Device,
     /// Compute dtype of the frozen weights.
     #[arg(long, value_enum, default_value = "auto")]
     dtype: TrainDtype,
@@ -134,7 +134,7 @@ fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {
 
 impl Args {
     fn validate(&self) -> Result<TrainConfig> {
-        let device = parse_device(&self.device)?;
+        let device = self.device.to_candle()?;
         let dtype = match (self.dtype, &device) {
             (TrainDtype::Auto, Device::Cpu) | (TrainDtype::F32, _) => DType::F32,
             (TrainDtype::Auto, _) | (TrainDtype::Bf16, _) => DType::BF16,
