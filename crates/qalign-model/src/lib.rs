@@ -1,6 +1,33 @@
 //! mPLUG-Owl2 / OneAlign in candle: loads the official checkpoints unchanged (safetensors or PyTorch
 //! pickles, single or sharded) and runs the network that Q-Align scores with: ViT → visual abstractor →
 //! LLaMA-2 with modality-adaptive (multiway) layers, reading the logits at each sample's last token.
+//!
+//! # The front door
+//!
+//! [`Scorer::builder`] takes a checkpoint folder or a Hugging Face hub id, and
+//! [`Scorer::score_paths`] scores image and video files, one outcome per input:
+//!
+//! ```no_run
+//! use qalign_model::{Device, Scale, Scorer, Task};
+//!
+//! let scorer = Scorer::builder().model("q-future/one-align").device(Device::Cpu).build()?;
+//! for item in scorer.score_paths(&["a.jpg", "clip.mp4"], &[Task::Quality, Task::Aesthetics])? {
+//!     match item.result {
+//!         Ok(scored) => {
+//!             let [quality, aesthetics] = scored.scores() else { unreachable!() };
+//!             println!("{}: quality {:.2}, aesthetics {:.2}", item.path.display(),
+//!                      quality.score(Scale::OneToFive), aesthetics.score(Scale::OneToFive));
+//!         }
+//!         Err(err) => eprintln!("{}: {err}", item.path.display()),
+//!     }
+//! }
+//! # Ok::<(), qalign_model::ScoreError>(())
+//! ```
+//!
+//! [`Scorer::score_paths_with`] adds custom questions ([`Query::custom`]), batch size, video
+//! sampling, strict mode, a progress callback and streaming of outcomes. Below it, [`Scorer`]
+//! scores preprocessed images and encoded frames, and [`OneAlignModel`] is the network itself
+//! (tensors in, tensors out, through the re-exported [`candle`]).
 
 pub mod abstractor;
 pub mod adapt;

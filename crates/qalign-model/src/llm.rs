@@ -402,7 +402,7 @@ impl MultiwayLlama {
         Ok(self.embed_tokens.index_select(&ids, 0)?)
     }
 
-    /// Runs the decoder over `embeds` `[B, L, D]`: sample b's real tokens are rows 0..lengths[b] (the rest is
+    /// Runs the decoder over `embeds` `[B, L, D]`: sample b's real tokens are rows `0..lengths[b]` (the rest is
     /// right padding, masked out as keys), `modality` holds B·L indicators (0 text/padding, 1 visual).
     pub fn forward(
         &self,
