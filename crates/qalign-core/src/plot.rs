@@ -35,6 +35,25 @@ pub struct ScatterPlot<'a> {
     pub title: &'a str,
 }
 
+/// The file formats a plot can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotFormat {
+    Png,
+    Svg,
+}
+
+impl PlotFormat {
+    /// The format named by the path's extension (case-insensitive), if supported.
+    pub fn of_path(path: &Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "png" => Some(Self::Png),
+            "svg" => Some(Self::Svg),
+            _ => None,
+        }
+    }
+}
+
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 600;
 const LEFT: i32 = 80;

@@ -430,7 +430,13 @@ fn extreme_magnitudes_keep_the_real_values() {
         confidence: 0.9,
     };
     let plain = bootstrap(&x, &y, opts, &|_| {}).unwrap();
-    let big = bootstrap(&affine(&x, 1e155, 0.0), &affine(&y, 1e155, 0.0), opts, &|_| {}).unwrap();
+    let big = bootstrap(
+        &affine(&x, 1e155, 0.0),
+        &affine(&y, 1e155, 0.0),
+        opts,
+        &|_| {},
+    )
+    .unwrap();
     for (a, b) in [
         (plain.srcc, big.srcc),
         (plain.plcc, big.plcc),

@@ -260,7 +260,11 @@ impl Prepared {
         let mut by_xy: Vec<usize> = (0..x.len()).collect();
         by_xy.sort_by_key(|&i| (x_group[i], y_group[i]));
         let scale = unit_scale(max_abs(x).max(max_abs(y)));
-        let mut diff: Vec<f64> = x.iter().zip(y).map(|(a, b)| a * scale - b * scale).collect();
+        let mut diff: Vec<f64> = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| a * scale - b * scale)
+            .collect();
         let rescale = unit_scale(max_abs(&diff));
         diff.iter_mut().for_each(|d| *d *= rescale);
         Self {

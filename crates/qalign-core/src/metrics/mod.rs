@@ -175,7 +175,11 @@ pub fn krcc(x: &[f64], y: &[f64]) -> Result<f64, MetricError> {
 pub fn rmse(x: &[f64], y: &[f64]) -> Result<f64, MetricError> {
     check_pairs(x, y)?;
     let scale = unit_scale(max_abs(x).max(max_abs(y)));
-    let mut d: Vec<f64> = x.iter().zip(y).map(|(a, b)| a * scale - b * scale).collect();
+    let mut d: Vec<f64> = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| a * scale - b * scale)
+        .collect();
     let rescale = unit_scale(max_abs(&d));
     d.iter_mut().for_each(|a| *a *= rescale);
     let sum: f64 = d.iter().map(|a| a * a).sum();
