@@ -1,6 +1,7 @@
-//! Metrics against scipy on real label data. The reference values were computed once with
-//! scipy 1.17.1 / numpy 2.4 (`spearmanr`, `pearsonr`, `kendalltau`, and `curve_fit` with pyiqa's
-//! starting point for the logistic) on the same files and the same deterministic transforms.
+//! Metrics against scipy on real label data. The reference values come from
+//! `scripts/metrics_reference.py` (scipy 1.17.1 / numpy 2.4: `spearmanr`, `pearsonr`,
+//! `kendalltau`, and `curve_fit` with pyiqa's starting point for the logistic) on the same files
+//! and the same deterministic transforms; `--check` compares them with the values here.
 
 mod common;
 
