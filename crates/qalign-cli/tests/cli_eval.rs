@@ -385,6 +385,18 @@ fn extreme_magnitudes_give_the_plain_numbers() {
         write(dir.path(), to, &out)
     };
     let plain = run(&pred, &labels("livec.json"));
+    // The table stays readable: scientific notation instead of 157 digits.
+    qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(scale(&pred, "big_pred.jsonl", "score", 1e155))
+        .arg("--labels")
+        .arg(scale(&labels("livec.json"), "big_labels.jsonl", "gt_score", 1e155))
+        .args(["--bootstrap", "0"])
+        .assert()
+        .success()
+        .stdout(predicate::str::is_match(r"(?m)^PLCC\s+0\.8145 ").unwrap())
+        .stdout(predicate::str::is_match(r"(?m)^RMSE \(raw\)\s+2\.8923e156 ").unwrap());
     for k in [1e155, 1e-155] {
         let big = run(
             &scale(&pred, "big_pred.jsonl", "score", k),

@@ -227,9 +227,20 @@ fn json_output(report: &EvalReport, joined: &JoinOutcome) -> anyhow::Result<Stri
     Ok(serde_json::to_string_pretty(&out)?)
 }
 
+/// A value for a table: 4 decimals, or scientific notation when that would print a very long or
+/// an all-zero number (MOS × 1e155 is allowed and must stay readable).
+pub(crate) fn number(v: f64) -> String {
+    let magnitude = v.abs();
+    if v.is_finite() && (magnitude >= 1e6 || (magnitude > 0.0 && magnitude < 1e-3)) {
+        format!("{v:.4e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 fn fmt_interval(ci: Option<Interval>) -> String {
     match ci {
-        Some(i) => format!("[{:.4}, {:.4}]", i.low, i.high),
+        Some(i) => format!("[{}, {}]", number(i.low), number(i.high)),
         None => "-".to_string(),
     }
 }
@@ -256,13 +267,19 @@ fn table(r: &EvalReport) -> String {
         ("RMSE (raw)", r.rmse, ci.map(|c| c.rmse)),
     ];
     for (name, value, interval) in rows {
-        let _ = writeln!(out, "{name:<16} {value:>10.4}  {}", fmt_interval(interval));
+        let _ = writeln!(
+            out,
+            "{name:<16} {:>10}  {}",
+            number(value),
+            fmt_interval(interval)
+        );
     }
     if let Some(f) = &r.logistic {
         for (name, value) in [("PLCC (logistic)", f.plcc), ("RMSE (logistic)", f.rmse)] {
             let _ = writeln!(
                 out,
-                "{name:<16} {value:>10.4}  (after 4-parameter logistic fit)"
+                "{name:<16} {:>10}  (after 4-parameter logistic fit)",
+                number(value)
             );
         }
     }

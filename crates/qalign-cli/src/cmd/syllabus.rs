@@ -9,7 +9,7 @@ use qalign_core::syllabus::{
     self, ConversionReport, SyllabusOptions, Task, build_syllabus, write_json_atomic,
 };
 
-use super::eval::usage_error;
+use super::eval::{number, usage_error};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum TaskArg {
@@ -191,8 +191,13 @@ fn reports_table(reports: &[ConversionReport]) -> String {
             .join(" ");
         let _ = writeln!(
             out,
-            "{:<24} {:>7} {:>10.4} {:>10.4} {:>7.4} {:>7.4}  {counts}",
-            r.name, r.n, r.m, r.max, r.srcc, r.plcc
+            "{:<24} {:>7} {:>10} {:>10} {:>7.4} {:>7.4}  {counts}",
+            r.name,
+            r.n,
+            number(r.m),
+            number(r.max),
+            r.srcc,
+            r.plcc
         );
     }
     out
