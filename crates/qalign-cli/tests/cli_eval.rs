@@ -391,7 +391,12 @@ fn extreme_magnitudes_give_the_plain_numbers() {
         .arg("--pred")
         .arg(scale(&pred, "big_pred.jsonl", "score", 1e155))
         .arg("--labels")
-        .arg(scale(&labels("livec.json"), "big_labels.jsonl", "gt_score", 1e155))
+        .arg(scale(
+            &labels("livec.json"),
+            "big_labels.jsonl",
+            "gt_score",
+            1e155,
+        ))
         .args(["--bootstrap", "0"])
         .assert()
         .success()

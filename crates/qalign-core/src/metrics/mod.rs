@@ -4,7 +4,7 @@
 //! them from scipy (`spearmanr`, `pearsonr`, `kendalltau`) on the raw predictions. The functions
 //! here reproduce scipy's definitions (average ranks for ties, Kendall's tau-b) so results can be
 //! compared with published tables; the optional 4-parameter logistic fit lives in [`logistic`]
-//! and bootstrap confidence intervals in [`bootstrap`].
+//! and bootstrap confidence intervals in [`bootstrap`](mod@bootstrap).
 
 pub mod bootstrap;
 pub mod logistic;
