@@ -236,18 +236,6 @@ fn bad_inputs_exit_1_with_clear_messages() {
             .code(1)
             .stderr(predicate::str::contains(message));
     }
-    // A bad plot path: the metrics are fine, the plot format is not.
-    qalign()
-        .arg("eval")
-        .arg("--pred")
-        .arg(&good)
-        .arg("--labels")
-        .arg(labels("livec.json"))
-        .args(["--bootstrap", "0", "--plot"])
-        .arg(dir.path().join("plot.bmp"))
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("must end in .png or .svg"));
 }
 
 #[test]
@@ -276,4 +264,169 @@ fn usage_errors_exit_2() {
         ])
         .assert()
         .code(2);
+}
+
+/// Every invalid flag value is a usage error (exit 2) naming the flag and what it accepts, and
+/// is caught before any file is read.
+#[test]
+fn invalid_flag_values_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let pred = livec_predictions(dir.path());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--confidence".into(), "1.5".into()],
+            "invalid value '1.5' for '--confidence <C>': expected a confidence level strictly between 0 and 1",
+        ),
+        (
+            vec!["--confidence".into(), "-1".into()],
+            "invalid value '-1' for '--confidence <C>'",
+        ),
+        (
+            vec!["--confidence".into(), "nan".into()],
+            "invalid value 'nan' for '--confidence <C>'",
+        ),
+        (
+            vec!["--confidence".into(), "0".into()],
+            "invalid value '0' for '--confidence <C>'",
+        ),
+        (
+            vec!["--confidence".into(), "1".into()],
+            "invalid value '1' for '--confidence <C>'",
+        ),
+        (
+            vec![
+                "--plot".into(),
+                dir.path().join("x.gif").display().to_string(),
+            ],
+            "the plot file must end in .png or .svg",
+        ),
+        (
+            vec![
+                "--plot".into(),
+                dir.path().join("noext").display().to_string(),
+            ],
+            "the plot file must end in .png or .svg",
+        ),
+        // 10^8 resamples would hold 3.2 GB of results: the limit is in the message.
+        (
+            vec!["--bootstrap".into(), "100000000".into()],
+            "invalid value '100000000' for '--bootstrap <N>': 100000000 is not in 0..=100000",
+        ),
+        (
+            vec!["--bootstrap".into(), "100001".into()],
+            "is not in 0..=100000",
+        ),
+    ];
+    for (flags, message) in cases {
+        qalign()
+            .arg("eval")
+            .arg("--pred")
+            .arg(&pred)
+            .arg("--labels")
+            .arg(labels("livec.json"))
+            .args(&flags)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message));
+    }
+    assert!(!dir.path().join("x.gif").exists());
+    // Upper-case extensions are fine, and the written PNG is a real PNG.
+    let png = dir.path().join("plot.PNG");
+    qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--labels")
+        .arg(labels("livec.json"))
+        .args(["--bootstrap", "0", "--confidence", "0.999", "--plot"])
+        .arg(&png)
+        .assert()
+        .success();
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+/// MOS and predictions × 1e155 give the same correlations as the plain values (they overflowed
+/// to PLCC 0 or 1 before), and RMSE scaled by the same factor.
+#[test]
+fn extreme_magnitudes_give_the_plain_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pred = livec_predictions(dir.path());
+    let run = |pred: &Path, labels_file: &Path| -> serde_json::Value {
+        let out = qalign()
+            .arg("eval")
+            .arg("--pred")
+            .arg(pred)
+            .arg("--labels")
+            .arg(labels_file)
+            .args(["--format", "json", "--bootstrap", "30", "--logistic"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        serde_json::from_slice(&out).unwrap()
+    };
+    let scale = |from: &Path, to: &str, key: &str, k: f64| -> PathBuf {
+        let text = std::fs::read_to_string(from).unwrap();
+        let mut out = String::new();
+        let values: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
+            serde_json::from_str(&text).unwrap()
+        } else {
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        for mut v in values {
+            let x = v[key].as_f64().unwrap();
+            v[key] = serde_json::json!(x * k);
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        write(dir.path(), to, &out)
+    };
+    let plain = run(&pred, &labels("livec.json"));
+    // The table stays readable: scientific notation instead of 157 digits.
+    qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(scale(&pred, "big_pred.jsonl", "score", 1e155))
+        .arg("--labels")
+        .arg(scale(
+            &labels("livec.json"),
+            "big_labels.jsonl",
+            "gt_score",
+            1e155,
+        ))
+        .args(["--bootstrap", "0"])
+        .assert()
+        .success()
+        .stdout(predicate::str::is_match(r"(?m)^PLCC\s+0\.8145 ").unwrap())
+        .stdout(predicate::str::is_match(r"(?m)^RMSE \(raw\)\s+2\.8923e156 ").unwrap());
+    for k in [1e155, 1e-155] {
+        let big = run(
+            &scale(&pred, "big_pred.jsonl", "score", k),
+            &scale(&labels("livec.json"), "big_labels.jsonl", "gt_score", k),
+        );
+        for key in ["srcc", "plcc", "krcc"] {
+            let (a, b) = (plain[key].as_f64().unwrap(), big[key].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-9, "{key} at ×{k}: {b} vs {a}");
+            for end in ["low", "high"] {
+                let (a, b) = (
+                    plain["ci"][key][end].as_f64().unwrap(),
+                    big["ci"][key][end].as_f64().unwrap(),
+                );
+                assert!((a - b).abs() < 1e-9, "{key} CI {end} at ×{k}: {b} vs {a}");
+            }
+        }
+        let (a, b) = (
+            plain["rmse"].as_f64().unwrap(),
+            big["rmse"].as_f64().unwrap(),
+        );
+        assert!((b / k - a).abs() < 1e-9 * a, "RMSE at ×{k}: {b} vs {a}");
+        let (a, b) = (
+            plain["logistic"]["plcc"].as_f64().unwrap(),
+            big["logistic"]["plcc"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9, "logistic PLCC at ×{k}: {b} vs {a}");
+    }
 }

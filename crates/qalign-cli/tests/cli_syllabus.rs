@@ -148,10 +148,8 @@ fn explicit_range() {
         .arg("--out")
         .arg(&out)
         .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "--range: invalid score range [5, -1]",
-        ));
+        .code(2)
+        .stderr(predicate::str::contains("--range 5 -1: need m < M"));
 }
 
 #[test]
@@ -207,17 +205,213 @@ fn usage_and_input_errors() {
         .stderr(predicate::str::contains(
             "dataset csiq, record 0 (csiq/dst_imgs/awgn/1600.AWGN.1.png) is an image by its extension, but the input kind is video",
         ));
-    // Bad fraction.
-    qalign()
-        .arg("syllabus")
-        .arg(labels("csiq.json"))
-        .args(["--task", "quality", "--input", "image", "--fraction", "1.5"])
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "--fraction must lie in (0, 1], got 1.5",
-        ));
     assert!(!out.exists(), "no output on failure");
+}
+
+/// Every invalid flag value is a usage error (exit 2) that says what is accepted.
+#[test]
+fn invalid_flag_values_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sft.json");
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--fraction", "1.5"],
+            "invalid value '1.5' for '--fraction <F>': expected a fraction in (0, 1], got `1.5`",
+        ),
+        (
+            &["--fraction", "0"],
+            "invalid value '0' for '--fraction <F>'",
+        ),
+        (
+            &["--fraction", "-0.5"],
+            "invalid value '-0.5' for '--fraction <F>'",
+        ),
+        (
+            &["--fraction", "nan"],
+            "invalid value 'nan' for '--fraction <F>'",
+        ),
+        (&["--range", "5", "-1"], "--range 5 -1: need m < M"),
+        (&["--range", "3", "3"], "--range 3 3: need m < M"),
+        (
+            &["--range", "0", "nan"],
+            "invalid value 'nan' for '--range <m> <M>': expected a finite number",
+        ),
+        (
+            &["--range", "0", "inf"],
+            "invalid value 'inf' for '--range <m> <M>'",
+        ),
+        (
+            &["--range", "0", "1e999"],
+            "invalid value '1e999' for '--range <m> <M>'",
+        ),
+    ];
+    for (flags, message) in cases {
+        qalign()
+            .arg("syllabus")
+            .arg(labels("csiq.json"))
+            .args(["--task", "quality", "--input", "image"])
+            .args(flags)
+            .arg("--out")
+            .arg(&out)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message));
+    }
+    assert!(!out.exists(), "no output on a usage error");
+}
+
+/// `--out` (or `--report-json`) naming an input, under any spelling, is refused before anything
+/// is written, and the labels are left as they were.
+#[test]
+fn out_equal_to_an_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("labels.json");
+    std::fs::copy(labels("csiq.json"), &input).unwrap();
+    let original = std::fs::read(&input).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink(&input, dir.path().join("link.json")).unwrap();
+    std::fs::hard_link(&input, dir.path().join("hard.json")).unwrap();
+    let spellings = [
+        "labels.json",
+        "./labels.json",
+        "sub/../labels.json",
+        ".//labels.json",
+        "link.json",
+        "hard.json",
+    ];
+    for spelling in spellings {
+        for flag in ["--out", "--report-json"] {
+            let mut cmd = qalign();
+            cmd.current_dir(dir.path()).args([
+                "syllabus",
+                "labels.json",
+                "--task",
+                "quality",
+                "--input",
+                "image",
+            ]);
+            if flag == "--out" {
+                cmd.args(["--out", spelling]);
+            } else {
+                cmd.args(["--out", "sft.json", "--report-json", spelling]);
+            }
+            cmd.assert()
+                .code(2)
+                .stderr(predicate::str::contains(format!(
+                    "{flag} {spelling} is the label file labels.json: refusing to overwrite an input"
+                )));
+            assert_eq!(
+                std::fs::read(&input).unwrap(),
+                original,
+                "{flag} {spelling}"
+            );
+        }
+    }
+    assert!(!dir.path().join("sft.json").exists());
+    // The report and the syllabus cannot share a file either.
+    qalign()
+        .current_dir(dir.path())
+        .args([
+            "syllabus",
+            "labels.json",
+            "--task",
+            "quality",
+            "--input",
+            "image",
+        ])
+        .args(["--out", "sft.json", "--report-json", "./sft.json"])
+        .assert()
+        .success();
+    std::fs::write(dir.path().join("r.json"), "{}").unwrap();
+    qalign()
+        .current_dir(dir.path())
+        .args([
+            "syllabus",
+            "labels.json",
+            "--task",
+            "quality",
+            "--input",
+            "image",
+        ])
+        .args(["--out", "r.json", "--report-json", "./r.json"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--report-json ./r.json is the --out file r.json",
+        ));
+    // A different file with the same name elsewhere is fine.
+    qalign()
+        .current_dir(dir.path())
+        .args([
+            "syllabus",
+            "labels.json",
+            "--task",
+            "quality",
+            "--input",
+            "image",
+        ])
+        .args(["--out", "sub/labels.json"])
+        .assert()
+        .success();
+}
+
+/// MOS × 1e155 gives the plain conversion precision and no warning; an undefined precision
+/// is blamed on its real cause.
+#[test]
+fn extreme_magnitudes_and_the_undefined_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(labels("live.json")).unwrap();
+    let mut records: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let report = |file: &std::path::Path, extra: &[&str]| -> (serde_json::Value, String) {
+        let report = dir.path().join("report.json");
+        let out = qalign()
+            .arg("syllabus")
+            .arg(file)
+            .args(["--task", "quality", "--input", "image"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join("sft.json"))
+            .arg("--report-json")
+            .arg(&report)
+            .assert()
+            .success()
+            .get_output()
+            .stderr
+            .clone();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        (v["datasets"][0].clone(), String::from_utf8(out).unwrap())
+    };
+    let (plain, _) = report(&labels("live.json"), &[]);
+    for r in &mut records {
+        let key = if r.get("gt_score").is_some() {
+            "gt_score"
+        } else {
+            "score"
+        };
+        let x = r[key].as_f64().unwrap();
+        r[key] = serde_json::json!(x * 1e155);
+    }
+    let big_file = dir.path().join("live.json");
+    std::fs::write(&big_file, serde_json::to_string(&records).unwrap()).unwrap();
+    let (big, stderr) = report(&big_file, &[]);
+    assert!(!stderr.contains("undefined"), "{stderr}");
+    for key in ["srcc", "plcc"] {
+        let (a, b) = (plain[key].as_f64().unwrap(), big[key].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4, "{key}: {b} vs {a}");
+    }
+    // Every item in one level: said as such.
+    let (one, stderr) = report(&labels("live.json"), &["--range", "-1000", "1000"]);
+    assert!(one["srcc"].is_null());
+    let n = one["n"].as_u64().unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "warning: live: the conversion precision is undefined (all {n} items got the same level)"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        one["undefined"],
+        format!("all {n} items got the same level").as_str()
+    );
 }

@@ -149,7 +149,14 @@ impl Role {
 
 /// Read a label file (any supported schema).
 pub fn read_labels(path: &Path, columns: &Columns) -> Result<Dataset, DatasetError> {
-    let records = read_records(path, columns, Role::Label)?;
+    parse_labels(path, &read_file(path)?, columns)
+}
+
+/// Parse the contents of a label file; `path` picks the format by its extension (`.csv`,
+/// `.tsv`, else JSON/JSONL) and names the file in errors. Any bytes give a dataset or a
+/// [`DatasetError`], never a panic.
+pub fn parse_labels(path: &Path, bytes: &[u8], columns: &Columns) -> Result<Dataset, DatasetError> {
+    let records = parse_records(path, bytes, columns, Role::Label)?;
     let items = records
         .into_iter()
         .map(|r| LabelItem {
@@ -175,7 +182,16 @@ pub fn read_labels(path: &Path, columns: &Columns) -> Result<Dataset, DatasetErr
 /// Read a prediction file: JSONL/JSON/concatenated objects with a path and a score (qalign's
 /// own output, the official eval results) or a CSV.
 pub fn read_predictions(path: &Path, columns: &Columns) -> Result<Vec<Prediction>, DatasetError> {
-    Ok(read_records(path, columns, Role::Prediction)?
+    parse_predictions(path, &read_file(path)?, columns)
+}
+
+/// Parse the contents of a prediction file, as [`parse_labels`] does a label file.
+pub fn parse_predictions(
+    path: &Path,
+    bytes: &[u8],
+    columns: &Columns,
+) -> Result<Vec<Prediction>, DatasetError> {
+    Ok(parse_records(path, bytes, columns, Role::Prediction)?
         .into_iter()
         .map(|r| Prediction {
             path: r.path,
@@ -191,16 +207,30 @@ struct RawRecord {
     answer: Option<String>,
 }
 
-fn read_records(
+fn read_file(path: &Path) -> Result<Vec<u8>, DatasetError> {
+    std::fs::read(path).map_err(|error| DatasetError::Io {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn parse_records(
     path: &Path,
+    bytes: &[u8],
     columns: &Columns,
     role: Role,
 ) -> Result<Vec<RawRecord>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|error| DatasetError::Io {
+    let text = std::str::from_utf8(bytes).map_err(|e| DatasetError::Io {
         path: path.to_path_buf(),
-        error,
+        error: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
+        ),
     })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

@@ -1,10 +1,13 @@
 //! Scatter plot of predictions against MOS, with the fitted logistic curve.
 //!
 //! A correlation coefficient hides *how* a model fails (saturation, a few outliers, a flipped
-//! range); one picture shows it. Plotters draws the shapes; text is drawn with a small built-in
-//! 5×7 pixel font so that no system font library (fontconfig/freetype) is needed to build or run.
+//! range); one picture shows it. Plotters' `ChartBuilder` draws axes, ticks and legend; text is
+//! set in an embedded subset of DejaVu Sans (through `ab_glyph`, see THIRD-PARTY-NOTICES.md), so
+//! no system font library (fontconfig/freetype) is needed to build or run. PNGs are encoded with
+//! the `png` crate.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -20,6 +23,8 @@ pub enum PlotError {
     NoData(String),
     #[error("cannot draw {path}: {message}")]
     Draw { path: String, message: String },
+    #[error("cannot write {path}: {error}")]
+    Write { path: String, error: std::io::Error },
 }
 
 /// What to draw.
@@ -35,12 +40,39 @@ pub struct ScatterPlot<'a> {
     pub title: &'a str,
 }
 
+/// The file formats a plot can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotFormat {
+    Png,
+    Svg,
+}
+
+impl PlotFormat {
+    /// The format named by the path's extension (case-insensitive), if supported.
+    pub fn of_path(path: &Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "png" => Some(Self::Png),
+            "svg" => Some(Self::Svg),
+            _ => None,
+        }
+    }
+}
+
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 600;
-const LEFT: i32 = 80;
-const RIGHT: i32 = 24;
-const TOP: i32 = 48;
-const BOTTOM: i32 = 64;
+
+/// DejaVu Sans 2.37, subset to printable ASCII and a few symbols (± · × – — … − ≈ ≤ ≥).
+static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+/// Registered under the generic family name, so SVG viewers show a sans-serif font too.
+const FONT: &str = "sans-serif";
+
+/// Register the embedded font with plotters once; false if it could not be parsed.
+fn font_ready() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY
+        .get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok())
+}
 
 /// Draw the plot to `path` (`.png` or `.svg`).
 pub fn draw_scatter(path: &Path, plot: &ScatterPlot<'_>) -> Result<(), PlotError> {
@@ -52,277 +84,194 @@ pub fn draw_scatter(path: &Path, plot: &ScatterPlot<'_>) -> Result<(), PlotError
             plot.mos.len()
         )));
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let draw_error = |e: String| PlotError::Draw {
+    let format = PlotFormat::of_path(path).ok_or_else(|| PlotError::UnknownFormat {
         path: shown.clone(),
-        message: e,
+    })?;
+    let draw_error = |message: String| PlotError::Draw {
+        path: shown.clone(),
+        message,
     };
-    match ext.as_deref() {
-        Some("png") => {
-            let area = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-            render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
-            area.present().map_err(|e| draw_error(e.to_string()))
+    if !font_ready() {
+        return Err(draw_error(
+            "the embedded font could not be loaded".to_string(),
+        ));
+    }
+    let write_error = |error: std::io::Error| PlotError::Write {
+        path: shown.clone(),
+        error,
+    };
+    match format {
+        PlotFormat::Png => {
+            let mut rgb = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
+            {
+                let area =
+                    BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
+                render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
+                area.present().map_err(|e| draw_error(e.to_string()))?;
+            }
+            let file = std::fs::File::create(path).map_err(write_error)?;
+            encode_png(std::io::BufWriter::new(file), &rgb)
+                .map_err(|e| write_error(std::io::Error::other(e)))
         }
-        Some("svg") => {
-            let area = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-            render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
-            area.present().map_err(|e| draw_error(e.to_string()))
+        PlotFormat::Svg => {
+            let mut svg = String::new();
+            {
+                let area = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+                render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
+                area.present().map_err(|e| draw_error(e.to_string()))?;
+            }
+            std::fs::write(path, svg).map_err(write_error)
         }
-        _ => Err(PlotError::UnknownFormat { path: shown }),
     }
 }
 
-type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
-
-/// Maps data coordinates to pixels inside the plotting box.
-struct Frame {
-    x_range: (f64, f64),
-    y_range: (f64, f64),
+fn encode_png<W: std::io::Write>(out: W, rgb: &[u8]) -> Result<(), png::EncodingError> {
+    let mut encoder = png::Encoder::new(out, WIDTH, HEIGHT);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()
 }
 
-impl Frame {
-    fn px(&self, x: f64) -> i32 {
-        let w = (WIDTH as i32 - LEFT - RIGHT) as f64;
-        LEFT + ((x - self.x_range.0) / (self.x_range.1 - self.x_range.0) * w).round() as i32
-    }
-    fn py(&self, y: f64) -> i32 {
-        let h = (HEIGHT as i32 - TOP - BOTTOM) as f64;
-        HEIGHT as i32
-            - BOTTOM
-            - ((y - self.y_range.0) / (self.y_range.1 - self.y_range.0) * h).round() as i32
-    }
-}
-
+/// The finite values' range, padded by 4% (or ±0.5 around a single value), kept finite.
 fn finite_range(values: &[f64]) -> (f64, f64) {
-    let lo = values
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f64::INFINITY, f64::min);
-    let hi = values
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, f64::max);
+    let finite = || values.iter().copied().filter(|v| v.is_finite());
+    let lo = finite().fold(f64::INFINITY, f64::min);
+    let hi = finite().fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    if hi - lo <= f64::EPSILON * lo.abs().max(1.0) {
-        return (lo - 0.5, hi + 0.5);
+    // Half-differences so that a range spanning ±f64::MAX does not overflow.
+    let half_span = hi / 2.0 - lo / 2.0;
+    if half_span <= f64::EPSILON * lo.abs().max(1.0) / 2.0 {
+        let pad = 0.5f64.max(lo.abs() * 1e-6);
+        return (lo - pad, hi + pad);
     }
-    let pad = (hi - lo) * 0.04;
-    (lo - pad, hi + pad)
+    let pad = half_span * 0.08;
+    ((lo - pad).max(-f64::MAX), (hi + pad).min(f64::MAX))
 }
 
-/// A "nice" tick step (1, 2 or 5 × 10^k) giving about `target` ticks over `span`.
-fn tick_step(span: f64, target: f64) -> f64 {
-    let raw = span / target;
-    let magnitude = 10f64.powf(raw.log10().floor());
-    let residual = raw / magnitude;
-    let nice = if residual < 1.5 {
-        1.0
-    } else if residual < 3.5 {
-        2.0
-    } else if residual < 7.5 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * magnitude
+/// How one axis shows its values: divided by 10^exponent when they are very large or very
+/// small (the exponent goes into the axis description), so ticks read as plain decimals.
+struct Axis {
+    exponent: i32,
+    divisor: f64,
 }
 
-fn ticks(range: (f64, f64)) -> (Vec<f64>, usize) {
-    let step = tick_step(range.1 - range.0, 6.0);
-    let decimals = (-step.log10().floor()).max(0.0) as usize;
-    let first = (range.0 / step).ceil() as i64;
-    let last = (range.1 / step).floor() as i64;
-    ((first..=last).map(|k| k as f64 * step).collect(), decimals)
+impl Axis {
+    fn of(values: &[f64]) -> Self {
+        let magnitude = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        let exponent = if magnitude >= 1e6 || (magnitude > 0.0 && magnitude < 1e-3) {
+            (magnitude.log10().floor() as i32).clamp(-307, 308)
+        } else {
+            0
+        };
+        Self {
+            exponent,
+            divisor: 10f64.powi(exponent),
+        }
+    }
+
+    fn shown(&self, v: f64) -> f64 {
+        if self.exponent == 0 {
+            v
+        } else {
+            v / self.divisor
+        }
+    }
+
+    fn describe(&self, name: &str) -> String {
+        if self.exponent == 0 {
+            name.to_string()
+        } else {
+            format!("{name} (×1e{})", self.exponent)
+        }
+    }
+}
+
+/// Tick label text on an axis spanning 2 · `half_span`: as many decimals as the spacing needs.
+fn tick_label(value: f64, half_span: f64) -> String {
+    // log10 of a tenth of the span: about the tick spacing.
+    let step_log = half_span.log10() + std::f64::consts::LOG10_2 - 1.0;
+    let decimals = (-step_log.floor()).clamp(0.0, 12.0) as usize;
+    let text = format!("{value:.decimals$}");
+    // "-0.00" reads as a bug.
+    match text.strip_prefix('-') {
+        Some(rest) if rest.chars().all(|c| c == '0' || c == '.') => rest.to_string(),
+        _ => text,
+    }
 }
 
 fn render<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     plot: &ScatterPlot<'_>,
-) -> DrawResult<DB> {
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     area.fill(&WHITE)?;
-    let frame = Frame {
-        x_range: finite_range(plot.prediction),
-        y_range: finite_range(plot.mos),
-    };
-    let (x0, x1) = (LEFT, WIDTH as i32 - RIGHT);
-    let (y0, y1) = (TOP, HEIGHT as i32 - BOTTOM);
-    let grid = RGBColor(225, 225, 225);
+    let (x_axis, y_axis) = (Axis::of(plot.prediction), Axis::of(plot.mos));
+    let xs: Vec<f64> = plot.prediction.iter().map(|&v| x_axis.shown(v)).collect();
+    let ys: Vec<f64> = plot.mos.iter().map(|&v| y_axis.shown(v)).collect();
+    let (x0, x1) = finite_range(&xs);
+    let (y0, y1) = finite_range(&ys);
     let ink = RGBColor(40, 40, 40);
-
-    let (xt, xd) = ticks(frame.x_range);
-    for &t in &xt {
-        let x = frame.px(t);
-        area.draw(&PathElement::new(vec![(x, y0), (x, y1)], grid))?;
-        area.draw(&PathElement::new(vec![(x, y1), (x, y1 + 5)], ink))?;
-        let label = format!("{t:.xd$}");
-        draw_text(
-            area,
-            &label,
-            x - text_width(&label, 2) / 2,
-            y1 + 10,
-            2,
-            &ink,
-        )?;
-    }
-    let (yt, yd) = ticks(frame.y_range);
-    for &t in &yt {
-        let y = frame.py(t);
-        area.draw(&PathElement::new(vec![(x0, y), (x1, y)], grid))?;
-        area.draw(&PathElement::new(vec![(x0 - 5, y), (x0, y)], ink))?;
-        let label = format!("{t:.yd$}");
-        draw_text(
-            area,
-            &label,
-            x0 - 10 - text_width(&label, 2),
-            y - 7,
-            2,
-            &ink,
-        )?;
-    }
-    area.draw(&Rectangle::new([(x0, y0), (x1, y1)], ink.stroke_width(1)))?;
+    let red = RGBColor(214, 39, 40);
+    let mut chart = ChartBuilder::on(area)
+        .caption(plot.title, (FONT, 20).into_font().color(&ink))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    let (x_half, y_half) = (x1 / 2.0 - x0 / 2.0, y1 / 2.0 - y0 / 2.0);
+    let x_fmt = |v: &f64| tick_label(*v, x_half);
+    let y_fmt = |v: &f64| tick_label(*v, y_half);
+    let (x_desc, y_desc) = (x_axis.describe("prediction"), y_axis.describe("MOS"));
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_labels(7)
+        .y_labels(7)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .label_style((FONT, 14).into_font().color(&ink))
+        .axis_desc_style((FONT, 16).into_font().color(&ink))
+        .axis_style(ink)
+        .bold_line_style(RGBColor(225, 225, 225))
+        .light_line_style(RGBColor(245, 245, 245))
+        .draw()?;
 
     let dot = RGBColor(31, 119, 180).mix(0.45).filled();
-    for (&p, &m) in plot.prediction.iter().zip(plot.mos) {
-        if p.is_finite() && m.is_finite() {
-            area.draw(&Circle::new((frame.px(p), frame.py(m)), 3, dot))?;
-        }
-    }
+    chart.draw_series(
+        xs.iter()
+            .zip(&ys)
+            .filter(|(p, m)| p.is_finite() && m.is_finite())
+            .map(|(&p, &m)| Circle::new((p, m), 3, dot)),
+    )?;
 
     if let Some(curve) = plot.curve {
         let steps = 240;
-        let points: Vec<(i32, i32)> = (0..=steps)
+        let points: Vec<(f64, f64)> = (0..=steps)
             .map(|k| {
-                let x =
-                    frame.x_range.0 + (frame.x_range.1 - frame.x_range.0) * k as f64 / steps as f64;
-                (frame.px(x), frame.py(curve.eval(x)))
+                let t = k as f64 / steps as f64;
+                let x = x0 + x_half * 2.0 * t;
+                (x, y_axis.shown(curve.eval(x * x_axis.divisor)))
             })
-            .filter(|&(_, py)| (y0..=y1).contains(&py))
+            .filter(|&(_, y)| (y0..=y1).contains(&y))
             .collect();
-        area.draw(&PathElement::new(
-            points,
-            RGBColor(214, 39, 40).stroke_width(2),
-        ))?;
-    }
-
-    draw_text(area, plot.title, x0, 16, 2, &ink)?;
-    let x_label = "PREDICTION";
-    draw_text(
-        area,
-        x_label,
-        (x0 + x1 - text_width(x_label, 2)) / 2,
-        HEIGHT as i32 - 26,
-        2,
-        &ink,
-    )?;
-    draw_text(area, "MOS", 8, y0 - 2, 2, &ink)?;
-    if plot.curve.is_some() {
-        let legend = "LOGISTIC FIT";
-        let lx = x1 - text_width(legend, 2) - 10;
-        area.draw(&Rectangle::new(
-            [(lx - 42, y0 + 4), (x1 - 4, y0 + 30)],
-            WHITE.mix(0.85).filled(),
-        ))?;
-        area.draw(&PathElement::new(
-            vec![(lx - 34, y0 + 17), (lx - 8, y0 + 17)],
-            RGBColor(214, 39, 40).stroke_width(2),
-        ))?;
-        draw_text(area, legend, lx, y0 + 10, 2, &ink)?;
-    }
-    Ok(())
-}
-
-/// Glyph rows (top to bottom), 5 bits each, most significant bit on the left.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x0A, 0x04, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
-        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
-        '/' => [0x01, 0x02, 0x02, 0x04, 0x08, 0x08, 0x10],
-        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        ' ' => [0x00; 7],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
-    }
-}
-
-/// Advance per character: 5 pixels of glyph and 1 of spacing, times `scale`.
-fn text_width(text: &str, scale: i32) -> i32 {
-    text.chars().count() as i32 * 6 * scale
-}
-
-/// Draw `text` with its top-left corner at (x, y), each font pixel a `scale`×`scale` square.
-fn draw_text<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    text: &str,
-    x: i32,
-    y: i32,
-    scale: i32,
-    color: &RGBColor,
-) -> DrawResult<DB> {
-    for (k, c) in text.chars().enumerate() {
-        let gx = x + k as i32 * 6 * scale;
-        for (row, bits) in glyph(c).iter().enumerate() {
-            for col in 0..5 {
-                if bits & (0x10 >> col) != 0 {
-                    let px = gx + col * scale;
-                    let py = y + row as i32 * scale;
-                    area.draw(&Rectangle::new(
-                        [(px, py), (px + scale, py + scale)],
-                        color.filled(),
-                    ))?;
-                }
-            }
-        }
+        chart
+            .draw_series(LineSeries::new(points, red.stroke_width(2)))?
+            .label("logistic fit")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], red.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 14).into_font().color(&ink))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::dataset::Dataset;
-use crate::levels::{LevelError, LevelSet, ScoreRange};
+use crate::levels::{Level, LevelError, LevelSet, ScoreRange};
 use crate::metrics::{self, MetricError};
 use crate::vocab::{IMAGE_MARKER, MediaKind, Task};
 
@@ -191,10 +191,14 @@ pub struct ConversionReport {
     #[serde(rename = "M")]
     pub max: f64,
     /// SRCC / PLCC between each written item's MOS and its level number; NaN (JSON null) when
-    /// undefined, e.g. every item got the same level.
+    /// undefined, with the reason in `undefined`.
     pub srcc: f64,
     pub plcc: f64,
     pub level_counts: LevelCounts,
+    /// Why the conversion precision is undefined (too few items, all MOS equal, or all items
+    /// in one level); absent when it is defined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undefined: Option<String>,
 }
 
 /// A built syllabus: the SFT items of all datasets, in input order, and one report each.
@@ -246,11 +250,7 @@ pub fn build_syllabus(
                     expected: options.input,
                 });
             }
-            let level = if options.clamp {
-                levels.level_of_clamped(item.score, range)
-            } else {
-                levels.level_of(item.score, range)
-            };
+            let level = bin(levels, item.score, range, options.clamp);
             let level = level.map_err(|error| SyllabusError::Item {
                 dataset: dataset.name.clone(),
                 index,
@@ -281,7 +281,10 @@ pub fn build_syllabus(
                 ],
             });
         }
-        let (srcc, plcc) = conversion_precision(&mos, &level_numbers);
+        let (srcc, plcc, undefined) = match conversion_precision(&mos, &level_numbers) {
+            Ok((srcc, plcc)) => (srcc, plcc, None),
+            Err(why) => (f64::NAN, f64::NAN, Some(why)),
+        };
         reports.push(ConversionReport {
             name: dataset.name.clone(),
             n: mos.len(),
@@ -290,18 +293,62 @@ pub fn build_syllabus(
             srcc,
             plcc,
             level_counts: LevelCounts(levels.words().iter().cloned().zip(counts).collect()),
+            undefined,
         });
     }
     Ok(Syllabus { items, reports })
 }
 
-/// SRCC and PLCC between MOS and level numbers; NaN where undefined.
-pub fn conversion_precision(mos: &[f64], level_numbers: &[f64]) -> (f64, f64) {
-    let or_nan = |r: Result<f64, MetricError>| r.unwrap_or(f64::NAN);
-    (
-        or_nan(metrics::srcc(mos, level_numbers)),
-        or_nan(metrics::plcc(mos, level_numbers)),
-    )
+/// Eq. 1 for one score. The edges are `m + i·(M − m)/N`; when `N·(M − m)` would overflow
+/// (|m|, |M| near f64::MAX), score and range are halved until it does not: halving is exact, so
+/// the level is the one the edges would give with unlimited exponent range.
+fn bin(levels: &LevelSet, score: f64, range: ScoreRange, clamp: bool) -> Result<Level, LevelError> {
+    let level = |score: f64, range: ScoreRange| {
+        if clamp {
+            levels.level_of_clamped(score, range)
+        } else {
+            levels.level_of(score, range)
+        }
+    };
+    let fits = |r: ScoreRange| ((r.max() - r.min()) * levels.n_levels() as f64).is_finite();
+    if fits(range) {
+        return level(score, range);
+    }
+    let (mut s, mut r) = (score, range);
+    while !fits(r) {
+        s /= 2.0;
+        r = ScoreRange::new(r.min() / 2.0, r.max() / 2.0)?;
+    }
+    level(s, r).map_err(|e| match e {
+        // Name the caller's numbers, not the halved ones.
+        LevelError::OutOfRange { .. } => LevelError::OutOfRange {
+            score,
+            min: range.min(),
+            max: range.max(),
+        },
+        other => other,
+    })
+}
+
+/// SRCC and PLCC between MOS and level numbers, or why they are undefined.
+pub fn conversion_precision(mos: &[f64], level_numbers: &[f64]) -> Result<(f64, f64), String> {
+    let why = |e: MetricError| match e {
+        MetricError::TooFewPairs(n) => format!(
+            "only {n} item(s), and a correlation needs at least {}",
+            metrics::MIN_PAIRS
+        ),
+        MetricError::Constant(metrics::Side::First) => {
+            format!("all {} items have the same MOS", mos.len())
+        }
+        MetricError::Constant(metrics::Side::Second) => {
+            format!("all {} items got the same level", mos.len())
+        }
+        other => other.to_string(),
+    };
+    Ok((
+        metrics::srcc(mos, level_numbers).map_err(why)?,
+        metrics::plcc(mos, level_numbers).map_err(why)?,
+    ))
 }
 
 /// Indices of the items to keep, in file order: all of them, or round(F·n) (at least 1)
@@ -343,6 +390,15 @@ pub fn python_float_repr(v: f64) -> String {
 
 fn file_name(path: &str) -> &str {
     path.rsplit(['/', '\\']).next().unwrap_or(path)
+}
+
+/// The first of `inputs` that `output` would overwrite: the same file however spelled
+/// (`./a.json`, `dir/../a.json`, a symlink or a hard link). A missing output overwrites nothing.
+pub fn overwritten_input<'a, P: AsRef<Path>>(output: &Path, inputs: &'a [P]) -> Option<&'a Path> {
+    inputs
+        .iter()
+        .map(AsRef::as_ref)
+        .find(|input| same_file::is_same_file(output, input).unwrap_or(false))
 }
 
 /// Write `value` as pretty JSON to `path` atomically: into a temporary file in the same folder,

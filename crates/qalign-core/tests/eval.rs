@@ -163,6 +163,35 @@ fn constant_predictions_give_nan_with_a_warning() {
     );
 }
 
+/// The `<text>` contents of an SVG, in document order.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
+
+/// Decode a PNG: (width, height, RGB bytes).
+fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn count_pixels(rgb: &[u8], rows: std::ops::Range<usize>, want: impl Fn(&[u8]) -> bool) -> usize {
+    rgb.chunks_exact(3)
+        .enumerate()
+        .filter(|(i, p)| rows.contains(&(i / 800)) && want(p))
+        .count()
+}
+
 #[test]
 fn plots_are_written_as_png_and_svg() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,14 +210,63 @@ fn plots_are_written_as_png_and_svg() {
     };
     let png = dir.path().join("s.png");
     draw_scatter(&png, &plot).unwrap();
-    let bytes = std::fs::read(&png).unwrap();
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-    // IHDR: width and height, big-endian, at bytes 16..24.
-    assert_eq!(&bytes[16..24], &[0, 0, 3, 32, 0, 0, 2, 88]);
+    let (w, h, rgb) = decode_png(&png);
+    assert_eq!((w, h), (800, 600));
+    let all = 0..600;
+    let white = count_pixels(&rgb, all.clone(), |p| p == [255, 255, 255]);
+    assert!(white > 800 * 600 / 2, "mostly white background: {white}");
+    // The logistic curve is drawn in red, the dots in translucent blue.
+    let red = count_pixels(&rgb, all.clone(), |p| p == [214, 39, 40]);
+    assert!(red > 500, "curve pixels: {red}");
+    let blue = count_pixels(&rgb, all.clone(), |p| {
+        p[2] > 150 && p[0] < 200 && p[2] > p[0] + 40
+    });
+    assert!(blue > 1000, "dot pixels: {blue}");
+    // Text: anti-aliased dark glyphs in the title band and in the x-axis label band.
+    let dark = |p: &[u8]| p.iter().all(|&c| c < 120);
+    assert!(count_pixels(&rgb, 0..40, dark) > 100, "title text");
+    assert!(
+        count_pixels(&rgb, 560..600, dark) > 100,
+        "axis description text"
+    );
+    let grey = |p: &[u8]| p[0] == p[1] && p[1] == p[2] && p[0] > 60 && p[0] < 230;
+    assert!(
+        count_pixels(&rgb, 0..40, grey) > 20,
+        "anti-aliased glyph edges"
+    );
+
     let svg_path = dir.path().join("s.SVG");
     draw_scatter(&svg_path, &plot).unwrap();
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<circle") && svg.contains("<polyline"));
+    let texts = svg_texts(&svg);
+    for want in ["N=300 SRCC=0.99", "prediction", "MOS", "logistic fit"] {
+        assert!(texts.iter().any(|t| t == want), "{want} in {texts:?}");
+    }
+    // Tick labels: numbers inside the data's padded range, and more than a handful per axis.
+    let ticks: Vec<f64> = texts.iter().filter_map(|t| t.parse().ok()).collect();
+    let on_x = ticks.iter().filter(|&&v| (0.8..=5.2).contains(&v)).count();
+    let on_y = ticks
+        .iter()
+        .filter(|&&v| (15.0..=120.0).contains(&v))
+        .count();
+    assert!(on_x >= 4 && on_y >= 4, "{ticks:?}");
+    assert!(
+        svg.contains("font-family=\"sans-serif\""),
+        "portable font family"
+    );
+
+    // Without a curve: no red and no legend.
+    let plain = ScatterPlot {
+        curve: None,
+        ..plot
+    };
+    draw_scatter(&png, &plain).unwrap();
+    let (_, _, rgb) = decode_png(&png);
+    assert_eq!(count_pixels(&rgb, 0..600, |p| p == [214, 39, 40]), 0);
+    draw_scatter(&svg_path, &plain).unwrap();
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(!svg_texts(&svg).iter().any(|t| t == "logistic fit"));
 
     assert!(matches!(
         draw_scatter(&dir.path().join("s.gif"), &plot),
@@ -204,4 +282,51 @@ fn plots_are_written_as_png_and_svg() {
         draw_scatter(&png, &empty),
         Err(PlotError::NoData(_))
     ));
+    assert!(matches!(
+        draw_scatter(&dir.path().join("no/such/dir/s.png"), &plain),
+        Err(PlotError::Write { .. })
+    ));
+}
+
+/// Extreme magnitudes plot without overflow: ticks in scientific notation, the data on screen.
+#[test]
+fn plots_at_extreme_magnitudes() {
+    let dir = tempfile::tempdir().unwrap();
+    for k in [1e155, 1e-155] {
+        let x: Vec<f64> = (0..50).map(|i| (1.0 + i as f64) * k).collect();
+        let y: Vec<f64> = (0..50).map(|i| (100.0 - i as f64) * k).collect();
+        let plot = ScatterPlot {
+            prediction: &x,
+            mos: &y,
+            curve: None,
+            title: "extreme",
+        };
+        let svg_path = dir.path().join("x.svg");
+        draw_scatter(&svg_path, &plot).unwrap();
+        let svg = std::fs::read_to_string(&svg_path).unwrap();
+        // The axes show the values over a power of ten, named in the axis description.
+        let texts = svg_texts(&svg);
+        let (ex, ey) = if k > 1.0 { (156, 157) } else { (-154, -153) };
+        assert!(
+            texts.contains(&format!("prediction (×1e{ex})")),
+            "{texts:?}"
+        );
+        assert!(texts.contains(&format!("MOS (×1e{ey})")), "{texts:?}");
+        let ticks: Vec<f64> = texts.iter().filter_map(|t| t.parse().ok()).collect();
+        let on_x = ticks.iter().filter(|&&v| (0.0..=5.2).contains(&v)).count();
+        let on_y = ticks.iter().filter(|&&v| (0.0..=1.1).contains(&v)).count();
+        assert!(on_x >= 4 && on_y >= 4, "{k:e}: {ticks:?}");
+        assert_eq!(svg.matches("<circle").count(), 50);
+        draw_scatter(&dir.path().join("x.png"), &plot).unwrap();
+    }
+    // A range spanning ±f64::MAX still draws.
+    let x = [-f64::MAX, 0.0, f64::MAX];
+    let plot = ScatterPlot {
+        prediction: &x,
+        mos: &x,
+        curve: None,
+        title: "",
+    };
+    draw_scatter(&dir.path().join("max.svg"), &plot).unwrap();
+    draw_scatter(&dir.path().join("max.png"), &plot).unwrap();
 }

@@ -1,6 +1,7 @@
-//! Metrics against scipy on real label data. The reference values were computed once with
-//! scipy 1.17.1 / numpy 2.4 (`spearmanr`, `pearsonr`, `kendalltau`, and `curve_fit` with pyiqa's
-//! starting point for the logistic) on the same files and the same deterministic transforms.
+//! Metrics against scipy on real label data. The reference values come from
+//! `scripts/metrics_reference.py` (scipy 1.17.1 / numpy 2.4: `spearmanr`, `pearsonr`,
+//! `kendalltau`, and `curve_fit` with pyiqa's starting point for the logistic) on the same files
+//! and the same deterministic transforms; `--check` compares them with the values here.
 
 mod common;
 
@@ -355,5 +356,131 @@ proptest::proptest! {
             }
             Err(e) => proptest::prop_assert!(false, "{e}"),
         }
+    }
+}
+
+/// Values that the metrics must treat alike: `(a + offset) · scale` for a positive scale.
+fn affine(v: &[f64], scale: f64, offset: f64) -> Vec<f64> {
+    v.iter().map(|&a| (a + offset) * scale).collect()
+}
+
+const SCALES: [f64; 6] = [1.0, 1e155, 1e-155, 3.5e290, 2.5e-290, 7.25];
+/// 2^40 and 10^12 keep integers up to 2^21 exact, so the offset data are still distinct.
+const OFFSETS: [f64; 3] = [0.0, 1_099_511_627_776.0, -1e12];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+    #[test]
+    fn correlations_are_invariant_under_positive_affine_maps(
+        pairs in proptest::collection::vec((-1_000_000i32..1_000_000, -1_000_000i32..1_000_000), 3..80),
+        sx in 0..SCALES.len(), sy in 0..SCALES.len(),
+        ox in 0..OFFSETS.len(), oy in 0..OFFSETS.len(),
+    ) {
+        let x: Vec<f64> = pairs.iter().map(|p| f64::from(p.0)).collect();
+        let y: Vec<f64> = pairs.iter().map(|p| f64::from(p.1)).collect();
+        proptest::prop_assume!(x.iter().any(|&v| v != x[0]) && y.iter().any(|&v| v != y[0]));
+        let (x2, y2) = (affine(&x, SCALES[sx], OFFSETS[ox]), affine(&y, SCALES[sy], OFFSETS[oy]));
+        let base = Metrics::compute(&x, &y).unwrap();
+        let moved = Metrics::compute(&x2, &y2).unwrap();
+        proptest::prop_assert!((base.plcc - moved.plcc).abs() < 1e-9, "PLCC {} vs {}", base.plcc, moved.plcc);
+        proptest::prop_assert!((base.srcc - moved.srcc).abs() < 1e-12, "SRCC {} vs {}", base.srcc, moved.srcc);
+        proptest::prop_assert!((base.krcc - moved.krcc).abs() < 1e-12, "KRCC {} vs {}", base.krcc, moved.krcc);
+        // RMSE scales with a shared scale.
+        let k = SCALES[sx];
+        let scaled = metrics::rmse(&affine(&x, k, 0.0), &affine(&y, k, 0.0)).unwrap();
+        proptest::prop_assert!(scaled.is_finite());
+        proptest::prop_assert!((scaled / k - base.rmse).abs() <= 1e-12 * base.rmse, "RMSE {scaled} vs {} · {k}", base.rmse);
+    }
+}
+
+#[test]
+fn extreme_magnitudes_keep_the_real_values() {
+    // Before centring and rescaling, MOS × 1e155 overflowed the sums of squares: PLCC 0 or NaN.
+    let x = mos("livec.json");
+    let y: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + ((i * 37) % 101) as f64 * 0.5)
+        .collect();
+    for k in [1e155, 1e-155, 1e300] {
+        let m = Metrics::compute(&affine(&x, k, 0.0), &affine(&y, k, 0.0)).unwrap();
+        assert_close(m.srcc, 0.7837840852667397, TOL, "SRCC");
+        assert_close(m.plcc, 0.8147046424909985, TOL, "PLCC");
+        assert_close(m.krcc, 0.5832343381285585, TOL, "KRCC");
+        assert_close(m.rmse / k, 28.937094394447357, 1e-9, "RMSE / k");
+    }
+    // The logistic fit too: the same curve, scaled.
+    let z: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v / (100.0 - v)).ln() + ((i * 37) % 101) as f64 * 0.01)
+        .collect();
+    let plain = fitted_metrics(&z, &x).unwrap();
+    for k in [1e155, 1e-155] {
+        let big = fitted_metrics(&affine(&z, k, 0.0), &affine(&x, k, 0.0)).unwrap();
+        assert_close(big.plcc, plain.plcc, 1e-12, "fitted PLCC");
+        assert_close(big.rmse / k, plain.rmse, 1e-9, "fitted RMSE / k");
+        for (b, p) in big.curve.beta.iter().zip(plain.curve.beta) {
+            assert_close(b / k, p, 1e-9 * p.abs(), "beta / k");
+        }
+    }
+    // And the bootstrap: the same correlation intervals, the RMSE interval scaled.
+    let opts = BootstrapOptions {
+        resamples: 50,
+        seed: 3,
+        confidence: 0.9,
+    };
+    let plain = bootstrap(&x, &y, opts, &|_| {}).unwrap();
+    let big = bootstrap(
+        &affine(&x, 1e155, 0.0),
+        &affine(&y, 1e155, 0.0),
+        opts,
+        &|_| {},
+    )
+    .unwrap();
+    for (a, b) in [
+        (plain.srcc, big.srcc),
+        (plain.plcc, big.plcc),
+        (plain.krcc, big.krcc),
+    ] {
+        assert_close(b.low, a.low, 1e-12, "low");
+        assert_close(b.high, a.high, 1e-12, "high");
+    }
+    assert_close(big.rmse.low / 1e155, plain.rmse.low, 1e-9, "RMSE low");
+    assert_close(big.rmse.high / 1e155, plain.rmse.high, 1e-9, "RMSE high");
+}
+
+#[test]
+fn bootstrap_does_not_depend_on_the_thread_count() {
+    let x = mos("csiq.json");
+    let y: Vec<f64> = (0..x.len()).map(|i| ((i * 37) % 11) as f64).collect();
+    let opts = BootstrapOptions {
+        resamples: 200,
+        seed: 11,
+        confidence: 0.95,
+    };
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| bootstrap(&x, &y, opts, &|_| {}).unwrap())
+    };
+    let one = on(1);
+    assert_eq!(one, on(2));
+    assert_eq!(one, on(7));
+}
+
+#[test]
+fn bootstrap_resamples_are_bounded() {
+    let x = [1.0, 2.0, 3.0, 4.0];
+    let y = [1.0, 3.0, 2.0, 4.0];
+    let at_most = BootstrapOptions {
+        resamples: metrics::bootstrap::MAX_RESAMPLES + 1,
+        ..BootstrapOptions::default()
+    };
+    match bootstrap(&x, &y, at_most, &|_| {}) {
+        Err(MetricError::InvalidOption(m)) => assert!(m.contains("at most 100000"), "{m}"),
+        other => panic!("{other:?}"),
     }
 }

@@ -318,3 +318,131 @@ fn ids_write_the_mos_like_python() {
         assert_eq!(python_float_repr(v), text);
     }
 }
+
+fn scaled(ds: &Dataset, k: f64) -> Dataset {
+    let mut out = ds.clone();
+    for item in &mut out.items {
+        item.score *= k;
+    }
+    out
+}
+
+fn words(items: &[SftItem]) -> Vec<&str> {
+    items.iter().map(level_word).collect()
+}
+
+/// MOS × 1e155 (or × 1e-155) bins into the same levels with the same conversion precision as
+/// the plain MOS; before, the sums of squares overflowed and the precision came out NaN with a
+/// warning blaming "all items got the same level".
+#[test]
+fn extreme_magnitudes_keep_levels_and_precision() {
+    let ds = dataset("train_koniq.json");
+    let plain = build_syllabus(std::slice::from_ref(&ds), &quality_image()).unwrap();
+    // Powers of two scale exactly, so the levels are those of the plain MOS; 1e±155 may move
+    // a score sitting on an edge by an ulp, hence the ≥ 99.9% agreement there.
+    for k in [2f64.powi(515), 2f64.powi(-515), 1e155, 1e-155] {
+        let big = build_syllabus(&[scaled(&ds, k)], &quality_image()).unwrap();
+        let (a, b) = (&plain.reports[0], &big.reports[0]);
+        assert_eq!(b.undefined, None, "×{k}");
+        let same = words(&plain.items)
+            .iter()
+            .zip(words(&big.items))
+            .filter(|(x, y)| **x == *y)
+            .count();
+        if k.log2().fract() == 0.0 {
+            assert_eq!(same, plain.items.len(), "×{k}");
+            assert_eq!((b.srcc, b.plcc), (a.srcc, a.plcc), "×{k}");
+        } else {
+            assert!(
+                same as f64 >= 0.999 * plain.items.len() as f64,
+                "×{k}: {same}"
+            );
+            assert_close(b.srcc, a.srcc, 1e-4, "srcc");
+            assert_close(b.plcc, a.plcc, 1e-4, "plcc");
+        }
+    }
+}
+
+/// A range so wide that M − m overflows (scores near ±f64::MAX) still spreads over all levels.
+#[test]
+fn range_wider_than_f64_max_still_bins() {
+    let ds = dataset("train_koniq.json");
+    // Map [m, M] onto [−0.9·MAX, 0.9·MAX]: affine, so the levels must stay the same.
+    let (m, big_m) = (6.68487394958, 85.0608108108);
+    let mut wide = ds.clone();
+    for item in &mut wide.items {
+        let t = (item.score - m) / (big_m - m);
+        item.score = (2.0 * t - 1.0) * (0.9 * f64::MAX);
+    }
+    assert!(wide.scores().iter().all(|s| s.is_finite()));
+    let plain = build_syllabus(std::slice::from_ref(&ds), &quality_image()).unwrap();
+    let s = build_syllabus(&[wide], &quality_image()).unwrap();
+    let r = &s.reports[0];
+    assert_eq!(r.undefined, None);
+    assert!(
+        r.level_counts.0.iter().all(|(_, c)| *c > 0),
+        "{:?}",
+        r.level_counts
+    );
+    let same = words(&plain.items)
+        .iter()
+        .zip(words(&s.items))
+        .filter(|(x, y)| **x == *y)
+        .count();
+    assert!(same as f64 >= 0.999 * plain.items.len() as f64, "{same}");
+    assert_close(r.srcc, plain.reports[0].srcc, 1e-3, "srcc");
+    // Out-of-range errors still name the caller's numbers.
+    let mut opts = quality_image();
+    opts.range = Some(ScoreRange::new(-f64::MAX, f64::MAX / 2.0).unwrap());
+    let mut high = ds.clone();
+    high.items[0].score = f64::MAX;
+    match build_syllabus(&[high], &opts) {
+        Err(SyllabusError::Item { error, .. }) => assert_eq!(
+            error,
+            qalign_core::levels::LevelError::OutOfRange {
+                score: f64::MAX,
+                min: -f64::MAX,
+                max: f64::MAX / 2.0
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// When the conversion precision is undefined the report says why, and the reason is the real
+/// one: one level for all items, one MOS for all items, or too few items.
+#[test]
+fn undefined_precision_names_the_real_cause() {
+    let ds = dataset("live.json");
+    let mut opts = quality_image();
+    opts.range = Some(ScoreRange::new(-1000.0, 1000.0).unwrap());
+    let r = &build_syllabus(std::slice::from_ref(&ds), &opts)
+        .unwrap()
+        .reports[0];
+    assert!(r.srcc.is_nan() && r.plcc.is_nan());
+    assert_eq!(
+        r.undefined.as_deref(),
+        Some(format!("all {} items got the same level", r.n).as_str())
+    );
+    let mut same_mos = ds.clone();
+    same_mos.items.iter_mut().for_each(|i| i.score = 50.0);
+    opts.range = Some(ScoreRange::new(0.0, 100.0).unwrap());
+    let r = &build_syllabus(&[same_mos], &opts).unwrap().reports[0];
+    assert_eq!(
+        r.undefined.as_deref(),
+        Some(format!("all {} items have the same MOS", r.n).as_str())
+    );
+    let mut few = ds.clone();
+    few.items.truncate(2);
+    let r = &build_syllabus(&[few], &quality_image()).unwrap().reports[0];
+    assert_eq!(
+        r.undefined.as_deref(),
+        Some("only 2 item(s), and a correlation needs at least 3")
+    );
+    // Defined precision: no reason, and none in the JSON report.
+    let r = &build_syllabus(std::slice::from_ref(&ds), &quality_image())
+        .unwrap()
+        .reports[0];
+    assert_eq!(r.undefined, None);
+    assert!(serde_json::to_value(r).unwrap().get("undefined").is_none());
+}

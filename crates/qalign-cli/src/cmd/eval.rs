@@ -1,14 +1,14 @@
 //! `qalign eval`: join predictions to labels by path and report SRCC/PLCC/KRCC/RMSE with
 //! bootstrap confidence intervals, as a table or JSON, optionally with a scatter plot.
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use qalign_core::dataset::{Columns, read_labels, read_predictions};
 use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join};
+use qalign_core::metrics::bootstrap::MAX_RESAMPLES;
 use qalign_core::metrics::{BootstrapOptions, Interval, Logistic4};
-use qalign_core::plot::{ScatterPlot, draw_scatter};
+use qalign_core::plot::{PlotFormat, ScatterPlot, draw_scatter};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -29,13 +29,15 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
     /// Draw prediction vs MOS with the fitted logistic curve (.png or .svg).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_plot_path)]
     plot: Option<PathBuf>,
-    /// Bootstrap resamples for the confidence intervals (0 = none).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    bootstrap: usize,
-    /// Confidence level of the intervals.
-    #[arg(long, value_name = "C", default_value_t = 0.95)]
+    /// Bootstrap resamples for the confidence intervals (0 = none, at most 100000).
+    #[arg(long, value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_RESAMPLES as u64))]
+    bootstrap: u64,
+    /// Confidence level of the intervals, in (0, 1).
+    #[arg(long, value_name = "C", default_value_t = 0.95, value_parser = parse_confidence,
+          allow_negative_numbers = true)]
     confidence: f64,
     /// Seed of the bootstrap.
     #[arg(long, value_name = "S", default_value_t = 0)]
@@ -60,6 +62,31 @@ pub struct Args {
 
 /// Bootstrap work (resamples × items) above which a progress bar is worth showing.
 const PROGRESS_THRESHOLD: usize = 2_000_000;
+/// Exit status of a usage error (an invalid flag value), as clap's own.
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// Report a usage error that clap could not see (it depends on several flags or on files).
+pub(crate) fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match PlotFormat::of_path(&path) {
+        Some(_) => Ok(path),
+        None => Err("the plot file must end in .png or .svg".to_string()),
+    }
+}
+
+fn parse_confidence(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(c) if c > 0.0 && c < 1.0 => Ok(c),
+        _ => Err(format!(
+            "expected a confidence level strictly between 0 and 1 (e.g. 0.95), got `{s}`"
+        )),
+    }
+}
 /// Examples of unmatched paths shown per category.
 const EXAMPLES: usize = 3;
 
@@ -90,12 +117,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let pred = joined.predictions();
     let mos = joined.mos();
 
-    let bootstrap = (args.bootstrap > 0).then_some(BootstrapOptions {
-        resamples: args.bootstrap,
+    let resamples = args.bootstrap as usize;
+    let bootstrap = (resamples > 0).then_some(BootstrapOptions {
+        resamples,
         seed: args.seed,
         confidence: args.confidence,
     });
-    let bar = progress_bar(args.bootstrap, pred.len());
+    let bar = progress_bar(resamples, pred.len());
     let options = EvalOptions {
         bootstrap,
         logistic: args.logistic || args.plot.is_some(),
@@ -136,16 +164,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn progress_bar(resamples: usize, n: usize) -> ProgressBar {
-    if resamples.saturating_mul(n) < PROGRESS_THRESHOLD || !std::io::stderr().is_terminal() {
+    if resamples.saturating_mul(n) < PROGRESS_THRESHOLD {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(resamples as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("bootstrap {bar:40} {pos}/{len} [{elapsed}<{eta}]")
-    {
-        bar.set_style(style);
-    }
-    bar
+    crate::progress::bar(resamples as u64, "bootstrap")
 }
 
 fn examples(paths: &[String]) -> String {
@@ -205,9 +227,20 @@ fn json_output(report: &EvalReport, joined: &JoinOutcome) -> anyhow::Result<Stri
     Ok(serde_json::to_string_pretty(&out)?)
 }
 
+/// A value for a table: 4 decimals, or scientific notation when that would print a very long or
+/// an all-zero number (MOS × 1e155 is allowed and must stay readable).
+pub(crate) fn number(v: f64) -> String {
+    let magnitude = v.abs();
+    if v.is_finite() && (magnitude >= 1e6 || (magnitude > 0.0 && magnitude < 1e-3)) {
+        format!("{v:.4e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 fn fmt_interval(ci: Option<Interval>) -> String {
     match ci {
-        Some(i) => format!("[{:.4}, {:.4}]", i.low, i.high),
+        Some(i) => format!("[{}, {}]", number(i.low), number(i.high)),
         None => "-".to_string(),
     }
 }
@@ -234,13 +267,19 @@ fn table(r: &EvalReport) -> String {
         ("RMSE (raw)", r.rmse, ci.map(|c| c.rmse)),
     ];
     for (name, value, interval) in rows {
-        let _ = writeln!(out, "{name:<16} {value:>10.4}  {}", fmt_interval(interval));
+        let _ = writeln!(
+            out,
+            "{name:<16} {:>10}  {}",
+            number(value),
+            fmt_interval(interval)
+        );
     }
     if let Some(f) = &r.logistic {
         for (name, value) in [("PLCC (logistic)", f.plcc), ("RMSE (logistic)", f.rmse)] {
             let _ = writeln!(
                 out,
-                "{name:<16} {value:>10.4}  (after 4-parameter logistic fit)"
+                "{name:<16} {:>10}  (after 4-parameter logistic fit)",
+                number(value)
             );
         }
     }

@@ -1,12 +1,16 @@
 //! `qalign syllabus`: label files → the official SFT JSON, with the conversion precision.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use qalign_core::dataset::{Columns, read_labels};
 use qalign_core::levels::ScoreRange;
-use qalign_core::syllabus::{ConversionReport, SyllabusOptions, build_syllabus, write_json_atomic};
+use qalign_core::syllabus::{
+    self, ConversionReport, SyllabusOptions, build_syllabus, write_json_atomic,
+};
 use qalign_core::{MediaKind, Task};
+
+use super::eval::{number, usage_error};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum TaskArg {
@@ -35,14 +39,15 @@ pub struct Args {
     /// Output SFT JSON (written atomically).
     #[arg(long, value_name = "OUT.json")]
     out: PathBuf,
-    /// Bin over [m, M] instead of each file's own min and max.
-    #[arg(long, num_args = 2, value_names = ["m", "M"], allow_negative_numbers = true)]
+    /// Bin over [m, M] (finite, m < M) instead of each file's own min and max.
+    #[arg(long, num_args = 2, value_names = ["m", "M"], allow_negative_numbers = true,
+          value_parser = parse_finite)]
     range: Option<Vec<f64>>,
     /// With --range: put scores outside [m, M] in the end levels instead of failing.
     #[arg(long, requires = "range")]
     clamp: bool,
     /// Keep a seeded random fraction of each file (few-shot), in (0, 1].
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = parse_fraction, allow_negative_numbers = true)]
     fraction: Option<f64>,
     /// Seed of the subset and of the question draws.
     #[arg(long, value_name = "S", default_value_t = 0)]
@@ -58,7 +63,55 @@ pub struct Args {
     score_key: Option<String>,
 }
 
+fn parse_finite(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("expected a finite number, got `{s}`")),
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("expected a fraction in (0, 1], got `{s}`")),
+    }
+}
+
+/// An output path that is one of the label files, however spelled: writing there would
+/// replace the labels with the syllabus.
+fn overwritten_input(args: &Args) -> Option<(&'static str, &Path, &Path)> {
+    let outputs = [
+        ("--out", Some(&args.out)),
+        ("--report-json", args.report_json.as_ref()),
+    ];
+    outputs.into_iter().find_map(|(flag, out)| {
+        let out = out?;
+        syllabus::overwritten_input(out, &args.labels).map(|input| (flag, out.as_path(), input))
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some((flag, out, input)) = overwritten_input(&args) {
+        return Ok(usage_error(&format!(
+            "{flag} {} is the label file {}: refusing to overwrite an input",
+            out.display(),
+            input.display()
+        )));
+    }
+    if let Some(path) = &args.report_json
+        && syllabus::overwritten_input(path, std::slice::from_ref(&args.out)).is_some()
+    {
+        return Ok(usage_error(&format!(
+            "--report-json {} is the --out file {}",
+            path.display(),
+            args.out.display()
+        )));
+    }
+    if let Some([m, big_m]) = args.range.as_deref()
+        && m >= big_m
+    {
+        return Ok(usage_error(&format!("--range {m} {big_m}: need m < M")));
+    }
     let columns = Columns {
         path: args.path_key,
         score: args.score_key,
@@ -91,10 +144,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     write_json_atomic(&args.out, &syllabus.items)?;
     super::eval::write_stdout(&reports_table(&syllabus.reports))?;
     for r in &syllabus.reports {
-        if r.srcc.is_nan() || r.plcc.is_nan() {
+        if let Some(why) = &r.undefined {
             eprintln!(
-                "warning: {}: the conversion precision is undefined (all {} items got the same level)",
-                r.name, r.n
+                "warning: {}: the conversion precision is undefined ({why})",
+                r.name
             );
         }
     }
@@ -139,8 +192,13 @@ fn reports_table(reports: &[ConversionReport]) -> String {
             .join(" ");
         let _ = writeln!(
             out,
-            "{:<24} {:>7} {:>10.4} {:>10.4} {:>7.4} {:>7.4}  {counts}",
-            r.name, r.n, r.m, r.max, r.srcc, r.plcc
+            "{:<24} {:>7} {:>10} {:>10} {:>7.4} {:>7.4}  {counts}",
+            r.name,
+            r.n,
+            number(r.m),
+            number(r.max),
+            r.srcc,
+            r.plcc
         );
     }
     out

@@ -2,16 +2,23 @@
 //!
 //! A correlation measured on a few hundred images has a sampling error large enough to change
 //! the ranking of methods, so the evaluation reports an interval next to each number. Resample
-//! `b` draws its n indices from a ChaCha8 stream seeded with `(seed, stream = b)`, so the result
-//! depends only on the seed and the resample count — not on thread scheduling.
-
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! `b` draws its n indices from a ChaCha8 stream seeded with `(seed, stream = b)`, and the
+//! resamples run on rayon's pool and are collected in order, so the result depends only on the
+//! seed and the resample count — not on the thread count or scheduling.
+//!
+//! Percentiles need every resample's value, so memory grows with the resample count (32 bytes
+//! each); [`MAX_RESAMPLES`] bounds it.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{MetricError, check_pairs};
+use super::{MetricError, check_pairs, deviations, max_abs, unit_scale};
+
+/// Most resamples one bootstrap may ask for: 3.2 MB of results, and far past the point where
+/// more resamples change a 95% interval's reported digits.
+pub const MAX_RESAMPLES: usize = 100_000;
 
 /// How to bootstrap.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +77,12 @@ pub fn bootstrap(
             "bootstrap needs at least one resample".to_string(),
         ));
     }
+    if options.resamples > MAX_RESAMPLES {
+        return Err(MetricError::InvalidOption(format!(
+            "at most {MAX_RESAMPLES} bootstrap resamples, got {}",
+            options.resamples
+        )));
+    }
     if !(options.confidence > 0.0 && options.confidence < 1.0) {
         return Err(MetricError::InvalidOption(format!(
             "confidence must lie in (0, 1), got {}",
@@ -118,36 +131,18 @@ fn run_resamples(
     progress: &(dyn Fn(usize) + Sync),
 ) -> Vec<Resample> {
     let prepared = Prepared::new(x, y);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(options.resamples);
-    let next = AtomicUsize::new(0);
-    let mut collected: Vec<(usize, Resample)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut local = Vec::new();
-                    let mut scratch = Scratch::new(&prepared);
-                    loop {
-                        let b = next.fetch_add(1, Ordering::Relaxed);
-                        if b >= options.resamples {
-                            break;
-                        }
-                        draw_counts(&mut scratch.counts, options.seed, b);
-                        local.push((b, prepared.metrics(&mut scratch)));
-                        progress(1);
-                    }
-                    local
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    });
-    collected.sort_by_key(|(b, _)| *b);
-    collected.into_iter().map(|(_, r)| r).collect()
+    (0..options.resamples)
+        .into_par_iter()
+        .map_init(
+            || Scratch::new(&prepared),
+            |scratch, b| {
+                draw_counts(&mut scratch.counts, options.seed, b);
+                let r = prepared.metrics(scratch);
+                progress(1);
+                r
+            },
+        )
+        .collect()
 }
 
 /// Resample `b` as multiplicities: `counts[i]` = how often pair i was drawn (n draws in all).
@@ -164,9 +159,15 @@ fn draw_counts(counts: &mut [u64], seed: u64, b: usize) {
 /// What every resample shares: the tie structure of the original data. A resample is then a
 /// vector of multiplicities, and its metrics need no sorting: average ranks come from running
 /// sums of group weights, Kendall's discordant pairs from a Fenwick tree over y ranks.
-struct Prepared<'a> {
-    x: &'a [f64],
-    y: &'a [f64],
+struct Prepared {
+    /// x and y centred and rescaled (see [`deviations`]): Pearson's r is invariant to both, and
+    /// the sums of squares cannot overflow.
+    x: Vec<f64>,
+    y: Vec<f64>,
+    /// x − y, rescaled by powers of two so the RMSE's squares stay finite.
+    diff: Vec<f64>,
+    /// The two power-of-two factors applied to `diff` (kept apart: their product may overflow).
+    diff_scale: (f64, f64),
     /// Dense rank (0-based tie group) of each x and y value.
     x_group: Vec<usize>,
     y_group: Vec<usize>,
@@ -187,7 +188,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(p: &Prepared<'_>) -> Self {
+    fn new(p: &Prepared) -> Self {
         Self {
             counts: vec![0; p.x.len()],
             x_weight: vec![0; p.x_groups],
@@ -252,15 +253,25 @@ fn weighted_pearson(counts: &[u64], a: impl Fn(usize) -> f64, b: impl Fn(usize) 
     (sab / (saa.sqrt() * sbb.sqrt())).clamp(-1.0, 1.0)
 }
 
-impl<'a> Prepared<'a> {
-    fn new(x: &'a [f64], y: &'a [f64]) -> Self {
+impl Prepared {
+    fn new(x: &[f64], y: &[f64]) -> Self {
         let (x_group, x_groups) = dense_groups(x);
         let (y_group, y_groups) = dense_groups(y);
         let mut by_xy: Vec<usize> = (0..x.len()).collect();
         by_xy.sort_by_key(|&i| (x_group[i], y_group[i]));
+        let scale = unit_scale(max_abs(x).max(max_abs(y)));
+        let mut diff: Vec<f64> = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| a * scale - b * scale)
+            .collect();
+        let rescale = unit_scale(max_abs(&diff));
+        diff.iter_mut().for_each(|d| *d *= rescale);
         Self {
-            x,
-            y,
+            x: deviations(x),
+            y: deviations(y),
+            diff,
+            diff_scale: (scale, rescale),
             x_group,
             y_group,
             x_groups,
@@ -276,9 +287,9 @@ impl<'a> Prepared<'a> {
             .iter()
             .enumerate()
             .filter(|(_, c)| **c > 0)
-            .map(|(i, &c)| c as f64 * (self.x[i] - self.y[i]) * (self.x[i] - self.y[i]))
+            .map(|(i, &c)| c as f64 * self.diff[i] * self.diff[i])
             .sum();
-        let rmse = (sq / total as f64).sqrt();
+        let rmse = (sq / total as f64).sqrt() / self.diff_scale.1 / self.diff_scale.0;
 
         s.x_weight.fill(0);
         s.y_weight.fill(0);

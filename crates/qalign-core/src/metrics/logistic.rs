@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use super::{MetricError, check_pairs, pearson_unchecked};
+use super::{MetricError, check_pairs, max_abs, pearson_unchecked, unit_scale};
 
 const MAX_ITERATIONS: usize = 500;
 const MAX_DAMPING: f64 = 1e20;
@@ -49,9 +49,28 @@ impl Logistic4 {
         ((b1 - b2) * s + b2, grad)
     }
 
-    /// Least-squares fit of `y ≈ f(x)`.
+    /// Least-squares fit of `y ≈ f(x)`. The fit runs on x and y rescaled by powers of two (exact,
+    /// so ordinary data fits bit for bit as unscaled) so that MOS × 1e155 neither overflows nor,
+    /// × 1e-155, underflows; β is scaled back at the end.
     pub fn fit(x: &[f64], y: &[f64]) -> Result<Self, MetricError> {
         check_pairs(x, y)?;
+        let (sx, sy) = (unit_scale(max_abs(x)), unit_scale(max_abs(y)));
+        let xs: Vec<f64> = x.iter().map(|a| a * sx).collect();
+        let ys: Vec<f64> = y.iter().map(|a| a * sy).collect();
+        let mut model = Self::fit_scaled(&xs, &ys)?;
+        let [b1, b2, b3, b4] = model.beta;
+        model.beta = [b1 / sy, b2 / sy, b3 / sx, b4 / sx];
+        if model.beta.iter().all(|b| b.is_finite()) {
+            Ok(model)
+        } else {
+            Err(MetricError::FitFailed(format!(
+                "parameters out of range: {:?}",
+                model.beta
+            )))
+        }
+    }
+
+    fn fit_scaled(x: &[f64], y: &[f64]) -> Result<Self, MetricError> {
         let n = x.len() as f64;
         let mean_x = x.iter().sum::<f64>() / n;
         let std_x = (x.iter().map(|a| (a - mean_x) * (a - mean_x)).sum::<f64>() / n).sqrt();

@@ -114,18 +114,46 @@ pub fn plcc(x: &[f64], y: &[f64]) -> Result<f64, MetricError> {
     Ok(pearson_unchecked(x, y))
 }
 
-fn pearson_unchecked(x: &[f64], y: &[f64]) -> f64 {
-    let n = x.len() as f64;
-    let mx = x.iter().sum::<f64>() / n;
-    let my = y.iter().sum::<f64>() / n;
+pub(crate) fn pearson_unchecked(x: &[f64], y: &[f64]) -> f64 {
+    let (dx, dy) = (deviations(x), deviations(y));
     let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (&a, &b) in x.iter().zip(y) {
-        let (da, db) = (a - mx, b - my);
-        sxy += da * db;
-        sxx += da * da;
-        syy += db * db;
+    for (&a, &b) in dx.iter().zip(&dy) {
+        sxy += a * b;
+        sxx += a * a;
+        syy += b * b;
     }
     (sxy / (sxx.sqrt() * syy.sqrt())).clamp(-1.0, 1.0)
+}
+
+/// The power of two that brings `max_abs` into [1, 4) (1 for 0 or non-finite values). Scaling by
+/// a power of two is exact in floating point, so it changes no result except those that would
+/// have overflowed or underflowed.
+pub(crate) fn unit_scale(max_abs: f64) -> f64 {
+    if max_abs == 0.0 || !max_abs.is_finite() {
+        return 1.0;
+    }
+    let exponent = (max_abs.log2().floor() as i64).clamp(-1022, 1022);
+    f64::from_bits(((1023 - exponent) as u64) << 52)
+}
+
+pub(crate) fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, a| m.max(a.abs()))
+}
+
+/// `v` minus its mean, rescaled by a power of two so the largest deviation lies in [1, 4):
+/// sums of squares then neither overflow (MOS × 1e155) nor underflow (× 1e-155), and a huge
+/// common offset cancels before anything is squared. Pearson's r is invariant to both steps.
+pub(crate) fn deviations(v: &[f64]) -> Vec<f64> {
+    let scale = unit_scale(max_abs(v));
+    let mut d: Vec<f64> = v.iter().map(|a| a * scale).collect();
+    let n = d.len() as f64;
+    let mut mean = d.iter().sum::<f64>() / n;
+    // One refinement step recovers the rounding error of the first sum.
+    mean += d.iter().map(|a| a - mean).sum::<f64>() / n;
+    d.iter_mut().for_each(|a| *a -= mean);
+    let rescale = unit_scale(max_abs(&d));
+    d.iter_mut().for_each(|a| *a *= rescale);
+    d
 }
 
 /// Spearman's rank correlation (scipy `spearmanr`): Pearson on average ranks.
@@ -143,10 +171,19 @@ pub fn krcc(x: &[f64], y: &[f64]) -> Result<f64, MetricError> {
 }
 
 /// Root mean squared difference of the raw values (no fitting; both must share a scale).
+/// Computed on power-of-two rescaled values, so it overflows only if the result itself does.
 pub fn rmse(x: &[f64], y: &[f64]) -> Result<f64, MetricError> {
     check_pairs(x, y)?;
-    let sum: f64 = x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum();
-    Ok((sum / x.len() as f64).sqrt())
+    let scale = unit_scale(max_abs(x).max(max_abs(y)));
+    let mut d: Vec<f64> = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| a * scale - b * scale)
+        .collect();
+    let rescale = unit_scale(max_abs(&d));
+    d.iter_mut().for_each(|a| *a *= rescale);
+    let sum: f64 = d.iter().map(|a| a * a).sum();
+    Ok((sum / x.len() as f64).sqrt() / rescale / scale)
 }
 
 fn cmp_f64(a: &f64, b: &f64) -> Ordering {
