@@ -4,7 +4,7 @@ mod video_support;
 
 use std::path::Path;
 
-use qalign_media::video::{self, VideoWarning};
+use qalign_media::video::{self, Truncation, VideoWarning};
 use qalign_media::{MediaError, MediaKind, SamplingOptions, SamplingPlan};
 use video_support::{ffmpeg, fixtures, reference_frame, testsrc_clip, tools};
 
@@ -340,13 +340,23 @@ fn stream_shorter_than_its_packet_count_repeats_the_last_frame() {
     assert_eq!((frames[2].source_index, frames[2].decoded_index), (20, 9));
     assert!(frames[1].image.as_raw() == &reference_frame(&clip, 9, false));
     let sampled = video::SampledVideo { info, plan, frames };
+    let truncation = Truncation {
+        expected_frames: 30,
+        decoded_frames: 10,
+        expected_duration: Some(1.0),
+        decoded_duration: 1.0,
+    };
+    assert_eq!(sampled.truncation(), Some(truncation.clone()));
     assert_eq!(
         sampled.warnings(),
-        [VideoWarning::RepeatedFrames {
-            repeated: 2,
-            delivered: 10,
-            expected: 30
-        }]
+        [
+            VideoWarning::Truncated(truncation),
+            VideoWarning::RepeatedFrames {
+                repeated: 2,
+                delivered: 10,
+                expected: 30
+            }
+        ]
     );
 }
 

@@ -36,13 +36,15 @@ const IMAGE_EXTENSIONS: [&str; 13] = [
 ];
 
 /// Classifies a file by its magic bytes, then by extension when the content is not recognised.
-/// An empty file is [`MediaKind::Unknown`]; a file that cannot be opened is an error.
+/// An empty file is [`MediaKind::Unknown`]; a file that cannot be opened, and anything that is
+/// not a regular file (directory, FIFO, device), is an error.
 pub fn sniff_kind(path: &Path) -> Result<MediaKind, MediaError> {
     let io_error = |source| MediaError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io_error)?;
+    // Not File::open directly: opening a FIFO would block until a writer appears.
+    let (file, _) = crate::input::open_regular(path)?;
     let mut head = Vec::with_capacity(SNIFF_LEN);
     file.take(SNIFF_LEN as u64)
         .read_to_end(&mut head)
