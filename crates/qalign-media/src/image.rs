@@ -3,7 +3,7 @@
 //! here, because the scores are compared against goldens computed from Pillow's pixels.
 //!
 //! Format rules (all checked against Pillow 10.2):
-//! * JPEG: libjpeg-turbo C code (ISLOW IDCT, fancy upsampling), see [`crate::jpeg`].
+//! * JPEG: libjpeg-turbo C code (ISLOW IDCT, fancy upsampling), see `src/jpeg.rs`.
 //! * PNG, BMP, WebP, TIFF: the `image` crate, then Pillow's conversion to RGB:
 //!   grayscale is replicated, alpha is dropped without blending, 16-bit RGB(A) and gray+alpha
 //!   keep the high byte (Pillow's `RGB;16B` unpacking), 16-bit grayscale is clamped to 255

@@ -196,11 +196,13 @@ fn gif_with(width: u16, height: u16, frame_w: u16, frame_h: u16) -> Vec<u8> {
     {
         let mut encoder =
             gif::Encoder::new(&mut out, width, height, &[0, 0, 0, 255, 255, 255]).unwrap();
-        let mut frame = gif::Frame::default();
-        frame.width = frame_w;
-        frame.height = frame_h;
         let pixels = vec![0u8; usize::from(frame_w) * usize::from(frame_h)];
-        frame.buffer = std::borrow::Cow::Owned(pixels);
+        let frame = gif::Frame {
+            width: frame_w,
+            height: frame_h,
+            buffer: std::borrow::Cow::Owned(pixels),
+            ..Default::default()
+        };
         encoder.write_frame(&frame).unwrap();
     }
     out
