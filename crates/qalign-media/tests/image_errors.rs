@@ -276,7 +276,9 @@ fn errors_name_the_file_exactly_once() {
     ];
     for (name, bytes) in cases {
         let (path, result) = load_bytes(name, bytes);
-        let text = result.unwrap_err().to_string();
+        let err = result.unwrap_err();
+        assert_eq!(err.path(), Some(path.as_path()));
+        let text = err.to_string();
         let shown = path.display().to_string();
         assert_eq!(text.matches(&shown).count(), 1, "{text}");
         assert_eq!(text.matches(name).count(), 1, "{text}");

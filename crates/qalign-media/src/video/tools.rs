@@ -229,5 +229,20 @@ mod tests {
         .unwrap();
         assert_eq!(tools.ffmpeg(), ffmpeg);
         assert_eq!(tools.ffprobe(), ffprobe);
+
+        // A bare override name is looked up in PATH; a directory is not an executable.
+        let renamed = fake_tool(custom.path(), "ffmpeg-6");
+        let tools = FfmpegTools::locate(
+            Some("ffmpeg-6".into()),
+            Some(ffprobe.clone().into()),
+            Some(custom.path().into()),
+        )
+        .unwrap();
+        assert_eq!(tools.ffmpeg(), renamed);
+        let err = FfmpegTools::locate(Some(bin.path().into()), None, None).unwrap_err();
+        assert!(
+            err.to_string().contains("is not an executable file"),
+            "{err}"
+        );
     }
 }
