@@ -1,7 +1,7 @@
 //! One error type for every media failure, so callers (CLI, scorer) can report
 //! which file broke and why without caring whether it was an image or a video.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors from decoding or preprocessing media files. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -36,4 +36,18 @@ pub enum MediaError {
     /// A caller-supplied setting is out of range (named as the option or argument).
     #[error("invalid {name}: {message}")]
     InvalidArgument { name: String, message: String },
+}
+
+impl MediaError {
+    /// The file the error is about, when there is one: for callers that print the file name
+    /// themselves and do not want it twice (the `Display` text already names it).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Io { path, .. }
+            | Self::Decode { path, .. }
+            | Self::Unsupported { path, .. }
+            | Self::ToolFailed { path, .. } => Some(path),
+            Self::ToolNotFound { .. } | Self::InvalidArgument { .. } => None,
+        }
+    }
 }

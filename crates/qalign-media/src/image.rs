@@ -3,7 +3,7 @@
 //! here, because the scores are compared against goldens computed from Pillow's pixels.
 //!
 //! Format rules (all checked against Pillow 10.2):
-//! * JPEG: libjpeg-turbo C code (ISLOW IDCT, fancy upsampling), see the `jpeg` module.
+//! * JPEG: libjpeg-turbo C code (ISLOW IDCT, fancy upsampling), see `src/jpeg.rs`.
 //! * PNG, BMP, WebP, TIFF: the `image` crate, then Pillow's conversion to RGB:
 //!   grayscale is replicated, alpha is dropped without blending, 16-bit RGB(A) and gray+alpha
 //!   keep the high byte (Pillow's `RGB;16B` unpacking), 16-bit grayscale is clamped to 255
@@ -12,18 +12,29 @@
 //! * EXIF orientation is ignored unless [`DecodeOptions::exif_orientation`] is set
 //!   (the official code does not apply it).
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
 
-use crate::MediaError;
 use crate::jpeg::{self, JpegError};
+use crate::{MediaError, input};
 
 /// Largest accepted image, in pixels: Pillow's decompression-bomb error threshold
-/// (2 × `Image.MAX_IMAGE_PIXELS`). Protects against headers that claim absurd sizes.
+/// (2 × `Image.MAX_IMAGE_PIXELS`). Protects against headers that claim absurd sizes. Video frames
+/// get the same cap (checked on the size ffprobe reports, before any frame buffer exists).
 pub const MAX_PIXELS: u64 = 178_956_970;
+
+/// Largest encoded image accepted, in bytes (512 MiB). An uncompressed RGB8 raster at
+/// [`MAX_PIXELS`] (536 870 910 bytes) just fits; real JPEG/PNG/WebP files under the pixel cap
+/// are far smaller. A file above it is refused from its size, before any byte is read; a stream
+/// ([`read_rgb`]) is read up to this many bytes at most.
+pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Bytes read first to recognise the format, before anything else of the input is read.
+const SNIFF_BYTES: usize = 512;
 
 /// Name used in errors for images decoded from memory.
 const IN_MEMORY: &str = "<in-memory image>";
@@ -37,15 +48,28 @@ pub struct DecodeOptions {
 }
 
 /// Reads and decodes an image file to RGB8 (see the module docs for the conversion rules).
+///
+/// Only regular files are opened: a FIFO, device or socket is refused without being opened
+/// (use [`read_rgb`] for a stream such as stdin). The first bytes are checked to be a supported
+/// image before the rest is read, and a file larger than [`MAX_FILE_BYTES`] is refused.
 pub fn load_rgb(path: &Path, opts: &DecodeOptions) -> Result<RgbImage, MediaError> {
-    let bytes = std::fs::read(path).map_err(|source| MediaError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    decode_named(&bytes, path, opts)
+    let (file, len) = input::open_regular(path)?;
+    read_named(file, Some(len), path, opts)
+}
+
+/// Reads an image from a stream (stdin, a socket, ...) and decodes it like [`load_rgb`], with
+/// the same limits: the format is recognised from the first bytes before more is read, and at
+/// most [`MAX_FILE_BYTES`] are read. `source` only names the input in errors (e.g. `-`).
+pub fn read_rgb(
+    reader: impl Read,
+    source: &Path,
+    opts: &DecodeOptions,
+) -> Result<RgbImage, MediaError> {
+    read_named(reader, None, source, opts)
 }
 
 /// Decodes an in-memory image file (any supported format, detected from its content) to RGB8.
+/// The pixel cap applies ([`MAX_PIXELS`]); the byte cap does not, as the bytes are already read.
 pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, MediaError> {
     decode_named(bytes, Path::new(IN_MEMORY), opts)
 }
@@ -70,15 +94,65 @@ fn decode_named(bytes: &[u8], path: &Path, opts: &DecodeOptions) -> Result<RgbIm
     decode_bytes(bytes, opts).map_err(|failure| failure.into_error(path))
 }
 
-fn decode_bytes(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, Failure> {
-    if bytes.is_empty() {
+/// Sniffs, then reads the rest within [`MAX_FILE_BYTES`], then decodes. `known_len` is the
+/// file's size when the source is a regular file.
+fn read_named(
+    mut reader: impl Read,
+    known_len: Option<u64>,
+    path: &Path,
+    opts: &DecodeOptions,
+) -> Result<RgbImage, MediaError> {
+    let io_error = |source| MediaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let too_large = |size: String| MediaError::Unsupported {
+        path: path.to_path_buf(),
+        message: format!(
+            "file too large: {size} exceeds the limit of {MAX_FILE_BYTES} bytes for an encoded image"
+        ),
+    };
+    let mut bytes = Vec::with_capacity(SNIFF_BYTES);
+    input::read_up_to(&mut reader, &mut bytes, SNIFF_BYTES).map_err(io_error)?;
+    supported_format(&bytes).map_err(|failure| failure.into_error(path))?;
+    if let Some(len) = known_len {
+        if len > MAX_FILE_BYTES {
+            return Err(too_large(format!("{len} bytes")));
+        }
+        // Only now, with the format recognised and the size within the limit.
+        bytes.reserve_exact((len as usize).saturating_sub(bytes.len()) + 1);
+    }
+    if !input::read_rest_bounded(&mut reader, &mut bytes, MAX_FILE_BYTES).map_err(io_error)? {
+        return Err(too_large("the stream".to_string()));
+    }
+    decode_named(&bytes, path, opts)
+}
+
+/// The format of an image file from its first bytes, if it is one this crate decodes.
+fn supported_format(head: &[u8]) -> Result<ImageFormat, Failure> {
+    if head.is_empty() {
         return Err(Failure::Corrupt("file is empty".to_string()));
     }
-    let format = image::guess_format(bytes).map_err(|_| {
+    let format = image::guess_format(head).map_err(|_| {
         Failure::Corrupt(
             "not a recognised image (expected JPEG, PNG, BMP, WebP, TIFF or GIF data)".to_string(),
         )
     })?;
+    match format {
+        ImageFormat::Jpeg
+        | ImageFormat::Gif
+        | ImageFormat::Png
+        | ImageFormat::Bmp
+        | ImageFormat::WebP
+        | ImageFormat::Tiff => Ok(format),
+        other => Err(Failure::Unsupported(format!(
+            "{other:?} images are not supported (expected JPEG, PNG, BMP, WebP, TIFF or GIF)"
+        ))),
+    }
+}
+
+fn decode_bytes(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, Failure> {
+    let format = supported_format(bytes)?;
     let (rgb, orientation) = match format {
         ImageFormat::Jpeg => {
             let decoded =
@@ -89,14 +163,7 @@ fn decode_bytes(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, Failure>
             (decoded.image, decoded.orientation)
         }
         ImageFormat::Gif => (gif_first_frame(bytes)?, None),
-        ImageFormat::Png | ImageFormat::Bmp | ImageFormat::WebP | ImageFormat::Tiff => {
-            decode_with_image_crate(bytes, format, opts.exif_orientation)?
-        }
-        other => {
-            return Err(Failure::Unsupported(format!(
-                "{other:?} images are not supported (expected JPEG, PNG, BMP, WebP, TIFF or GIF)"
-            )));
-        }
+        _ => decode_with_image_crate(bytes, format, opts.exif_orientation)?,
     };
     Ok(match orientation {
         Some(o) if o != Orientation::NoTransforms => {
@@ -117,6 +184,11 @@ fn image_crate_failure(format: ImageFormat, err: ImageError) -> Failure {
     }
 }
 
+/// The message for an image (`what` = "image") or video frame above [`MAX_PIXELS`].
+pub(crate) fn too_many_pixels(what: &str, width: u64, height: u64) -> String {
+    format!("{what} too large: {width}x{height} exceeds the limit of {MAX_PIXELS} pixels")
+}
+
 fn check_size(width: u64, height: u64) -> Result<(), Failure> {
     if width == 0 || height == 0 {
         return Err(Failure::Corrupt(format!(
@@ -124,8 +196,8 @@ fn check_size(width: u64, height: u64) -> Result<(), Failure> {
         )));
     }
     if width * height > MAX_PIXELS {
-        return Err(Failure::Unsupported(format!(
-            "{width}x{height} exceeds the limit of {MAX_PIXELS} pixels"
+        return Err(Failure::Unsupported(too_many_pixels(
+            "image", width, height,
         )));
     }
     Ok(())
@@ -204,36 +276,51 @@ fn to_rgb_like_pillow(dynamic: DynamicImage) -> Result<RgbImage, Failure> {
 /// the frame), filled with the frame's transparent index (else index 0), the frame's indices
 /// pasted at its offset, then mapped through the frame's colour table (local, else global,
 /// else a gray ramp). Indices beyond the table map to black.
+///
+/// The canvas size is checked against [`MAX_PIXELS`] from the frame header, before the frame's
+/// pixels are allocated; the `gif` crate's own 50 MB per-frame budget is raised to the same cap
+/// so that a large but allowed GIF decodes instead of failing with "Out of Memory".
 fn gif_first_frame(bytes: &[u8]) -> Result<RgbImage, Failure> {
-    let corrupt = |e: gif::DecodingError| Failure::Corrupt(format!("invalid GIF: {e}"));
     let mut options = gif::DecodeOptions::new();
     options.set_color_output(gif::ColorOutput::Indexed);
-    let mut decoder = options.read_info(Cursor::new(bytes)).map_err(corrupt)?;
+    options.set_memory_limit(gif::MemoryLimit::Bytes(
+        NonZeroU64::new(MAX_PIXELS).expect("MAX_PIXELS is not zero"),
+    ));
+    let mut decoder = options
+        .read_info(Cursor::new(bytes))
+        .map_err(|e| gif_failure(e, None))?;
     let global_palette = decoder.global_palette().map(<[u8]>::to_vec);
     let (screen_w, screen_h) = (usize::from(decoder.width()), usize::from(decoder.height()));
+    let screen = Some((screen_w as u64, screen_h as u64));
     let frame = decoder
-        .read_next_frame()
-        .map_err(corrupt)?
+        .next_frame_info()
+        .map_err(|e| gif_failure(e, screen))?
         .ok_or_else(|| Failure::Corrupt("GIF has no frames".to_string()))?;
-
     let (left, top) = (usize::from(frame.left), usize::from(frame.top));
     let (frame_w, frame_h) = (usize::from(frame.width), usize::from(frame.height));
+    let transparent = frame.transparent;
+    let local_palette = frame.palette.clone();
     let width = screen_w.max(left + frame_w);
     let height = screen_h.max(top + frame_h);
     check_size(width as u64, height as u64)?;
-    if frame.buffer.len() < frame_w * frame_h {
+    let canvas = Some((width as u64, height as u64));
+    let mut buffer = vec![0u8; decoder.buffer_size()];
+    decoder
+        .read_into_buffer(&mut buffer)
+        .map_err(|e| gif_failure(e, canvas))?;
+    if buffer.len() < frame_w * frame_h {
         return Err(Failure::Corrupt("GIF frame data is incomplete".to_string()));
     }
 
-    let mut indices = vec![frame.transparent.unwrap_or(0); width * height];
+    let mut indices = vec![transparent.unwrap_or(0); width * height];
     if frame_w > 0 {
-        for (row, src) in frame.buffer.chunks_exact(frame_w).take(frame_h).enumerate() {
+        for (row, src) in buffer.chunks_exact(frame_w).take(frame_h).enumerate() {
             let start = (top + row) * width + left;
             indices[start..start + frame_w].copy_from_slice(src);
         }
     }
 
-    let palette = frame.palette.as_deref().or(global_palette.as_deref());
+    let palette = local_palette.as_deref().or(global_palette.as_deref());
     let mut table = [[0u8; 3]; 256];
     for (i, entry) in table.iter_mut().enumerate() {
         *entry = match palette {
@@ -250,6 +337,24 @@ fn gif_first_frame(bytes: &[u8]) -> Result<RgbImage, Failure> {
         .collect();
     RgbImage::from_raw(width as u32, height as u32, data)
         .ok_or_else(|| Failure::Corrupt("decoded buffer has the wrong size".to_string()))
+}
+
+/// A `gif` decoding error; its allocation failures ("Out of Memory", "Memory limit reached")
+/// are reported as what they mean here, an image too large, with its size when known.
+fn gif_failure(err: gif::DecodingError, size: Option<(u64, u64)>) -> Failure {
+    match err {
+        gif::DecodingError::OutOfMemory | gif::DecodingError::MemoryLimit => {
+            Failure::Unsupported(match size {
+                Some((w, h)) if w * h > MAX_PIXELS => too_many_pixels("image", w, h),
+                Some((w, h)) => format!(
+                    "image too large: a {w}x{h} GIF needs more memory than its decoder allows"
+                ),
+                None => "image too large: a GIF block needs more memory than its decoder allows"
+                    .to_string(),
+            })
+        }
+        other => Failure::Corrupt(format!("invalid GIF: {other}")),
+    }
 }
 
 /// Where `expand2square` puts an image of the given size: the square side and the paste offset.

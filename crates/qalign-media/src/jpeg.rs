@@ -3,8 +3,27 @@
 //! upsampling. Pure-Rust decoders (zune-jpeg, used by the `image` crate) differ by a few 8-bit
 //! levels on many pixels, which would make the preprocessing fixtures unreachable.
 //!
-//! libjpeg reports fatal errors through a callback that must not return; `mozjpeg` unwinds out
-//! of it, and this module catches the unwind and turns it into an error message.
+//! **Errors, and why this crate needs `panic = "unwind"`.** libjpeg reports a fatal error (a
+//! corrupt or truncated file) through a callback that must not return: C code `longjmp`s out of
+//! it. Rust has no sound `setjmp` (a function that returns twice), and a `longjmp` over Rust
+//! frames would skip their destructors, so this module's callback unwinds instead, with `resume_unwind` (no
+//! panic hook, no message), and [`decode`] catches the unwind and turns it into an error. That
+//! is sound because:
+//! * the callbacks and every libjpeg entry point are declared `extern "C-unwind"`;
+//! * `mozjpeg-sys` compiles libjpeg with `-fexceptions` (its `unwinding` feature, enabled in
+//!   Cargo.toml), so the C frames carry unwind tables and the unwind crosses them cleanly;
+//! * libjpeg keeps no state that an unwind leaves inconsistent: the decompressor is dropped on
+//!   the way out, which calls `jpeg_destroy_decompress` and frees its memory pools.
+//!
+//! Under `panic = "abort"` that unwind would abort the whole process on the first corrupt JPEG,
+//! so building this crate with it is a compile error (below) instead of a latent crash.
+
+#[cfg(panic = "abort")]
+compile_error!(
+    "qalign-media must be built with panic = \"unwind\": libjpeg's fatal errors (corrupt JPEG \
+     files) are turned into errors by unwinding out of its error callback, which would abort \
+     the process under panic = \"abort\" (see crates/qalign-media/src/jpeg.rs)"
+);
 
 use std::os::raw::c_int;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -87,7 +106,7 @@ fn decode_unguarded(
     }
     if (width as u64) * (height as u64) > max_pixels {
         return Err(JpegError::Unsupported(format!(
-            "{width}x{height} exceeds the limit of {max_pixels} pixels"
+            "image too large: {width}x{height} exceeds the limit of {max_pixels} pixels"
         )));
     }
     let orientation = if read_orientation {

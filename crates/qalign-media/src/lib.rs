@@ -3,12 +3,15 @@
 
 pub mod error;
 pub mod image;
+mod input;
 mod jpeg;
 pub mod preprocess;
 pub mod resize;
 pub mod video;
 
-pub use self::image::{DecodeOptions, decode_rgb, expand2square, load_rgb};
+pub use self::image::{
+    DecodeOptions, MAX_FILE_BYTES, MAX_PIXELS, decode_rgb, expand2square, load_rgb, read_rgb,
+};
 pub use ::image::RgbImage;
 pub use error::MediaError;
 pub use preprocess::{Pixels, PreprocessConfig, preprocess_path};

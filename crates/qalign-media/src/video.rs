@@ -28,7 +28,7 @@ use std::path::Path;
 
 use image::RgbImage;
 
-pub use probe::VideoInfo;
+pub use probe::{Truncation, VideoInfo};
 pub use reader::{FrameReader, SampledFrame};
 pub use sampling::{SamplingOptions, SamplingPlan};
 pub use sniff::{MediaKind, is_video, sniff_kind};
@@ -51,9 +51,31 @@ impl SampledVideo {
         self.frames.iter().map(|f| &f.image)
     }
 
+    /// Frames decoded before the stream ended, when it ended before a planned frame (the
+    /// stand-ins of [`SampledFrame::is_repeated`] then repeat the last of them).
+    fn delivered_early(&self) -> Option<usize> {
+        self.frames.iter().any(SampledFrame::is_repeated).then(|| {
+            self.frames
+                .iter()
+                .map(|f| f.decoded_index + 1)
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
+    /// Whether the file is truncated: what its header promises against what could be read
+    /// (see [`FrameReader::truncation`] for what can and cannot be seen).
+    pub fn truncation(&self) -> Option<Truncation> {
+        self.info
+            .truncation_with(self.delivered_early().unwrap_or(self.info.n_frames))
+    }
+
     /// Things that differ from the plain official behaviour, for the caller to report.
     pub fn warnings(&self) -> Vec<VideoWarning> {
         let mut warnings = Vec::new();
+        if let Some(truncation) = self.truncation() {
+            warnings.push(VideoWarning::Truncated(truncation));
+        }
         if self.plan.is_shorter_than_period() {
             warnings.push(VideoWarning::ShorterThanSamplingPeriod {
                 n_frames: self.plan.n_frames(),
@@ -67,13 +89,7 @@ impl SampledVideo {
             });
         }
         let repeated = self.frames.iter().filter(|f| f.is_repeated()).count();
-        if repeated > 0 {
-            let delivered = self
-                .frames
-                .iter()
-                .map(|f| f.decoded_index + 1)
-                .max()
-                .unwrap_or(0);
+        if let Some(delivered) = self.delivered_early() {
             warnings.push(VideoWarning::RepeatedFrames {
                 repeated,
                 delivered,
@@ -87,6 +103,9 @@ impl SampledVideo {
 /// Non-fatal deviations while sampling a clip.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VideoWarning {
+    /// The file holds fewer frames than its header promises; the frames were sampled from
+    /// what remains.
+    Truncated(Truncation),
     /// Shorter than one sampling period: the official loader returns no frame (and the official
     /// scorer crashes); frame 0 is used instead.
     ShorterThanSamplingPeriod { n_frames: usize, avg_fps: f64 },
@@ -103,6 +122,21 @@ pub enum VideoWarning {
 impl fmt::Display for VideoWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Truncated(t) => {
+                write!(
+                    f,
+                    "file is truncated: the header promises {} frames",
+                    t.expected_frames
+                )?;
+                if let Some(seconds) = t.expected_duration {
+                    write!(f, " ({seconds:.3} s)")?;
+                }
+                write!(
+                    f,
+                    ", only {} ({:.3} s) can be read; sampled from those",
+                    t.decoded_frames, t.decoded_duration
+                )
+            }
             Self::ShorterThanSamplingPeriod { n_frames, avg_fps } => write!(
                 f,
                 "clip is shorter than one sampling period ({n_frames} frames at {avg_fps:.3} fps); \
@@ -185,15 +219,86 @@ fn ffmpeg_input(path: &Path) -> OsString {
     input
 }
 
-/// The last `n` non-empty lines of a tool's stderr, joined with " | " (for error messages).
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+/// The last `n` informative lines of a tool's stderr about `input`, joined with " | " (for error
+/// messages). Cleaned of what would repeat or add noise: "Last message repeated N times" lines,
+/// lines equal to the one before, the input's own name in front of a line (the error names the
+/// file already) and the `@ 0x…` context addresses in `[demuxer @ 0x…]` prefixes.
+fn last_lines(text: &str, input: &Path, n: usize) -> String {
+    let url = ffmpeg_input(input);
+    let url = url.to_string_lossy();
+    let plain = input.to_string_lossy();
+    let mut lines: Vec<String> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || is_repeat_notice(line) {
+            continue;
+        }
+        let line = strip_context_address(line);
+        let line = [url.as_ref(), plain.as_ref()]
+            .iter()
+            .find_map(|name| line.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+            .map_or(line.as_str(), str::trim);
+        if line.is_empty() || lines.last().is_some_and(|last| last == line) {
+            continue;
+        }
+        lines.push(line.to_string());
+    }
     if lines.is_empty() {
         return "no diagnostic output".into();
     }
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// FFmpeg's "    Last message repeated 3 times" (log de-duplication) lines.
+fn is_repeat_notice(line: &str) -> bool {
+    line.strip_prefix("Last message repeated ")
+        .and_then(|rest| rest.strip_suffix(" times").or(rest.strip_suffix(" time")))
+        .is_some_and(|count| !count.is_empty() && count.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `[h264 @ 0x55d1c2a3f940] msg` → `[h264] msg`.
+fn strip_context_address(line: &str) -> String {
+    if let (Some(rest), Some(close)) = (line.strip_prefix('['), line.find(']')) {
+        let inside = &rest[..close - 1];
+        if let Some((name, address)) = inside.rsplit_once(" @ 0x")
+            && address.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return format!("[{name}]{}", &line[close + 1..]);
+        }
+    }
+    line.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_is_cleaned_of_repeats_names_and_addresses() {
+        let input = Path::new("/tmp/a b/clip.mp4");
+        let stderr = "[h264 @ 0x55d1c2a3f940] Invalid NAL unit size (364 > 330).\n\
+            [h264 @ 0x55d1c2a3f940] Invalid NAL unit size (364 > 330).\n\
+            \x20   Last message repeated 12 times\n\
+            [mov,mp4,m4a,3gp,3g2,mj2 @ 0x5585a88791c0] stream 0, offset 0x676c: partial file\n\
+            \n\
+            file:/tmp/a b/clip.mp4: Invalid data found when processing input\n";
+        assert_eq!(
+            last_lines(stderr, input, 5),
+            "[h264] Invalid NAL unit size (364 > 330). | \
+             [mov,mp4,m4a,3gp,3g2,mj2] stream 0, offset 0x676c: partial file | \
+             Invalid data found when processing input"
+        );
+        assert_eq!(
+            last_lines(stderr, input, 1),
+            "Invalid data found when processing input"
+        );
+        assert_eq!(
+            last_lines("Last message repeated 1 time\n", input, 3),
+            "no diagnostic output"
+        );
+        // Not a repeat notice, not an address: kept as written.
+        assert_eq!(
+            last_lines("[x @ 0xzz] Last message repeated many times\n", input, 3),
+            "[x @ 0xzz] Last message repeated many times"
+        );
+    }
 }

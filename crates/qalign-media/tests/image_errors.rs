@@ -134,13 +134,155 @@ fn truncated_and_corrupt_png() {
     );
 }
 
+/// A valid PNG bomb: 16384x16384 (268 M pixels, above the cap), 1-bit grayscale, all black,
+/// written row by row by the `png` encoder (correct CRCs, complete zlib stream) into ~40 KB.
+fn png_bomb() -> Vec<u8> {
+    use std::io::Write;
+    const SIDE: u32 = 16384;
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, SIDE, SIDE);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::One);
+    encoder.set_compression(png::Compression::High);
+    let mut writer = encoder.write_header().unwrap();
+    let mut stream = writer.stream_writer().unwrap();
+    let row = vec![0u8; SIDE as usize / 8];
+    for _ in 0..SIDE {
+        stream.write_all(&row).unwrap();
+    }
+    stream.finish().unwrap();
+    writer.finish().unwrap();
+    out
+}
+
 #[test]
-fn png_with_absurd_dimensions_is_refused() {
-    let mut png = fixture_png();
-    // IHDR width/height start at byte 16; the CRC then mismatches, which must also be an error.
-    png[16..24].copy_from_slice(&[0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00]);
-    let (_, result) = load_bytes("huge.png", &png);
-    assert!(result.is_err(), "{result:?}");
+fn valid_png_bomb_is_refused_by_the_pixel_limit() {
+    let bomb = png_bomb();
+    assert!(bomb.len() < 200_000, "bomb is {} bytes", bomb.len());
+    // The file is valid: the reference decoder reads every row without a CRC or zlib error.
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(&bomb));
+    decoder.set_limits(png::Limits { bytes: usize::MAX });
+    let mut reader = decoder.read_info().unwrap();
+    let mut rows = vec![0u8; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut rows).unwrap();
+    assert_eq!((frame.width, frame.height), (16384, 16384));
+    assert!(rows.iter().all(|&b| b == 0));
+    reader.finish().unwrap();
+    drop(rows);
+
+    let (path, result) = load_bytes("bomb.png", &bomb);
+    match result {
+        Err(err @ MediaError::Unsupported { .. }) => assert_eq!(
+            err.to_string(),
+            format!(
+                "unsupported input {}: image too large: 16384x16384 exceeds the limit of \
+                 178956970 pixels",
+                path.display()
+            )
+        ),
+        other => panic!("expected the pixel-limit error, got {other:?}"),
+    }
+    let err = decode_rgb(&bomb, &DecodeOptions::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("image too large: 16384x16384 exceeds the limit of 178956970 pixels"),
+        "{err}"
+    );
+}
+
+/// A GIF whose logical screen is `width`x`height` with one `frame_w`x`frame_h` all-zero frame.
+fn gif_with(width: u16, height: u16, frame_w: u16, frame_h: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut encoder =
+            gif::Encoder::new(&mut out, width, height, &[0, 0, 0, 255, 255, 255]).unwrap();
+        let pixels = vec![0u8; usize::from(frame_w) * usize::from(frame_h)];
+        let frame = gif::Frame {
+            width: frame_w,
+            height: frame_h,
+            buffer: std::borrow::Cow::Owned(pixels),
+            ..Default::default()
+        };
+        encoder.write_frame(&frame).unwrap();
+    }
+    out
+}
+
+#[test]
+fn gif_over_the_pixel_limit_says_too_large_not_out_of_memory() {
+    // A 20000x20000 screen (400 M pixels) holding a 1x1 frame: valid, tiny, over the cap.
+    let (path, result) = load_bytes("huge.gif", &gif_with(20000, 20000, 1, 1));
+    let err = result.unwrap_err();
+    assert!(matches!(err, MediaError::Unsupported { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "unsupported input {}: image too large: 20000x20000 exceeds the limit of 178956970 pixels",
+            path.display()
+        )
+    );
+    // A 1x1 screen whose frame descriptor claims 65535x65535: refused from that header,
+    // before the decoder allocates 4 GB for the frame.
+    let mut claims_huge_frame =
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
+    claims_huge_frame.extend_from_slice(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00");
+    claims_huge_frame.extend_from_slice(b"\x02\x02\x4c\x01\x00\x3b");
+    let (_, result) = load_bytes("frame.gif", &claims_huge_frame);
+    let err = result.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("image too large: 65535x65535 exceeds the limit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gif_above_the_gif_crates_default_budget_but_under_the_cap_decodes() {
+    // 7072x7072 = 50.01 M pixels: over the `gif` crate's default 50 MB frame budget (which gave
+    // "Out of Memory"), well under the pixel cap, so it must decode like any allowed image.
+    let (_, result) = load_bytes("large.gif", &gif_with(7072, 7072, 7072, 7072));
+    let image = result.unwrap();
+    assert_eq!(image.dimensions(), (7072, 7072));
+    assert!(image.as_raw().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn endless_stream_that_looks_like_an_image_is_cut_at_the_byte_limit() {
+    // Reads (and holds) MAX_FILE_BYTES: about a second in release builds, several in debug ones.
+    use std::io::Read;
+    let stream = (&b"\x89PNG\r\n\x1a\n"[..]).chain(std::io::repeat(0));
+    let err =
+        qalign_media::read_rgb(stream, Path::new("-"), &DecodeOptions::default()).unwrap_err();
+    assert!(matches!(err, MediaError::Unsupported { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "unsupported input -: file too large: the stream exceeds the limit of {} bytes for \
+             an encoded image",
+            qalign_media::MAX_FILE_BYTES
+        )
+    );
+}
+
+#[test]
+fn errors_name_the_file_exactly_once() {
+    let jpeg = fixture_jpeg();
+    let cases: [(&str, &[u8]); 5] = [
+        ("empty.jpg", b""),
+        ("text.png", b"plain text"),
+        ("cut.jpg", &jpeg[..jpeg.len() / 2]),
+        ("tiny.ppm", b"P6\n2 1\n255\n\x00\x00\x00\xff\xff\xff"),
+        ("bad.gif", b"GIF89a\x01\x00\x01\x00\x00\x00"),
+    ];
+    for (name, bytes) in cases {
+        let (path, result) = load_bytes(name, bytes);
+        let err = result.unwrap_err();
+        assert_eq!(err.path(), Some(path.as_path()));
+        let text = err.to_string();
+        let shown = path.display().to_string();
+        assert_eq!(text.matches(&shown).count(), 1, "{text}");
+        assert_eq!(text.matches(name).count(), 1, "{text}");
+    }
 }
 
 #[test]

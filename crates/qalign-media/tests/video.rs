@@ -4,9 +4,9 @@ mod video_support;
 
 use std::path::Path;
 
-use qalign_media::video::{self, VideoWarning};
+use qalign_media::video::{self, Truncation, VideoWarning};
 use qalign_media::{MediaError, MediaKind, SamplingOptions, SamplingPlan};
-use video_support::{ffmpeg, fixtures, reference_frame, testsrc_clip, tools};
+use video_support::{ffmpeg, fixtures, reference_frame, testsrc_clip, tools, tools_or_skip};
 
 #[test]
 fn baby_mp4_probe_matches_decord() {
@@ -343,13 +343,23 @@ fn stream_shorter_than_its_packet_count_repeats_the_last_frame() {
     assert_eq!((frames[2].source_index, frames[2].decoded_index), (20, 9));
     assert!(frames[1].image.as_raw() == &reference_frame(&clip, 9, false));
     let sampled = video::SampledVideo { info, plan, frames };
+    let truncation = Truncation {
+        expected_frames: 30,
+        decoded_frames: 10,
+        expected_duration: Some(1.0),
+        decoded_duration: 1.0,
+    };
+    assert_eq!(sampled.truncation(), Some(truncation.clone()));
     assert_eq!(
         sampled.warnings(),
-        [VideoWarning::RepeatedFrames {
-            repeated: 2,
-            delivered: 10,
-            expected: 30
-        }]
+        [
+            VideoWarning::Truncated(truncation),
+            VideoWarning::RepeatedFrames {
+                repeated: 2,
+                delivered: 10,
+                expected: 30
+            }
+        ]
     );
 }
 
@@ -365,4 +375,158 @@ fn odd_file_names_are_not_options_or_protocols() {
         let sampled = tools().sample(&odd, &SamplingOptions::OFFICIAL).unwrap();
         assert_eq!(sampled.frames.len(), 1, "{name}");
     }
+}
+
+/// An 8 s, 30 fps clip (240 frames) written with `-movflags +faststart`: the header (`moov`)
+/// comes first, so a cut copy still opens and promises all 240 frames.
+fn faststart_clip(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("faststart.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=30",
+        "-t",
+        "8",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-bf",
+        "2",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        path.to_str().unwrap(),
+    ]);
+    path
+}
+
+#[test]
+fn faststart_mp4_cut_in_half_reports_its_truncation() {
+    let Some(tools) = tools_or_skip("faststart_mp4_cut_in_half_reports_its_truncation") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let whole = faststart_clip(dir.path());
+    let bytes = std::fs::read(&whole).unwrap();
+    assert_eq!(&bytes[4..8], b"ftyp");
+    assert!(
+        bytes.windows(4).position(|w| w == b"moov") < bytes.windows(4).position(|w| w == b"mdat"),
+        "moov must come before mdat"
+    );
+    let cut = dir.path().join("cut.mp4");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+
+    // The complete file: nothing to report.
+    let info = tools.probe(&whole).unwrap();
+    assert_eq!((info.header_frames, info.n_frames), (Some(240), 240));
+    assert_eq!(info.truncation(), None);
+    let sampled = tools.sample(&whole, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(sampled.truncation(), None);
+    assert!(sampled.warnings().is_empty());
+
+    // The cut file still probes (the header is intact) but holds about half the packets.
+    let info = tools.probe(&cut).unwrap();
+    assert_eq!(info.header_frames, Some(240));
+    assert!(
+        (90..150).contains(&info.n_frames),
+        "{} packets",
+        info.n_frames
+    );
+    let truncation = info.truncation().expect("a cut file is truncated");
+    assert_eq!(truncation.expected_frames, 240);
+    assert_eq!(truncation.decoded_frames, info.n_frames);
+    assert_eq!(truncation.expected_duration, Some(8.0));
+    assert_eq!(truncation.decoded_duration, info.n_frames as f64 / 30.0);
+
+    // The reader reports it once its frames are read, and so does the one-call sampler.
+    let plan = video::plan_for(&info, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(plan.indices().len(), info.n_frames / 30);
+    let mut reader = tools.open_frames(&info, &plan).unwrap();
+    let frames: Vec<_> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+    assert_eq!(frames.len(), plan.indices().len());
+    assert_eq!(reader.truncation().map(|t| t.expected_frames), Some(240));
+    let sampled = tools.sample(&cut, &SamplingOptions::OFFICIAL).unwrap();
+    assert_eq!(sampled.truncation(), Some(truncation.clone()));
+    let warnings = sampled.warnings();
+    assert_eq!(warnings, [VideoWarning::Truncated(truncation.clone())]);
+    assert_eq!(
+        warnings[0].to_string(),
+        format!(
+            "file is truncated: the header promises 240 frames (8.000 s), only {} ({:.3} s) can \
+             be read; sampled from those",
+            info.n_frames, truncation.decoded_duration
+        )
+    );
+
+    // Decoding the whole cut stream: ffmpeg delivers no more frames than there are packets.
+    let every_frame = SamplingOptions::new(30.0, None).unwrap();
+    let plan = video::plan_for(&info, &every_frame).unwrap();
+    let mut reader = tools.open_frames(&info, &plan).unwrap();
+    let delivered = reader.by_ref().filter(|f| f.is_ok()).count();
+    assert_eq!(delivered, info.n_frames);
+    let seen = reader.truncation().unwrap();
+    assert_eq!(seen.expected_frames, 240);
+    assert!(seen.decoded_frames <= info.n_frames);
+}
+
+#[test]
+fn webm_cut_in_half_is_truncated_by_its_stated_duration() {
+    let Some(tools) = tools_or_skip("webm_cut_in_half_is_truncated_by_its_stated_duration") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.webm");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=12",
+        "-t",
+        "4",
+        "-c:v",
+        "libvpx",
+        "-b:v",
+        "200k",
+        clip.to_str().unwrap(),
+    ]);
+    let info = tools.probe(&clip).unwrap();
+    assert_eq!((info.header_frames, info.n_frames), (None, 48));
+    assert_eq!(info.truncation(), None, "{:?}", info.video_duration);
+    let bytes = std::fs::read(&clip).unwrap();
+    let cut = dir.path().join("cut.webm");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let info = tools.probe(&cut).unwrap();
+    let truncation = info.truncation().expect("a cut WebM is truncated");
+    assert_eq!(truncation.expected_frames, 48);
+    assert_eq!(truncation.decoded_frames, info.n_frames);
+    assert!(info.n_frames < 40, "{}", info.n_frames);
+    let stated = truncation.expected_duration.unwrap();
+    assert!((stated - 4.0).abs() < 0.05, "{stated}");
+}
+
+#[test]
+fn decoder_errors_are_cleaned_of_ffmpeg_noise() {
+    let Some(tools) = tools_or_skip("decoder_errors_are_cleaned_of_ffmpeg_noise") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.mp4");
+    std::fs::write(&garbage, [0x5Au8; 4000]).unwrap();
+    let err = tools.probe(&garbage).unwrap_err();
+    let text = err.to_string();
+    // ffprobe says "file:<path>: Invalid data found ..."; the error names the file once.
+    assert_eq!(text.matches(garbage.to_str().unwrap()).count(), 1, "{text}");
+    assert!(!text.contains("Last message repeated"), "{text}");
+    assert!(!text.contains(" @ 0x"), "{text}");
+    assert_eq!(
+        text,
+        format!(
+            "cannot decode {}: not a readable media file (ffprobe: [mov,mp4,m4a,3gp,3g2,mj2] \
+             moov atom not found | Invalid data found when processing input)",
+            garbage.display()
+        )
+    );
 }

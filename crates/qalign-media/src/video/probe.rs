@@ -19,6 +19,8 @@ use serde::Deserialize;
 use super::tools::FfmpegTools;
 use super::{ffmpeg_input, last_lines};
 use crate::MediaError;
+use crate::image::{MAX_PIXELS, too_many_pixels};
+use crate::input;
 
 /// What [`probe`](super::probe) learns about a video file.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +50,69 @@ pub struct VideoInfo {
     pub frame_rate: (i64, i64),
     /// Duration in seconds (stream duration, else container duration), when known.
     pub duration: Option<f64>,
+    /// Duration of the video stream alone, when the container states one (the stream's own
+    /// duration, else Matroska's per-track `DURATION` tag); unlike [`VideoInfo::duration`] it
+    /// never falls back to the container's, which may cover a longer audio track.
+    pub video_duration: Option<f64>,
+}
+
+/// A clip that holds fewer frames than its header promises: a file cut short (an interrupted
+/// download or copy, a full disk) or still being written. Its frames are sampled from what
+/// remains, so callers should warn (see [`VideoInfo::truncation`], [`FrameReader::truncation`]
+/// and [`SampledVideo::truncation`]).
+///
+/// [`FrameReader::truncation`]: super::FrameReader::truncation
+/// [`SampledVideo::truncation`]: super::SampledVideo::truncation
+#[derive(Debug, Clone, PartialEq)]
+pub struct Truncation {
+    /// Frames the header promises: its frame count (`nb_frames`), else the video stream's
+    /// stated duration × the average frame rate, rounded.
+    pub expected_frames: usize,
+    /// Frames that could actually be read: the demuxed packets, or, when decoding ran to the
+    /// end of the stream and delivered fewer, the frames decoded.
+    pub decoded_frames: usize,
+    /// Duration the header states for the video, in seconds, when it states one.
+    pub expected_duration: Option<f64>,
+    /// Seconds of video that could be read: `decoded_frames / avg_fps`.
+    pub decoded_duration: f64,
+}
+
+impl VideoInfo {
+    /// What the probe alone shows of a truncated file: fewer packets than the header's frame
+    /// count, or, for containers without a count (Matroska, WebM), packets covering less than
+    /// the stream's stated duration by more than 2 frames and 2 %. `None` for a complete file.
+    pub fn truncation(&self) -> Option<Truncation> {
+        self.truncation_with(self.n_frames)
+    }
+
+    /// [`VideoInfo::truncation`] when only `decoded` frames turned out to be readable.
+    pub(crate) fn truncation_with(&self, decoded: usize) -> Option<Truncation> {
+        let decoded = decoded.min(self.n_frames);
+        let expected = match self.header_frames {
+            Some(count) => usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .max(self.n_frames),
+            None => {
+                let stated = self
+                    .video_duration
+                    .map(|d| (d * self.avg_fps).round())
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map_or(0, |f| f as usize);
+                let slack = 2usize.max(stated / 50);
+                if stated > self.n_frames + slack {
+                    stated
+                } else {
+                    self.n_frames
+                }
+            }
+        };
+        (decoded < expected).then(|| Truncation {
+            expected_frames: expected,
+            decoded_frames: decoded,
+            expected_duration: self.video_duration,
+            decoded_duration: decoded as f64 / self.avg_fps,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,7 +212,7 @@ pub(crate) fn probe_with(tools: &FfmpegTools, path: &Path) -> Result<VideoInfo, 
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(decode_error(format!(
             "not a readable media file (ffprobe: {})",
-            last_lines(&stderr, 3)
+            last_lines(&stderr, path, 3)
         )));
     }
     let parsed: ProbeOutput = serde_json::from_slice(&output.stdout)
@@ -156,17 +221,14 @@ pub(crate) fn probe_with(tools: &FfmpegTools, path: &Path) -> Result<VideoInfo, 
 }
 
 fn check_input_file(path: &Path) -> Result<(), MediaError> {
-    let meta = std::fs::metadata(path).map_err(|source| MediaError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if meta.is_dir() {
+    if path.is_dir() {
         return Err(MediaError::Unsupported {
             path: path.to_path_buf(),
             message: "is a directory, not a video file".into(),
         });
     }
-    if meta.len() == 0 {
+    // FIFOs and devices are refused: ffprobe and ffmpeg would each consume (or wait on) them.
+    if input::regular_file_len(path)? == 0 {
         return Err(MediaError::Decode {
             path: path.to_path_buf(),
             message: "empty file".into(),
@@ -216,6 +278,14 @@ fn info_from_probe(path: &Path, probe: ProbeOutput) -> Result<VideoInfo, MediaEr
             )));
         }
     };
+    // Refused here, on the size ffprobe claims, before any frame buffer is allocated.
+    if u64::from(coded_width) * u64::from(coded_height) > MAX_PIXELS {
+        return Err(unsupported(too_many_pixels(
+            "video frames",
+            coded_width.into(),
+            coded_height.into(),
+        )));
+    }
     let n_frames = stream
         .nb_read_packets
         .as_deref()
@@ -244,6 +314,13 @@ fn info_from_probe(path: &Path, probe: ProbeOutput) -> Result<VideoInfo, MediaEr
         .and_then(|d| d.parse::<f64>().ok())
         .filter(|d| d.is_finite() && *d >= 0.0);
 
+    let video_duration = stream
+        .duration
+        .as_deref()
+        .and_then(|d| d.parse::<f64>().ok())
+        .or_else(|| stream.tags.get("DURATION").and_then(|d| parse_clock(d)))
+        .filter(|d| d.is_finite() && *d >= 0.0);
+
     Ok(VideoInfo {
         path: path.to_path_buf(),
         stream_index: stream.index,
@@ -259,7 +336,21 @@ fn info_from_probe(path: &Path, probe: ProbeOutput) -> Result<VideoInfo, MediaEr
         avg_fps,
         frame_rate,
         duration,
+        video_duration,
     })
+}
+
+/// Parses Matroska's `HH:MM:SS.fraction` duration tag into seconds.
+fn parse_clock(text: &str) -> Option<f64> {
+    let mut parts = text.trim().split(':');
+    let (h, m, sec) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let hours: u64 = h.parse().ok()?;
+    let minutes: u64 = m.parse().ok()?;
+    let seconds: f64 = sec.parse().ok()?;
+    Some((hours * 3600 + minutes * 60) as f64 + seconds)
 }
 
 /// Parses "num/den" with both parts positive (ffprobe writes "0/0" for unknown).

@@ -10,11 +10,12 @@ use std::thread::JoinHandle;
 
 use image::RgbImage;
 
-use super::probe::VideoInfo;
+use super::probe::{Truncation, VideoInfo};
 use super::sampling::SamplingPlan;
 use super::tools::FfmpegTools;
 use super::{ffmpeg_input, last_lines};
 use crate::MediaError;
+use crate::image::{MAX_PIXELS, too_many_pixels};
 
 /// Bytes of ffmpeg's stderr kept for error messages (the tail; corrupt files can log a lot).
 const STDERR_TAIL_BYTES: usize = 16 * 1024;
@@ -43,6 +44,7 @@ impl SampledFrame {
 /// ends. Dropping it early stops and reaps the `ffmpeg` process.
 pub struct FrameReader {
     path: PathBuf,
+    info: VideoInfo,
     tool: PathBuf,
     child: Option<Child>,
     stdout: Option<ChildStdout>,
@@ -69,6 +71,19 @@ impl FrameReader {
         plan: &SamplingPlan,
     ) -> Result<Self, MediaError> {
         let (width, height) = (info.width, info.height);
+        // The probe refuses these already; checked again for a hand-made `VideoInfo`.
+        if width == 0 || height == 0 {
+            return Err(MediaError::Decode {
+                path: info.path.clone(),
+                message: format!("video frames have zero size ({width}x{height})"),
+            });
+        }
+        if u64::from(width) * u64::from(height) > MAX_PIXELS {
+            return Err(MediaError::Unsupported {
+                path: info.path.clone(),
+                message: too_many_pixels("video frames", width.into(), height.into()),
+            });
+        }
         let frame_bytes = width as usize * height as usize * 3;
         let mut command = Command::new(tools.ffmpeg());
         command
@@ -114,6 +129,7 @@ impl FrameReader {
         });
         Ok(Self {
             path: info.path.clone(),
+            info: info.clone(),
             tool: tools.ffmpeg().to_path_buf(),
             child: Some(child),
             stdout,
@@ -138,6 +154,21 @@ impl FrameReader {
     /// Whole frames read from ffmpeg so far (the frames decoded, wanted or not).
     pub fn frames_read(&self) -> usize {
         self.next_decoded
+    }
+
+    /// True once ffmpeg's output has ended by itself (before or at the last planned frame).
+    pub fn stream_ended(&self) -> bool {
+        self.delivered.is_some()
+    }
+
+    /// Whether the file is truncated ([`Truncation`]), from what the probe saw and what this
+    /// reader has decoded so far: fewer packets than the header promises (known from the
+    /// start), or, once the stream has ended ([`FrameReader::stream_ended`]), fewer decoded
+    /// frames than packets. The reader stops ffmpeg after the last planned frame, so frames
+    /// missing after it are seen only through the probe. Call it after the iterator is done.
+    pub fn truncation(&self) -> Option<Truncation> {
+        self.info
+            .truncation_with(self.delivered.unwrap_or(self.info.n_frames))
     }
 
     /// Bytes held for decoding (two frames), independent of the clip's length.
@@ -293,7 +324,10 @@ fn read_whole(source: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
 }
 
 fn classify_failure(path: &Path, stderr: &str) -> MediaError {
-    let message = format!("ffmpeg could not decode it: {}", last_lines(stderr, 3));
+    let message = format!(
+        "ffmpeg could not decode it: {}",
+        last_lines(stderr, path, 3)
+    );
     let missing_decoder = stderr.contains("Decoder (codec") && stderr.contains("not found")
         || stderr.contains("Unknown decoder")
         || stderr.contains("Decoding requested, but no decoder found");

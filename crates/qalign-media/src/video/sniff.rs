@@ -12,13 +12,14 @@ use crate::MediaError;
 
 /// Classifies a file by its magic bytes, then by extension when the content is not recognised;
 /// `None` when neither tells (an empty file of unknown extension, say). A file that cannot be
-/// opened is an error.
+/// opened, and anything that is not a regular file (directory, FIFO, device), is an error.
 pub fn sniff_kind(path: &Path) -> Result<Option<MediaKind>, MediaError> {
     let io_error = |source| MediaError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io_error)?;
+    // Not File::open directly: opening a FIFO would block until a writer appears.
+    let (file, _) = crate::input::open_regular(path)?;
     let mut head = Vec::with_capacity(SNIFF_LEN);
     file.take(SNIFF_LEN as u64)
         .read_to_end(&mut head)

@@ -125,51 +125,31 @@ fn locate_one(
     path_var: Option<&OsStr>,
 ) -> Result<PathBuf, MediaError> {
     if let Some(value) = override_value.filter(|v| !v.is_empty()) {
-        let candidate = PathBuf::from(value);
-        // A bare name ("ffmpeg-6") is searched in PATH like a shell would.
-        let found = if candidate.components().count() == 1 {
-            search_path(value, path_var)
-        } else {
-            is_executable_file(&candidate).then_some(candidate.clone())
-        };
-        return found.ok_or_else(|| MediaError::ToolNotFound {
+        // A bare name ("ffmpeg-6") is searched in PATH like a shell would; a path is checked as is.
+        return find_executable(value, path_var).ok_or_else(|| MediaError::ToolNotFound {
             tool,
             env_var,
             searched: format!(
                 "${env_var} = {} is not an executable file",
-                candidate.display()
+                Path::new(value).display()
             ),
         });
     }
-    if let Some(path) = sibling.filter(|p| is_executable_file(p)) {
-        return Ok(path.to_path_buf());
+    if let Some(path) = sibling.and_then(|p| find_executable(p.as_os_str(), None)) {
+        return Ok(path);
     }
-    search_path(OsStr::new(tool), path_var).ok_or_else(|| MediaError::ToolNotFound {
+    find_executable(OsStr::new(tool), path_var).ok_or_else(|| MediaError::ToolNotFound {
         tool,
         env_var,
         searched: "not in PATH".into(),
     })
 }
 
-fn search_path(name: &OsStr, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    std::env::split_paths(path_var?)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable_file(candidate))
-}
-
-fn is_executable_file(path: &Path) -> bool {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return false;
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        meta.is_file() && meta.permissions().mode() & 0o111 != 0
-    }
-    #[cfg(not(unix))]
-    {
-        meta.is_file()
-    }
+/// `name` searched in `path_var` when it is a bare name, else checked as a path (relative ones
+/// from the current directory); only executable regular files count.
+fn find_executable(name: &OsStr, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    which::which_in(name, path_var, cwd).ok()
 }
 
 #[cfg(test)]
@@ -249,5 +229,20 @@ mod tests {
         .unwrap();
         assert_eq!(tools.ffmpeg(), ffmpeg);
         assert_eq!(tools.ffprobe(), ffprobe);
+
+        // A bare override name is looked up in PATH; a directory is not an executable.
+        let renamed = fake_tool(custom.path(), "ffmpeg-6");
+        let tools = FfmpegTools::locate(
+            Some("ffmpeg-6".into()),
+            Some(ffprobe.clone().into()),
+            Some(custom.path().into()),
+        )
+        .unwrap();
+        assert_eq!(tools.ffmpeg(), renamed);
+        let err = FfmpegTools::locate(Some(bin.path().into()), None, None).unwrap_err();
+        assert!(
+            err.to_string().contains("is not an executable file"),
+            "{err}"
+        );
     }
 }

@@ -16,6 +16,18 @@ pub fn tools() -> &'static FfmpegTools {
     FfmpegTools::shared().expect("these tests need ffmpeg and ffprobe (apt-get install ffmpeg)")
 }
 
+/// The shared tools, or `None` (with a note on stderr) when ffmpeg/ffprobe are not installed,
+/// for tests that skip themselves then.
+pub fn tools_or_skip(test: &str) -> Option<&'static FfmpegTools> {
+    match FfmpegTools::shared() {
+        Ok(tools) => Some(tools),
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
 /// Runs `ffmpeg -y -loglevel error <args>` and panics with its stderr on failure.
 pub fn ffmpeg(args: &[&str]) -> Vec<u8> {
     let out = Command::new(tools().ffmpeg())
