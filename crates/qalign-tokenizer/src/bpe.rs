@@ -8,8 +8,10 @@
 //! the merge order (and thus the output) is identical.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::ops::Range;
+
+use rustc_hash::FxHashMap;
 
 use crate::tokenizer::{PieceKind, Tokenizer};
 
@@ -76,7 +78,7 @@ impl Tokenizer {
         let mut heap = BinaryHeap::with_capacity(symbols.len());
         // Merged piece text → length of its left part, for merges into UNUSED pieces that must be
         // split again at the end (sentencepiece's `rev_merge`).
-        let mut unused_splits: HashMap<&str, usize> = HashMap::new();
+        let mut unused_splits: FxHashMap<&str, usize> = FxHashMap::default();
 
         let mut push_candidate =
             |symbols: &[Symbol], left: usize, right: usize, heap: &mut BinaryHeap<Candidate>| {
@@ -175,7 +177,7 @@ impl Tokenizer {
         &self,
         normalized: &str,
         range: Range<usize>,
-        unused_splits: &HashMap<&str, usize>,
+        unused_splits: &FxHashMap<&str, usize>,
         out: &mut Vec<Range<usize>>,
     ) {
         let piece = &normalized[range.clone()];
