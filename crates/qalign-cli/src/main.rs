@@ -66,6 +66,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", error_chain(&err));
+            if let Some(hint) = hub_hint(&err) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(cmd::EXIT_ERROR)
         }
     }
@@ -83,4 +86,20 @@ fn error_chain(err: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// What to do about a hub error, in this command line's words (the library's errors name no flags).
+fn hub_hint(err: &anyhow::Error) -> Option<&'static str> {
+    use qalign_model::hub::{DownloadFailure, HubError};
+    let hub = err.chain().find_map(|c| c.downcast_ref::<HubError>())?;
+    match hub {
+        HubError::NotCached { .. } => Some(
+            "download it once with network access (run without --offline and without \
+             HF_HUB_OFFLINE=1), or pass --model DIR with a local checkpoint folder",
+        ),
+        _ if hub.download_failure() == Some(DownloadFailure::Unreachable) => Some(
+            "check the network connection (and HF_ENDPOINT), or pass --offline to use the cache only",
+        ),
+        _ => None,
+    }
 }
