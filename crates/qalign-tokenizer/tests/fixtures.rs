@@ -533,3 +533,13 @@ fn builtin_llama2_vocabulary_equals_the_fixture_model() {
         vec![15129, 1781, 6534, 6460, 4319]
     );
 }
+
+#[test]
+fn every_piece_text_maps_back_to_its_id() {
+    // The piece tables (rustc-hash FxHashMap) hold all 32000 pieces, each under its own text.
+    let tok = tokenizer();
+    for id in 0..tok.vocab_size() as u32 {
+        let piece = tok.id_to_piece(id).unwrap();
+        assert_eq!(tok.token_to_id(piece), Some(id), "{piece:?}");
+    }
+}
