@@ -15,6 +15,8 @@ use serde::Deserialize;
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
 
+mod pickle_guard;
+
 const SAFETENSORS_SINGLE: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const PYTORCH_SINGLE: &str = "pytorch_model.bin";
@@ -189,7 +191,9 @@ impl Shard {
         };
         match format {
             WeightFormat::PytorchBin => {
-                let reader = PthTensors::new(path, None).map_err(bad_file)?;
+                check_pickles(path)?;
+                let reader =
+                    contain_panics(path, || PthTensors::new(path, None))?.map_err(bad_file)?;
                 let entries = reader
                     .tensor_infos()
                     .iter()
@@ -226,16 +230,63 @@ impl Shard {
         };
         match &self.reader {
             ShardReader::Safetensors(st) => st.load(key, &Device::Cpu).map_err(bad_file),
-            ShardReader::Pytorch(pth) => {
-                pth.get(key)
-                    .map_err(bad_file)?
-                    .ok_or_else(|| ModelError::MissingKey {
-                        key: key.to_owned(),
-                        file: self.path.clone(),
-                    })
-            }
+            ShardReader::Pytorch(pth) => contain_panics(&self.path, || pth.get(key))?
+                .map_err(bad_file)?
+                .ok_or_else(|| ModelError::MissingKey {
+                    key: key.to_owned(),
+                    file: self.path.clone(),
+                }),
         }
     }
+}
+
+/// Runs [`pickle_guard::check`] on every `data.pkl` of a PyTorch zip checkpoint, so that candle's
+/// unpickler never sees a pickle that would overflow its stack or exhaust memory. A file that is
+/// not a readable zip is left for candle to report.
+fn check_pickles(path: &Path) -> Result<()> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let Ok(mut zip) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
+        return Ok(());
+    };
+    for i in 0..zip.len() {
+        let Ok(entry) = zip.by_index(i) else {
+            continue;
+        };
+        let Some(name) = entry
+            .name()
+            .ok()
+            .filter(|n| n.ends_with("data.pkl"))
+            .map(|n| n.into_owned())
+        else {
+            continue;
+        };
+        pickle_guard::check(&mut std::io::BufReader::new(entry)).map_err(|refusal| {
+            ModelError::WeightFile {
+                path: path.to_owned(),
+                message: format!("refusing the pickle {name}: {refusal}"),
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// candle's PyTorch reader can panic on malformed input (for example an arithmetic overflow on a
+/// hostile integer opcode); such a panic becomes an error naming the file instead of unwinding
+/// through the caller. (The panic hook still prints its message.)
+fn contain_panics<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        ModelError::WeightFile {
+            path: path.to_owned(),
+            message: format!("the PyTorch pickle reader failed: {detail}"),
+        }
+    })
 }
 
 /// All tensors of a checkpoint, read lazily by key.
