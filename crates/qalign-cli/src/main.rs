@@ -74,18 +74,31 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the user can do about an error the library reports in its own terms.
+/// What the user can do about an error the library reports in its own terms (it never names
+/// flags): the hint names the flag or the build option.
 fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    use qalign_model::hub::{DownloadFailure, HubError};
+    use qalign_model::{ModelError, ScoreError};
     err.chain().find_map(|cause| {
-        let model_error = cause
-            .downcast_ref::<qalign_model::ModelError>()
-            .or_else(|| match cause.downcast_ref::<qalign_model::ScoreError>() {
-                Some(qalign_model::ScoreError::Model(e)) => Some(e),
-                _ => None,
-            });
-        match model_error {
-            Some(qalign_model::ModelError::NoCuda { .. }) => Some(
-                "rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit)",
+        let score = cause.downcast_ref::<ScoreError>();
+        let model = cause.downcast_ref::<ModelError>().or(match score {
+            Some(ScoreError::Model(e)) => Some(e),
+            _ => None,
+        });
+        let hub = cause.downcast_ref::<HubError>().or(match score {
+            Some(ScoreError::Hub(e)) => Some(e),
+            _ => None,
+        });
+        if let Some(ModelError::NoCuda { .. }) = model {
+            return Some("rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit)");
+        }
+        match hub? {
+            HubError::NotCached { .. } => Some(
+                "download it once with network access (run without --offline and without \
+                 HF_HUB_OFFLINE=1), or pass --model DIR with a local checkpoint folder",
+            ),
+            hub if hub.download_failure() == Some(DownloadFailure::Unreachable) => Some(
+                "check the network connection (and HF_ENDPOINT), or pass --offline to use the cache only",
             ),
             _ => None,
         }
@@ -105,3 +118,4 @@ fn error_chain(err: &anyhow::Error) -> String {
     }
     text
 }
+

@@ -1,17 +1,37 @@
 //! Resolves `--model` to a local checkpoint folder: either a directory as given, or a
-//! Hugging Face hub id looked up in the standard cache (`HF_HOME`, `HF_HUB_CACHE`) and,
-//! when online, downloaded with the hf-hub crate. Offline use must never touch the network.
+//! Hugging Face hub id looked up in the standard cache (`HF_HUB_CACHE`, `HF_HOME`) and,
+//! when online, downloaded with the hf-hub crate. Offline use never touches the network.
+//!
+//! Which files count as optional, and when their absence is fine:
+//! - `config.json` and the weights are required; the weights are the first layout of
+//!   [`WEIGHT_ANCHORS`] present (a cached one first), plus every shard its index lists.
+//! - `preprocessor_config.json`, `tokenizer.model` and the other companions are optional: a
+//!   checkpoint may lack them, and the loader then uses CLIP preprocessing and the built-in
+//!   LLaMA-2 vocabulary (it reports which, see `TokenizerSource`).
+//! - Online, "lacks" means "not in the repository's file list": an optional file the
+//!   repository has but that fails to download (network, HTTP status, cache write) is an
+//!   error, never a silent fallback. The file list is fetched only when a file is not cached.
+//! - Offline, the cache is all there is: an optional file missing from the cached snapshot is
+//!   treated as absent; a missing required file or shard is [`HubError::NotCached`] naming it.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::ModelError;
+use crate::loader::ShardIndex;
 
 /// The checkpoint the official scorers load by default.
 pub const DEFAULT_MODEL: &str = "q-future/one-align";
 
+/// The hub used when `HF_ENDPOINT` is not set.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
 /// Files besides the weights that a checkpoint folder must or may hold.
-const REQUIRED_FILES: &[&str] = &["config.json"];
-const OPTIONAL_FILES: &[&str] = &[
+pub const REQUIRED_FILES: &[&str] = &["config.json"];
+pub const OPTIONAL_FILES: &[&str] = &[
     "preprocessor_config.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -19,41 +39,88 @@ const OPTIONAL_FILES: &[&str] = &[
     "generation_config.json",
 ];
 /// Weight layouts in order of preference; the first whose anchor file exists wins.
-const WEIGHT_ANCHORS: &[&str] = &[
+pub const WEIGHT_ANCHORS: &[&str] = &[
     "model.safetensors.index.json",
     "model.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 ];
 
+/// Why talking to the hub failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadFailure {
+    /// The hub could not be reached (DNS, refused connection, TLS, timeout).
+    Unreachable,
+    /// The hub answered with an error status (401 gated or private, 404 not found, 5xx).
+    Status(u16),
+    /// The answer arrived but could not be stored in the local cache (I/O, lock, resume).
+    Cache,
+    /// The answer was not what the hub protocol promises (missing headers, bad JSON).
+    Protocol,
+}
+
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HubError {
+    /// Offline, and the cached snapshot lacks a required file (`missing` names it).
     #[error(
         "model `{id}` is not in the Hugging Face cache ({cache}) and offline mode is on \
-         (missing: {missing}); download it once with network access (run without --offline and \
-         without HF_HUB_OFFLINE=1), or pass --model DIR with a local checkpoint folder"
+         (missing: {missing})"
     )]
     NotCached {
         id: String,
         cache: PathBuf,
         missing: String,
     },
+    /// The spec is neither a directory nor `owner/name`.
     #[error("`{0}` is neither an existing directory nor a hub id of the form owner/name")]
     BadSpec(String),
-    #[error("could not download `{file}` of `{id}`: {message}")]
+    /// No cache folder: none of `HF_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME`, `HOME` is set.
+    #[error("no Hugging Face cache folder: set HF_HOME or HF_HUB_CACHE")]
+    NoCacheDir,
+    /// A file of the repository could not be fetched.
+    #[error("could not download `{file}` of `{id}` from {endpoint}: {message}")]
     Download {
         id: String,
         file: String,
+        endpoint: String,
+        kind: DownloadFailure,
         message: String,
     },
+    /// The repository's file list could not be fetched.
+    #[error("could not list the files of `{id}` on {endpoint}: {message}")]
+    Listing {
+        id: String,
+        endpoint: String,
+        kind: DownloadFailure,
+        message: String,
+    },
+    /// The repository (or cached snapshot) has no weight layout this crate reads.
     #[error("`{id}` has no weights: none of {anchors} in {where_}")]
     NoWeights {
         id: String,
         anchors: String,
         where_: String,
     },
-    #[error("could not read {path}: {message}")]
-    Index { path: PathBuf, message: String },
+    /// A shard index could not be read.
+    #[error(transparent)]
+    Index(Box<ModelError>),
+}
+
+impl HubError {
+    /// The failure kind of a download or listing error.
+    pub fn download_failure(&self) -> Option<DownloadFailure> {
+        match self {
+            Self::Download { kind, .. } | Self::Listing { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+impl From<ModelError> for HubError {
+    fn from(err: ModelError) -> Self {
+        Self::Index(Box::new(err))
+    }
 }
 
 /// Where a model spec resolved to.
@@ -64,6 +131,49 @@ pub struct ResolvedModel {
     pub hub_id: Option<String>,
 }
 
+/// Where and how hub ids are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// The hub cache folder (holding `models--owner--name/`).
+    pub cache_dir: PathBuf,
+    /// The hub's base URL.
+    pub endpoint: String,
+    /// Read the cache only; never touch the network.
+    pub offline: bool,
+    /// Show download progress bars on stderr.
+    pub progress: bool,
+}
+
+impl HubOptions {
+    /// The settings of `huggingface_hub`: cache `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+    /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; endpoint `HF_ENDPOINT`;
+    /// offline when `HF_HUB_OFFLINE` is set to a true value; progress bars on.
+    pub fn from_env() -> Result<Self, HubError> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let cache_dir = if let Some(dir) = var("HF_HUB_CACHE") {
+            PathBuf::from(dir)
+        } else if let Some(home) = var("HF_HOME") {
+            PathBuf::from(home).join("hub")
+        } else if let Some(xdg) = var("XDG_CACHE_HOME") {
+            PathBuf::from(xdg).join("huggingface").join("hub")
+        } else if let Some(home) = std::env::home_dir() {
+            home.join(".cache").join("huggingface").join("hub")
+        } else {
+            return Err(HubError::NoCacheDir);
+        };
+        Ok(Self {
+            cache_dir,
+            endpoint: std::env::var("HF_ENDPOINT")
+                .ok()
+                .filter(|e| !e.is_empty())
+                .map(|e| e.trim_end_matches('/').to_string())
+                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
+            offline: offline_from_env(),
+            progress: true,
+        })
+    }
+}
+
 /// Is offline mode requested by the environment (`HF_HUB_OFFLINE=1`)?
 pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")
@@ -71,26 +181,45 @@ pub fn offline_from_env() -> bool {
         .unwrap_or(false)
 }
 
-/// Resolve a `--model` value: an existing directory is used as is; otherwise it must be a hub id.
+/// Resolve a `--model` value: an existing directory is used as is; otherwise it must be a hub
+/// id, resolved with the environment's settings ([`HubOptions::from_env`]), offline when
+/// `offline` is true or the environment asks for it.
 pub fn resolve_model(spec: &str, offline: bool) -> Result<ResolvedModel, HubError> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(ResolvedModel {
-            dir: path.to_path_buf(),
-            hub_id: None,
-        });
+    if let Some(local) = local_dir(spec) {
+        return Ok(local);
     }
     if !looks_like_hub_id(spec) {
         return Err(HubError::BadSpec(spec.to_string()));
     }
-    let dir = if offline {
-        from_cache(spec)?
+    let mut opts = HubOptions::from_env()?;
+    opts.offline |= offline;
+    resolve_model_with(spec, &opts)
+}
+
+/// [`resolve_model`] with explicit hub settings instead of the environment's.
+pub fn resolve_model_with(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, HubError> {
+    if let Some(local) = local_dir(spec) {
+        return Ok(local);
+    }
+    if !looks_like_hub_id(spec) {
+        return Err(HubError::BadSpec(spec.to_string()));
+    }
+    let dir = if opts.offline {
+        from_cache(spec, opts)?
     } else {
-        download(spec)?
+        download(spec, opts)?
     };
     Ok(ResolvedModel {
         dir,
         hub_id: Some(spec.to_string()),
+    })
+}
+
+fn local_dir(spec: &str) -> Option<ResolvedModel> {
+    let path = Path::new(spec);
+    path.is_dir().then(|| ResolvedModel {
+        dir: path.to_path_buf(),
+        hub_id: None,
     })
 }
 
@@ -107,101 +236,153 @@ fn looks_like_hub_id(spec: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-fn cache() -> Cache {
-    // HF_HUB_CACHE overrides HF_HOME/hub, as in huggingface_hub.
-    match std::env::var_os("HF_HUB_CACHE") {
-        Some(p) => Cache::new(PathBuf::from(p)),
-        None => Cache::from_env(),
-    }
-}
-
-/// Shard file names listed in a `*.index.json` weight map.
-fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
-    let text = std::fs::read_to_string(index).map_err(|e| HubError::Index {
-        path: index.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| HubError::Index {
-        path: index.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| HubError::Index {
-            path: index.to_path_buf(),
-            message: "no `weight_map` object".into(),
-        })?;
-    let mut names: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
-}
-
-fn from_cache(id: &str) -> Result<PathBuf, HubError> {
-    let cache = cache();
+fn from_cache(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
+    let cache = Cache::new(opts.cache_dir.clone());
     let repo = cache.repo(Repo::new(id.to_string(), RepoType::Model));
     let not_cached = |missing: &str| HubError::NotCached {
         id: id.to_string(),
-        cache: cache.path().clone(),
+        cache: opts.cache_dir.clone(),
         missing: missing.to_string(),
     };
-    let config = repo
-        .get("config.json")
-        .ok_or_else(|| not_cached("config.json"))?;
-    let anchor = WEIGHT_ANCHORS
-        .iter()
-        .find_map(|name| repo.get(name).map(|p| (*name, p)))
-        .ok_or_else(|| not_cached("weights"))?;
-    if anchor.0.ends_with(".index.json") {
-        for shard in shard_names(&anchor.1)? {
-            repo.get(&shard).ok_or_else(|| not_cached(&shard))?;
-        }
-    }
-    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
-}
-
-fn download(id: &str) -> Result<PathBuf, HubError> {
-    let err = |file: &str, e: &dyn std::fmt::Display| HubError::Download {
-        id: id.to_string(),
-        file: file.to_string(),
-        message: e.to_string(),
-    };
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache())
-        .with_progress(true)
-        .build()
-        .map_err(|e| err("(api)", &e))?;
-    let repo = api.model(id.to_string());
     let mut dir = None;
     for name in REQUIRED_FILES {
-        let p = repo.get(name).map_err(|e| err(name, &e))?;
-        dir = p.parent().map(Path::to_path_buf);
+        let path = repo.get(name).ok_or_else(|| not_cached(name))?;
+        dir = path.parent().map(Path::to_path_buf);
+    }
+    let (anchor, path) = WEIGHT_ANCHORS
+        .iter()
+        .find_map(|name| repo.get(name).map(|p| (*name, p)))
+        .ok_or_else(|| not_cached(&format!("weights (one of {})", WEIGHT_ANCHORS.join(", "))))?;
+    if anchor.ends_with(".index.json") {
+        for shard in ShardIndex::read(&path)?.shard_names() {
+            repo.get(shard).ok_or_else(|| not_cached(shard))?;
+        }
+    }
+    dir.ok_or_else(|| not_cached(REQUIRED_FILES[0]))
+}
+
+/// Maps an hf-hub error to its [`DownloadFailure`]; `io_kind` is what a plain I/O error means
+/// in this context (writing the cache while downloading, decoding while listing).
+fn classify(err: &ApiError, io_kind: DownloadFailure) -> DownloadFailure {
+    match err {
+        ApiError::RequestError(e) => match e.as_ref() {
+            ureq::Error::Status(code, _) => DownloadFailure::Status(*code),
+            ureq::Error::Transport(_) => DownloadFailure::Unreachable,
+        },
+        ApiError::TooManyRetries(inner) => classify(inner, io_kind),
+        ApiError::IoError(_) => io_kind,
+        ApiError::LockAcquisition(_) | ApiError::InvalidResume => DownloadFailure::Cache,
+        _ => DownloadFailure::Protocol,
+    }
+}
+
+/// One online resolution: files come from the cache when there, else from the hub; the
+/// repository's file list is fetched at most once, and only when a file is not cached.
+struct Online<'a> {
+    id: &'a str,
+    endpoint: &'a str,
+    api_repo: ApiRepo,
+    cached: hf_hub::CacheRepo,
+    listing: Option<BTreeSet<String>>,
+}
+
+impl Online<'_> {
+    fn is_cached(&self, name: &str) -> bool {
+        self.cached.get(name).is_some()
+    }
+
+    fn in_repo(&mut self, name: &str) -> Result<bool, HubError> {
+        if self.listing.is_none() {
+            let info = self.api_repo.info().map_err(|e| HubError::Listing {
+                id: self.id.to_string(),
+                endpoint: self.endpoint.to_string(),
+                kind: classify(&e, DownloadFailure::Protocol),
+                message: e.to_string(),
+            })?;
+            self.listing = Some(info.siblings.into_iter().map(|s| s.rfilename).collect());
+        }
+        Ok(self.listing.as_ref().is_some_and(|l| l.contains(name)))
+    }
+
+    fn fetch(&self, name: &str) -> Result<PathBuf, HubError> {
+        self.api_repo.get(name).map_err(|e| HubError::Download {
+            id: self.id.to_string(),
+            file: name.to_string(),
+            endpoint: self.endpoint.to_string(),
+            kind: classify(&e, DownloadFailure::Cache),
+            message: e.to_string(),
+        })
+    }
+
+    /// Fetches `name` if the repository has it; `None` if it does not.
+    fn fetch_if_present(&mut self, name: &str) -> Result<Option<PathBuf>, HubError> {
+        if self.is_cached(name) || self.in_repo(name)? {
+            self.fetch(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn download(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
+    let cache = Cache::new(opts.cache_dir.clone());
+    let api = ApiBuilder::from_cache(cache.clone())
+        .with_endpoint(opts.endpoint.clone())
+        .with_progress(opts.progress)
+        .build()
+        .map_err(|e| HubError::Download {
+            id: id.to_string(),
+            file: "(client setup)".to_string(),
+            endpoint: opts.endpoint.clone(),
+            kind: classify(&e, DownloadFailure::Cache),
+            message: e.to_string(),
+        })?;
+    let repo = Repo::new(id.to_string(), RepoType::Model);
+    let mut online = Online {
+        id,
+        endpoint: &opts.endpoint,
+        api_repo: api.repo(repo.clone()),
+        cached: cache.repo(repo),
+        listing: None,
+    };
+    let mut dir = None;
+    for name in REQUIRED_FILES {
+        let path = online.fetch(name)?;
+        dir = path.parent().map(Path::to_path_buf);
     }
     for name in OPTIONAL_FILES {
-        let _ = repo.get(name); // absent files are fine; the loader reports what it needs
+        online.fetch_if_present(name)?;
     }
-    let mut found = false;
+    // A cached layout wins (no network needed); else the first layout the repository has.
+    let mut weights = match WEIGHT_ANCHORS.iter().find(|a| online.is_cached(a)) {
+        Some(anchor) => Some((*anchor, online.fetch(anchor)?)),
+        None => None,
+    };
     for anchor in WEIGHT_ANCHORS {
-        let Ok(path) = repo.get(anchor) else { continue };
-        if anchor.ends_with(".index.json") {
-            for shard in shard_names(&path)? {
-                repo.get(&shard).map_err(|e| err(&shard, &e))?;
-            }
+        if weights.is_some() {
+            break;
         }
-        found = true;
-        break;
+        weights = online.fetch_if_present(anchor)?.map(|path| (*anchor, path));
     }
-    if !found {
+    let Some((anchor, path)) = weights else {
         return Err(HubError::NoWeights {
             id: id.to_string(),
             anchors: WEIGHT_ANCHORS.join(", "),
             where_: "the hub repository".into(),
         });
+    };
+    if anchor.ends_with(".index.json") {
+        for shard in ShardIndex::read(&path)?.shard_names() {
+            online.fetch(shard)?;
+        }
     }
-    dir.ok_or_else(|| err("config.json", &"no parent directory"))
+    dir.ok_or_else(|| HubError::Download {
+        id: id.to_string(),
+        file: REQUIRED_FILES[0].to_string(),
+        endpoint: opts.endpoint.clone(),
+        kind: DownloadFailure::Cache,
+        message: "the cached file has no parent folder".into(),
+    })
 }
 
 #[cfg(test)]
@@ -214,15 +395,5 @@ mod tests {
         assert!(!looks_like_hub_id("one-align"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("../x"));
-    }
-
-    #[test]
-    fn offline_with_empty_cache_says_how_to_get_weights() {
-        let tmp = std::env::temp_dir().join(format!("qalign-hub-test-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).unwrap();
-        let cache = Cache::new(tmp.clone());
-        let repo = cache.repo(Repo::new("q-future/one-align".into(), RepoType::Model));
-        assert!(repo.get("config.json").is_none());
-        let _ = std::fs::remove_dir_all(tmp);
     }
 }

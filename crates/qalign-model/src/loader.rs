@@ -15,6 +15,8 @@ use serde::Deserialize;
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
 
+mod pickle_guard;
+
 const SAFETENSORS_SINGLE: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const PYTORCH_SINGLE: &str = "pytorch_model.bin";
@@ -43,91 +45,130 @@ pub struct CheckpointFiles {
     pub shards: Vec<PathBuf>,
 }
 
-#[derive(Deserialize)]
-struct ShardIndex {
-    weight_map: HashMap<String, String>,
+/// A `*.index.json` shard index: which file of a sharded checkpoint holds each tensor. Read once per
+/// load; the hub resolver uses the same type to know which shards to fetch.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ShardIndex {
+    /// Tensor key → shard file name (a plain file name in the index's folder).
+    pub weight_map: HashMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Reads and checks an index: valid JSON with a non-empty `weight_map` whose values are plain
+    /// file names (no folder part, so a hostile index cannot point outside its folder).
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let index: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        let bad = |message: String| ModelError::WeightFile {
+            path: path.to_owned(),
+            message,
+        };
+        if index.weight_map.is_empty() {
+            return Err(bad("weight_map is empty".to_owned()));
+        }
+        if let Some(name) = index
+            .shard_names()
+            .into_iter()
+            .find(|n| !is_plain_file_name(n))
+        {
+            return Err(bad(format!(
+                "shard name {name:?} is not a plain file name in the index's folder"
+            )));
+        }
+        Ok(index)
+    }
+
+    /// The distinct shard file names, sorted.
+    pub fn shard_names(&self) -> Vec<&str> {
+        let names: BTreeSet<&str> = self.weight_map.values().map(String::as_str).collect();
+        names.into_iter().collect()
+    }
+
+    /// The shard files next to the index at `index_path`, each checked to exist.
+    fn shard_paths(&self, index_path: &Path) -> Result<Vec<PathBuf>> {
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        self.shard_names()
+            .into_iter()
+            .map(|name| {
+                let path = dir.join(name);
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(ModelError::Io {
+                        path,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("shard listed in {} is missing", index_path.display()),
+                        ),
+                    })
+                }
+            })
+            .collect()
+    }
+}
+
+/// One normal path component: not empty, no separator, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut components = Path::new(name).components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(std::path::Component::Normal(n)), None) if n == name
+    ) && !name.contains(['/', '\\'])
 }
 
 impl CheckpointFiles {
     /// Looks for a checkpoint of the requested format in `dir`. A shard index wins over a single file.
     pub fn discover(dir: &Path, format: WeightFormat) -> Result<Self> {
-        let candidates: &[WeightFormat] = match format {
-            WeightFormat::Auto => &[WeightFormat::Safetensors, WeightFormat::PytorchBin],
-            WeightFormat::Safetensors => &[WeightFormat::Safetensors],
-            WeightFormat::PytorchBin => &[WeightFormat::PytorchBin],
+        Ok(discover(dir, format)?.0)
+    }
+}
+
+/// [`CheckpointFiles::discover`], also handing back the parsed shard index so it is read once.
+fn discover(dir: &Path, format: WeightFormat) -> Result<(CheckpointFiles, Option<ShardIndex>)> {
+    let candidates: &[WeightFormat] = match format {
+        WeightFormat::Auto => &[WeightFormat::Safetensors, WeightFormat::PytorchBin],
+        WeightFormat::Safetensors => &[WeightFormat::Safetensors],
+        WeightFormat::PytorchBin => &[WeightFormat::PytorchBin],
+    };
+    let mut looked_for = Vec::new();
+    for &candidate in candidates {
+        let (index_name, single_name) = match candidate {
+            WeightFormat::PytorchBin => (PYTORCH_INDEX, PYTORCH_SINGLE),
+            _ => (SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
         };
-        let mut looked_for = Vec::new();
-        for &candidate in candidates {
-            let (index_name, single_name) = match candidate {
-                WeightFormat::PytorchBin => (PYTORCH_INDEX, PYTORCH_SINGLE),
-                _ => (SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
+        let index_path = dir.join(index_name);
+        if index_path.is_file() {
+            let index = ShardIndex::read(&index_path)?;
+            let shards = index.shard_paths(&index_path)?;
+            let files = CheckpointFiles {
+                format: candidate,
+                index: Some(index_path),
+                shards,
             };
-            let index = dir.join(index_name);
-            if index.is_file() {
-                let shards = shard_files_of_index(&index)?;
-                return Ok(Self {
-                    format: candidate,
-                    index: Some(index),
-                    shards,
-                });
-            }
-            let single = dir.join(single_name);
-            if single.is_file() {
-                return Ok(Self {
-                    format: candidate,
-                    index: None,
-                    shards: vec![single],
-                });
-            }
-            looked_for.push(index_name);
-            looked_for.push(single_name);
+            return Ok((files, Some(index)));
         }
-        Err(ModelError::NoWeights {
-            dir: dir.to_owned(),
-            looked_for: looked_for.join(", "),
-        })
+        let single = dir.join(single_name);
+        if single.is_file() {
+            let files = CheckpointFiles {
+                format: candidate,
+                index: None,
+                shards: vec![single],
+            };
+            return Ok((files, None));
+        }
+        looked_for.push(index_name);
+        looked_for.push(single_name);
     }
-}
-
-fn read_index(index: &Path) -> Result<ShardIndex> {
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
-        path: index.to_owned(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: index.to_owned(),
-        source,
+    Err(ModelError::NoWeights {
+        dir: dir.to_owned(),
+        looked_for: looked_for.join(", "),
     })
-}
-
-/// The distinct shard files an index points to (sorted), each checked to exist.
-fn shard_files_of_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let parsed = read_index(index)?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let names: BTreeSet<&String> = parsed.weight_map.values().collect();
-    if names.is_empty() {
-        return Err(ModelError::WeightFile {
-            path: index.to_owned(),
-            message: "weight_map is empty".to_owned(),
-        });
-    }
-    names
-        .into_iter()
-        .map(|name| {
-            let path = dir.join(name);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(ModelError::Io {
-                    path,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("shard listed in {} is missing", index.display()),
-                    ),
-                })
-            }
-        })
-        .collect()
 }
 
 enum ShardReader {
@@ -150,7 +191,9 @@ impl Shard {
         };
         match format {
             WeightFormat::PytorchBin => {
-                let reader = PthTensors::new(path, None).map_err(bad_file)?;
+                check_pickles(path)?;
+                let reader =
+                    contain_panics(path, || PthTensors::new(path, None))?.map_err(bad_file)?;
                 let entries = reader
                     .tensor_infos()
                     .iter()
@@ -187,16 +230,63 @@ impl Shard {
         };
         match &self.reader {
             ShardReader::Safetensors(st) => st.load(key, &Device::Cpu).map_err(bad_file),
-            ShardReader::Pytorch(pth) => {
-                pth.get(key)
-                    .map_err(bad_file)?
-                    .ok_or_else(|| ModelError::MissingKey {
-                        key: key.to_owned(),
-                        file: self.path.clone(),
-                    })
-            }
+            ShardReader::Pytorch(pth) => contain_panics(&self.path, || pth.get(key))?
+                .map_err(bad_file)?
+                .ok_or_else(|| ModelError::MissingKey {
+                    key: key.to_owned(),
+                    file: self.path.clone(),
+                }),
         }
     }
+}
+
+/// Runs [`pickle_guard::check`] on every `data.pkl` of a PyTorch zip checkpoint, so that candle's
+/// unpickler never sees a pickle that would overflow its stack or exhaust memory. A file that is
+/// not a readable zip is left for candle to report.
+fn check_pickles(path: &Path) -> Result<()> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let Ok(mut zip) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
+        return Ok(());
+    };
+    for i in 0..zip.len() {
+        let Ok(entry) = zip.by_index(i) else {
+            continue;
+        };
+        let Some(name) = entry
+            .name()
+            .ok()
+            .filter(|n| n.ends_with("data.pkl"))
+            .map(|n| n.into_owned())
+        else {
+            continue;
+        };
+        pickle_guard::check(&mut std::io::BufReader::new(entry)).map_err(|refusal| {
+            ModelError::WeightFile {
+                path: path.to_owned(),
+                message: format!("refusing the pickle {name}: {refusal}"),
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// candle's PyTorch reader can panic on malformed input (for example an arithmetic overflow on a
+/// hostile integer opcode); such a panic becomes an error naming the file instead of unwinding
+/// through the caller. (The panic hook still prints its message.)
+fn contain_panics<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        ModelError::WeightFile {
+            path: path.to_owned(),
+            message: format!("the PyTorch pickle reader failed: {detail}"),
+        }
+    })
 }
 
 /// All tensors of a checkpoint, read lazily by key.
@@ -219,20 +309,25 @@ impl std::fmt::Debug for WeightStore {
 impl WeightStore {
     /// Opens every shard (reading headers only) and builds the key → shard routing.
     pub fn open(files: CheckpointFiles) -> Result<Self> {
+        let index = files.index.as_deref().map(ShardIndex::read).transpose()?;
+        Self::open_with_index(files, index)
+    }
+
+    /// [`WeightStore::open`] with the index already parsed (`files.index` read into `index`).
+    fn open_with_index(files: CheckpointFiles, index: Option<ShardIndex>) -> Result<Self> {
         let shards = files
             .shards
             .iter()
             .map(|path| Shard::open(path, files.format))
             .collect::<Result<Vec<_>>>()?;
         let mut key_to_shard = HashMap::new();
-        if let Some(index) = &files.index {
-            let parsed = read_index(index)?;
+        if let (Some(index_path), Some(parsed)) = (&files.index, index) {
             for (key, file_name) in parsed.weight_map {
                 let shard = shards
                     .iter()
                     .position(|s| s.path.file_name().is_some_and(|n| n == file_name.as_str()))
                     .ok_or_else(|| ModelError::WeightFile {
-                        path: index.clone(),
+                        path: index_path.clone(),
                         message: format!("key `{key}` points to unknown shard {file_name}"),
                     })?;
                 key_to_shard.insert(key, shard);
@@ -252,7 +347,8 @@ impl WeightStore {
 
     /// Finds and opens the checkpoint of `dir`.
     pub fn open_dir(dir: &Path, format: WeightFormat) -> Result<Self> {
-        Self::open(CheckpointFiles::discover(dir, format)?)
+        let (files, index) = discover(dir, format)?;
+        Self::open_with_index(files, index)
     }
 
     /// The files this store reads.

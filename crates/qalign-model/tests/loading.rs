@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use qalign_model::abstractor::{key_position_table, query_position_table};
+use qalign_model::loader::ShardIndex;
 use qalign_model::{
     CheckpointFiles, LoadOptions, ModelError, OneAlignModel, WeightFormat, WeightStore,
 };
@@ -237,6 +238,50 @@ fn a_key_missing_from_its_indexed_shard_names_that_shard() {
         }
         other => panic!("expected MissingKey, got {other:?}"),
     }
+}
+
+#[test]
+fn a_shard_index_may_only_name_files_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = [
+        "pytorch_model-00001-of-00003.bin",
+        "pytorch_model-00002-of-00003.bin",
+        "pytorch_model-00003-of-00003.bin",
+    ];
+    copy_bin_checkpoint(dir.path(), &shards);
+    let index_path = dir.path().join("pytorch_model.bin.index.json");
+    let original = std::fs::read_to_string(&index_path).unwrap();
+    let index = ShardIndex::read(&index_path).unwrap();
+    assert_eq!(index.shard_names(), shards);
+    for hostile in [
+        "../pytorch_model-00001-of-00003.bin",
+        "/etc/passwd",
+        "sub/pytorch_model-00001-of-00003.bin",
+        "..",
+        "",
+    ] {
+        let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+        json["weight_map"]["lm_head.weight"] = hostile.into();
+        std::fs::write(&index_path, json.to_string()).unwrap();
+        for err in [
+            ShardIndex::read(&index_path).unwrap_err(),
+            CheckpointFiles::discover(dir.path(), WeightFormat::Auto).unwrap_err(),
+        ] {
+            match &err {
+                ModelError::WeightFile { path, message } => {
+                    assert_eq!(path, &index_path);
+                    assert!(message.contains(&format!("{hostile:?}")), "{message}");
+                }
+                other => panic!("{hostile:?}: expected WeightFile, got {other:?}"),
+            }
+        }
+    }
+    std::fs::write(&index_path, r#"{"weight_map": {}}"#).unwrap();
+    let err = ShardIndex::read(&index_path).unwrap_err();
+    assert!(err.to_string().contains("weight_map is empty"), "{err}");
+    std::fs::write(&index_path, r#"{"metadata": {}}"#).unwrap();
+    let err = ShardIndex::read(&index_path).unwrap_err();
+    assert!(matches!(err, ModelError::Json { .. }), "{err:?}");
 }
 
 #[test]

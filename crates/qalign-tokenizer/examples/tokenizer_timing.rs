@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| {
             PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/fixtures/tokenizer/tokenizer.model"
+                "/assets/llama2-tokenizer.model"
             ))
         });
     let tok = Tokenizer::from_file(&path)?;

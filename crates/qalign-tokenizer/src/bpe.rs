@@ -8,8 +8,10 @@
 //! the merge order (and thus the output) is identical.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::ops::Range;
+
+use rustc_hash::FxHashMap;
 
 use crate::tokenizer::{PieceKind, Tokenizer};
 
@@ -76,7 +78,7 @@ impl Tokenizer {
         let mut heap = BinaryHeap::with_capacity(symbols.len());
         // Merged piece text → length of its left part, for merges into UNUSED pieces that must be
         // split again at the end (sentencepiece's `rev_merge`).
-        let mut unused_splits: HashMap<&str, usize> = HashMap::new();
+        let mut unused_splits: FxHashMap<&str, usize> = FxHashMap::default();
 
         let mut push_candidate =
             |symbols: &[Symbol], left: usize, right: usize, heap: &mut BinaryHeap<Candidate>| {
@@ -170,26 +172,37 @@ impl Tokenizer {
         symbols
     }
 
-    /// Emits a final symbol, splitting merges into UNUSED pieces back into their halves.
+    /// Emits a final symbol, splitting merges into UNUSED pieces back into their halves. An
+    /// explicit stack instead of recursion: a hostile model can nest such merges very deeply.
     fn resegment(
         &self,
         normalized: &str,
         range: Range<usize>,
-        unused_splits: &HashMap<&str, usize>,
+        unused_splits: &FxHashMap<&str, usize>,
         out: &mut Vec<Range<usize>>,
     ) {
-        let piece = &normalized[range.clone()];
-        let is_unused = self.has_unused
-            && self
-                .token_to_id(piece)
-                .is_some_and(|id| self.piece_kind(id) == Some(PieceKind::Unused));
-        match unused_splits.get(piece) {
-            Some(&left_len) if is_unused && left_len > 0 && left_len < range.len() => {
-                let mid = range.start + left_len;
-                self.resegment(normalized, range.start..mid, unused_splits, out);
-                self.resegment(normalized, mid..range.end, unused_splits, out);
+        let mut pending = vec![range];
+        while let Some(range) = pending.pop() {
+            let piece = &normalized[range.clone()];
+            let is_unused = self.has_unused
+                && self
+                    .token_to_id(piece)
+                    .is_some_and(|id| self.piece_kind(id) == Some(PieceKind::Unused));
+            match unused_splits.get(piece) {
+                // The split point came from a merge of the same text, so it is a char boundary.
+                Some(&left_len)
+                    if is_unused
+                        && left_len > 0
+                        && left_len < range.len()
+                        && piece.is_char_boundary(left_len) =>
+                {
+                    let mid = range.start + left_len;
+                    // Right half below the left one: the left half is emitted first.
+                    pending.push(mid..range.end);
+                    pending.push(range.start..mid);
+                }
+                _ => out.push(range),
             }
-            _ => out.push(range),
         }
     }
 }

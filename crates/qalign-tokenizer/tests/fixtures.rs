@@ -19,11 +19,18 @@ fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
 
+/// The one committed copy of the LLaMA-2 `tokenizer.model`: the crate's bundled asset
+/// (`tests/fixtures/tiny-onealign/tokenizer.model` is a symbolic link to it).
+fn model_file() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/llama2-tokenizer.model"
+    ))
+}
+
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-    TOKENIZER.get_or_init(|| {
-        Tokenizer::from_file(&fixtures().join("tokenizer/tokenizer.model")).unwrap()
-    })
+    TOKENIZER.get_or_init(|| Tokenizer::from_file(&model_file()).unwrap())
 }
 
 fn read_json(relative: &str) -> Value {
@@ -423,7 +430,7 @@ fn load_errors_are_clear() {
     );
 
     // The real model with trainer_spec.model_type rewritten to UNIGRAM (1).
-    let bytes = std::fs::read(fixtures().join("tokenizer/tokenizer.model")).unwrap();
+    let bytes = std::fs::read(model_file()).unwrap();
     let unigram = with_model_type(&bytes, 1);
     let err = Tokenizer::from_bytes(&unigram).unwrap_err();
     assert!(
@@ -446,8 +453,19 @@ fn with_model_type(model: &[u8], model_type: u8) -> Vec<u8> {
 
 #[test]
 fn tiny_onealign_ships_the_same_tokenizer() {
-    let a = std::fs::read(fixtures().join("tokenizer/tokenizer.model")).unwrap();
-    let b = std::fs::read(fixtures().join("tiny-onealign/tokenizer.model")).unwrap();
+    // The tiny model folder keeps the release layout through a link to the bundled asset, so the
+    // 500 KB file is committed once.
+    let linked = fixtures().join("tiny-onealign/tokenizer.model");
+    assert!(
+        std::fs::symlink_metadata(&linked)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "{} should link to the bundled asset, not be a copy",
+        linked.display()
+    );
+    let a = std::fs::read(model_file()).unwrap();
+    let b = std::fs::read(&linked).unwrap();
     assert_eq!(a, b);
 }
 
@@ -504,11 +522,9 @@ fn multi_round_conversations_mask_every_instruction() {
 #[test]
 fn builtin_llama2_vocabulary_equals_the_fixture_model() {
     let builtin = qalign_tokenizer::Tokenizer::llama2_builtin();
-    let file = qalign_tokenizer::Tokenizer::from_file(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/tiny-onealign/tokenizer.model"
-    )))
-    .unwrap();
+    let file =
+        qalign_tokenizer::Tokenizer::from_file(&fixtures().join("tiny-onealign/tokenizer.model"))
+            .unwrap();
     assert_eq!(builtin.vocab_size(), 32000);
     let text = "USER: How would you rate the quality of this image?\nASSISTANT: The quality is";
     assert_eq!(builtin.encode(text, true), file.encode(text, true));
@@ -516,4 +532,14 @@ fn builtin_llama2_vocabulary_equals_the_fixture_model() {
         qalign_tokenizer::level_token_ids(&builtin, &qalign_tokenizer::LEVEL_WORDS).unwrap(),
         vec![15129, 1781, 6534, 6460, 4319]
     );
+}
+
+#[test]
+fn every_piece_text_maps_back_to_its_id() {
+    // The piece tables (rustc-hash FxHashMap) hold all 32000 pieces, each under its own text.
+    let tok = tokenizer();
+    for id in 0..tok.vocab_size() as u32 {
+        let piece = tok.id_to_piece(id).unwrap();
+        assert_eq!(tok.token_to_id(piece), Some(id), "{piece:?}");
+    }
 }

@@ -20,7 +20,7 @@ fn tokenizer() -> &'static Tokenizer {
     TOKENIZER.get_or_init(|| {
         let path = PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/tokenizer/tokenizer.model"
+            "/assets/llama2-tokenizer.model"
         ));
         Tokenizer::from_file(&path).unwrap()
     })
