@@ -118,4 +118,3 @@ fn error_chain(err: &anyhow::Error) -> String {
     }
     text
 }
-

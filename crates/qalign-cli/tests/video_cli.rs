@@ -270,12 +270,18 @@ fn broken_videos_are_reported_and_the_rest_is_scored() {
         (&corrupt, "not a readable media file"),
         (&audio, "no video stream"),
     ] {
+        let shown = bad.display().to_string();
         let line = r
             .stderr
             .lines()
-            .find(|l| l.starts_with(&format!("error: {}:", bad.display())))
-            .unwrap_or_else(|| panic!("no error line for {}:\n{}", bad.display(), r.stderr));
+            .find(|l| l.starts_with("error: ") && l.contains(&shown))
+            .unwrap_or_else(|| panic!("no error line for {shown}:\n{}", r.stderr));
         assert!(line.contains(why), "{line}");
+        assert_eq!(
+            line.matches(&shown).count(),
+            1,
+            "the file is named once: {line}"
+        );
     }
     assert!(r.stderr.contains("3 of 5 input(s) failed"), "{}", r.stderr);
 }
@@ -358,4 +364,57 @@ fn a_directory_walk_finds_other_video_containers_but_not_typescript() {
             ("clip.y4m".to_string(), 10.0, vec![0, 10]),
         ]
     );
+}
+
+#[test]
+fn a_faststart_mp4_cut_in_half_is_scored_with_a_warning_and_refused_in_strict_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=30",
+        "-t",
+        "8",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        whole.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = tmp.path().join("cut.mp4");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+
+    let r = run_expecting(score().arg(&cut).args(["--format", "json"]), 0);
+    let records = json_records(&r.stdout);
+    assert_eq!(records.len(), 1);
+    let warnings = records[0]["warnings"].as_array().expect("a warnings field");
+    let truncated: Vec<&Value> = warnings
+        .iter()
+        .filter(|w| w["code"] == "truncated")
+        .collect();
+    assert_eq!(truncated.len(), 1, "{warnings:?}");
+    let message = truncated[0]["message"].as_str().unwrap();
+    assert!(message.contains("promises 240 frames"), "{message}");
+    let stderr_line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning:") && l.contains("truncated video"))
+        .unwrap_or_else(|| panic!("no warning on stderr:\n{}", r.stderr));
+    assert_eq!(stderr_line.matches("cut.mp4").count(), 1, "{stderr_line}");
+
+    // The complete file has no warnings field at all.
+    let r = run_expecting(score().arg(&whole).args(["--format", "json"]), 0);
+    assert!(json_records(&r.stdout)[0].get("warnings").is_none());
+
+    // --strict: that input fails (exit 1: it was the only one), with the reason.
+    let r = run_expecting(score().arg(&cut).args(["--format", "json", "--strict"]), 1);
+    assert!(r.stderr.contains("truncated video"), "{}", r.stderr);
+    assert!(r.stderr.contains("strict mode"), "{}", r.stderr);
 }

@@ -203,9 +203,9 @@ impl Scorer {
             });
         }
         let total = plan.indices().len();
-        let reader = video::open_frames(&info, &plan)?;
+        let mut reader = video::open_frames(&info, &plan)?;
         let mut repeated = 0usize;
-        let frames = reader.map(|frame| {
+        let frames = reader.by_ref().map(|frame| {
             let frame = frame.map_err(ScoreError::from)?;
             if frame.is_repeated() {
                 repeated += 1;
@@ -216,6 +216,15 @@ impl Scorer {
             self.score_frame_stream(frames, total, info.avg_fps, queries, options, &mut |done| {
                 progress(done, total)
             })?;
+        // The reader knows the most once the stream is read: the probe's packet count, or
+        // fewer frames decoded than packets.
+        if let Some(cut) = reader.truncation() {
+            warnings.push(ScoreWarning::Truncated {
+                expected_frames: cut.expected_frames,
+                decoded_frames: cut.decoded_frames,
+                scored_frames: total,
+            });
+        }
         if repeated > 0 {
             warnings.push(ScoreWarning::RepeatedFrames { count: repeated });
         }
