@@ -407,9 +407,13 @@ fn bad_files_are_reported_and_skipped_with_exit_code_3() {
     for rec in &records {
         check_against_fixture(rec, "1-5");
     }
+    // One error line per bad file, naming it once.
     for bad in [&text, &empty, &truncated] {
-        let line = format!("error: {}:", bad.display());
-        assert!(r.stderr.contains(&line), "no `{line}` in:\n{}", r.stderr);
+        let name = bad.display().to_string();
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains(&name)).collect();
+        assert_eq!(lines.len(), 1, "{name}:\n{}", r.stderr);
+        assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+        assert_eq!(lines[0].matches(&name).count(), 1, "{}", lines[0]);
     }
     assert!(r.stderr.contains("3 of 5 input(s) failed"), "{}", r.stderr);
 }
@@ -480,9 +484,21 @@ fn custom_question_usage_errors() {
         score()
             .arg(&image)
             .args(["--question", "  ", "--answer-prefix", "x"]),
-        1,
+        2,
     );
     assert!(r.stderr.contains("must not be empty"), "{}", r.stderr);
+    let r = run_expecting(
+        score()
+            .arg(&image)
+            .args(["--question", "Rate <|image|> it", "--answer-prefix", "x"]),
+        2,
+    );
+    assert!(
+        r.stderr.contains("must not contain `<|image|>`"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--question"), "{}", r.stderr);
 }
 
 #[test]
@@ -653,7 +669,7 @@ fn cuda_on_a_cpu_build_says_how_to_enable_it() {
         score()
             .arg(images_dir().join("boy_colorful.jpg"))
             .args(["--device", "tpu"]),
-        1,
+        2,
     );
     assert!(r.stderr.contains("unknown device `tpu`"), "{}", r.stderr);
 }

@@ -2,7 +2,7 @@
 //! into a validated [`ScoreConfig`], then drives the library's `Scorer`; a file that fails is
 //! reported and skipped, and the run exits with code 3 at the end.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,17 +10,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use qalign_core::Scale;
+use qalign_core::{LevelError, Scale};
 use qalign_media::{MediaKind, SamplingOptions};
 use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use qalign_model::{
-    Adapter, LoadOptions, Query, ScoreRecord, Scorer, ScorerOptions, Task, VideoOptions,
-    WeightFormat, parse_device,
+    Adapter, LoadOptions, Query, ScoreError, ScoreRecord, Scorer, ScorerOptions, Task,
+    VideoOptions, WeightFormat, parse_device,
 };
 
 use crate::cmd::EXIT_PARTIAL;
-use crate::inputs;
 use crate::progress;
+use crate::{flags, inputs, output};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum TaskArg {
@@ -54,17 +54,19 @@ pub enum WeightsArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image or video files, directories (searched recursively) or glob patterns.
+    /// Image or video files, directories (searched recursively) or glob patterns. A file reached
+    /// twice is scored once, with a warning; a folder or link that cannot be read while searching
+    /// is reported and skipped, and the exit code is then 3.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
     /// What to rate.
     #[arg(long, value_enum, default_value = "quality")]
     task: TaskArg,
     /// A custom question instead of --task (needs --answer-prefix), e.g. "How clear is this image?".
-    #[arg(long, requires = "answer_prefix", conflicts_with = "task")]
+    #[arg(long, requires = "answer_prefix", conflicts_with = "task", value_parser = flags::prompt_text)]
     question: Option<String>,
     /// The start of the answer after which the level word is read, e.g. "The clarity of the image is".
-    #[arg(long, requires = "question")]
+    #[arg(long, requires = "question", value_parser = flags::prompt_text)]
     answer_prefix: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
@@ -81,7 +83,7 @@ pub struct Args {
     #[arg(long)]
     exif_orientation: bool,
     /// Video: frames sampled per second (the official loader takes 1).
-    #[arg(long, default_value_t = 1.0, value_parser = parse_fps, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, value_parser = flags::positive, allow_negative_numbers = true)]
     fps: f64,
     /// Video: at most this many frames, spread uniformly over the clip.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -104,7 +106,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub offline: bool,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = flags::device)]
     pub device: String,
     /// Compute dtype. f32 reproduces the reference; f16/bf16 halve memory (see docs/PARITY.md).
     #[arg(long, value_enum, default_value = "f32")]
@@ -129,16 +131,6 @@ impl From<WeightsArg> for WeightFormat {
 
 fn parse_scale(s: &str) -> std::result::Result<Scale, String> {
     s.parse()
-}
-
-/// A sampling rate is a positive, finite number of frames per second (a usage error otherwise).
-fn parse_fps(s: &str) -> std::result::Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(fps) if fps.is_finite() && fps > 0.0 => Ok(fps),
-        _ => Err(format!(
-            "expected a positive number of frames per second, got `{s}`"
-        )),
-    }
 }
 
 impl ModelArgs {
@@ -188,9 +180,6 @@ impl Args {
     fn validate(&self) -> Result<ScoreConfig> {
         let queries = match (&self.question, &self.answer_prefix) {
             (Some(question), Some(answer_prefix)) => {
-                if question.trim().is_empty() || answer_prefix.trim().is_empty() {
-                    bail!("--question and --answer-prefix must not be empty");
-                }
                 vec![Query::Custom {
                     question: question.clone(),
                     answer_prefix: answer_prefix.clone(),
@@ -277,7 +266,7 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
             }
             Err(err) => {
                 for (path, _) in batch.iter() {
-                    eprintln!("error: {path}: {err}");
+                    input_failed(path, &err)?;
                 }
                 *failures += batch.len();
             }
@@ -312,7 +301,7 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
                     }
                 }
                 Err(err) => {
-                    bar.suspend(|| eprintln!("error: {name}: {err}"));
+                    bar.suspend(|| input_failed(&name, &err))?;
                     failures += 1;
                 }
             }
@@ -320,7 +309,7 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
             match scorer.load_image(path) {
                 Ok(pixels) => batch.push((name, pixels)),
                 Err(err) => {
-                    bar.suspend(|| eprintln!("error: {name}: {err}"));
+                    bar.suspend(|| input_failed(&name, &err))?;
                     failures += 1;
                 }
             }
@@ -335,12 +324,28 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
     Ok(failures)
 }
 
-/// Writes records as they come (jsonl, csv) or at the end (json, table).
+/// Reports an input that failed on stderr, naming it once. When the model rather than the input
+/// is at fault (a non-finite logit comes from broken weights, or from a `--dtype` too narrow for
+/// them, never from pixels), every other input would fail the same way: the run stops with an
+/// error that says so.
+fn input_failed(name: &str, err: &ScoreError) -> Result<()> {
+    if let ScoreError::Level(LevelError::NonFiniteLogit { index, value }) = err {
+        bail!(
+            "the model produced a non-finite logit ({value} for level {index}) on {name}: \
+             its weights are broken or overflow the chosen --dtype; the input is not at fault"
+        );
+    }
+    eprintln!("{}", output::input_error_line(name, err));
+    Ok(())
+}
+
+/// Writes records to stdout as they come (jsonl, csv) or at the end (json, table).
 struct Output {
     format: Format,
     scale: Scale,
     held: Vec<ScoreRecord>,
-    wrote_header: bool,
+    /// Created with the first csv record, which also gives the header its level columns.
+    csv: Option<csv::Writer<output::Stdout>>,
 }
 
 impl Output {
@@ -349,21 +354,28 @@ impl Output {
             format,
             scale,
             held: Vec::new(),
-            wrote_header: false,
+            csv: None,
         }
     }
 
     fn emit(&mut self, record: ScoreRecord) -> Result<()> {
-        let stdout = std::io::stdout();
-        let mut w = stdout.lock();
         match self.format {
-            Format::Jsonl => writeln!(w, "{}", serde_json::to_string(&record)?)?,
+            Format::Jsonl => {
+                let line = format!("{}\n", serde_json::to_string(&record)?);
+                output::stdout().write_all(line.as_bytes())?;
+            }
             Format::Csv => {
-                if !self.wrote_header {
-                    writeln!(w, "{}", csv_header(&record))?;
-                    self.wrote_header = true;
-                }
-                writeln!(w, "{}", csv_row(&record))?;
+                let w = match &mut self.csv {
+                    Some(w) => w,
+                    None => {
+                        let mut w = csv::Writer::from_writer(output::stdout());
+                        w.write_record(csv_header(&record)).map_err(csv_io)?;
+                        self.csv.insert(w)
+                    }
+                };
+                w.write_record(csv_row(&record)).map_err(csv_io)?;
+                // A row reaches a pipe as soon as it is scored.
+                w.flush()?;
             }
             Format::Json | Format::Table => self.held.push(record),
         }
@@ -371,8 +383,7 @@ impl Output {
     }
 
     fn finish(self) -> Result<()> {
-        let stdout = std::io::stdout();
-        let mut w = stdout.lock();
+        let mut w = output::stdout();
         match self.format {
             Format::Json => writeln!(w, "{}", serde_json::to_string_pretty(&self.held)?)?,
             Format::Table => write_table(&mut w, &self.held, self.scale)?,
@@ -383,15 +394,16 @@ impl Output {
     }
 }
 
-fn csv_quote(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// The I/O error inside a csv error (writing text records can fail in no other way), so that
+/// a stdout failure keeps its kind.
+fn csv_io(err: csv::Error) -> io::Error {
+    match err.into_kind() {
+        csv::ErrorKind::Io(err) => err,
+        other => io::Error::other(format!("{other:?}")),
     }
 }
 
-fn csv_header(record: &ScoreRecord) -> String {
+fn csv_header(record: &ScoreRecord) -> Vec<String> {
     let mut cols = vec![
         "path".to_string(),
         "task".into(),
@@ -402,12 +414,12 @@ fn csv_header(record: &ScoreRecord) -> String {
     cols.extend(record.levels.iter().map(|l| format!("p_{l}")));
     cols.extend(record.levels.iter().map(|l| format!("logit_{l}")));
     cols.extend(["std", "entropy", "frames", "fps"].map(String::from));
-    cols.join(",")
+    cols
 }
 
-fn csv_row(r: &ScoreRecord) -> String {
+fn csv_row(r: &ScoreRecord) -> Vec<String> {
     let mut cols = vec![
-        csv_quote(&r.path),
+        r.path.clone(),
         r.task.clone(),
         r.input.to_string(),
         r.score.to_string(),
@@ -419,7 +431,7 @@ fn csv_row(r: &ScoreRecord) -> String {
     cols.push(r.entropy.to_string());
     cols.push(r.frames.map(|f| f.to_string()).unwrap_or_default());
     cols.push(r.fps.map(|f| f.to_string()).unwrap_or_default());
-    cols.join(",")
+    cols
 }
 
 fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Result<()> {
