@@ -151,6 +151,26 @@ pub fn write_all(text: &str) -> io::Result<()> {
     out.flush()
 }
 
+/// `err` with the context `with_path`, or `without_path` when the error's own message already
+/// names `path` (library errors usually do), so that an error line names each file once.
+pub fn context_naming<E>(
+    err: E,
+    path: &std::path::Path,
+    without_path: &str,
+    with_path: impl FnOnce(&str) -> String,
+) -> anyhow::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let name = path.display().to_string();
+    let context = if err.to_string().contains(&name) {
+        without_path.to_string()
+    } else {
+        with_path(&name)
+    };
+    anyhow::Error::new(err).context(context)
+}
+
 /// The stderr line for an input that failed: `error: <path>: <why>`, naming the path once even
 /// when the library's message already names it.
 pub fn input_error_line(name: &str, err: &dyn fmt::Display) -> String {

@@ -561,3 +561,43 @@ fn help_lists_the_exit_codes_and_quiet_is_accepted() {
         0,
     );
 }
+
+#[test]
+fn error_lines_name_the_file_once() {
+    let error_line = |r: &Run| -> String {
+        let lines: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{}", r.stderr);
+        lines[0].to_string()
+    };
+    // A broken config.json, read by info.
+    let dir = model_with_config("{");
+    let r = run_expecting(qalign().arg("info").arg(dir.path()), 1);
+    let line = error_line(&r);
+    let name = dir.path().display().to_string();
+    assert!(line.contains(&format!("{name}/config.json")), "{line}");
+    assert_eq!(line.matches(&name).count(), 1, "{line}");
+
+    // A broken LoRA adapter, and a missing one.
+    let adapter = tempfile::tempdir().unwrap();
+    std::fs::write(adapter.path().join("adapter_config.json"), "{").unwrap();
+    for dir in [adapter.path().to_path_buf(), adapter.path().join("missing")] {
+        let r = run_expecting(
+            score()
+                .arg("--lora")
+                .arg(&dir)
+                .arg(images_dir().join("boy_colorful.jpg")),
+            1,
+        );
+        let line = error_line(&r);
+        assert!(line.contains("cannot load the LoRA adapter"), "{line}");
+        assert_eq!(
+            line.matches(&dir.display().to_string()).count(),
+            1,
+            "{line}"
+        );
+    }
+}

@@ -41,8 +41,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let resolved = resolve_model(&args.model, args.offline || offline_from_env())?;
-    let summary = summarize(&resolved.dir, args.weights.into())
-        .with_context(|| format!("cannot read the checkpoint in {}", resolved.dir.display()))?;
+    let summary = summarize(&resolved.dir, args.weights.into()).map_err(|e| {
+        crate::output::context_naming(e, &resolved.dir, "cannot read the checkpoint", |d| {
+            format!("cannot read the checkpoint in {d}")
+        })
+    })?;
     check_config(&resolved.dir, &summary, args.weights)?;
     let mut w = crate::output::stdout();
     match args.format {

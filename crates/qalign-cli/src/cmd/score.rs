@@ -151,8 +151,11 @@ impl ModelArgs {
         let format = self.weights.into();
         let adaptation = match &self.lora {
             Some(dir) => {
-                let adapter = Adapter::load(dir)
-                    .with_context(|| format!("cannot load the LoRA adapter {}", dir.display()))?;
+                let adapter = Adapter::load(dir).map_err(|e| {
+                    output::context_naming(e, dir, "cannot load the LoRA adapter", |d| {
+                        format!("cannot load the LoRA adapter {d}")
+                    })
+                })?;
                 Some(Arc::new(adapter.merged_adaptation()))
             }
             None => None,
