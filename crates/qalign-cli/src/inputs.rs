@@ -120,6 +120,21 @@ fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// What makes two spellings one file: the real folder (symlinks resolved) and the name in it. So
+/// `a.jpg`, `./a.jpg`, `/abs/a.jpg`, a directory walk that finds it and a glob that reaches it
+/// again through a folder link loop count as one file, while a symlink to a file keeps its own
+/// name (label files may refer to it).
+fn identity(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (
+        absolute.parent().and_then(|dir| dir.canonicalize().ok()),
+        absolute.file_name(),
+    ) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => absolute,
+    }
+}
+
 /// Expand arguments into files. A missing file or a glob with no match is an error: a typo
 /// should not silently score nothing. A file reached more than once is listed once, with a
 /// warning on stderr naming the repeats.
@@ -127,12 +142,9 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut duplicates: Vec<PathBuf> = Vec::new();
-    // Keyed by the absolute path (`.` components dropped, symlinks not resolved), so `a.jpg`,
-    // `./a.jpg`, `/abs/a.jpg` and a directory walk that finds it count as one file, while a
-    // symlink keeps its own name (label files may refer to it). The first spelling is kept.
+    // The first spelling is kept.
     let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
-        let key = std::path::absolute(&p).unwrap_or_else(|_| p.clone());
-        if seen.insert(key) {
+        if seen.insert(identity(&p)) {
             out.push(p);
         } else {
             duplicates.push(p);

@@ -10,8 +10,9 @@ use std::process::Stdio;
 use common::*;
 use serde_json::Value;
 
+/// The binary under test (`CARGO_BIN_EXE_qalign`, read when the test runs, as `common::qalign`).
 fn qalign_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_qalign"))
+    assert_cmd::cargo::cargo_bin("qalign")
 }
 
 /// Runs `script` with bash; `$Q` is the qalign binary, `$M` the tiny model, `$I` the images.
@@ -299,6 +300,21 @@ fn repeated_inputs_are_scored_once_with_a_warning_naming_them() {
     // No repeat, no warning.
     let (_, _, stderr) = score_in(root, &["a.jpg"]);
     assert!(!stderr.contains("warning"), "{stderr}");
+
+    // A `**` glob that goes round a folder link loop reaches the file again and again: once.
+    std::os::unix::fs::symlink(".", root.join("loop")).unwrap();
+    let (code, paths, stderr) = score_in(root, &["**/*.jpg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(paths, ["a.jpg"]);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("loop/a.jpg"),
+        "{stderr}"
+    );
+    // A symlink to a file is an input of its own.
+    std::os::unix::fs::symlink("a.jpg", root.join("b.jpg")).unwrap();
+    let (code, paths, stderr) = score_in(root, &["a.jpg", "b.jpg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(paths, ["a.jpg", "b.jpg"]);
 }
 
 /// A copy of the tiny model with the safetensors weights only, and `config` as config.json.
