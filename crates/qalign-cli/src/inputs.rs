@@ -1,40 +1,144 @@
-//! Expands the `score` command's path arguments (files, directories, globs) into the list of
-//! media files to score, in a stable order, so that a run is repeatable and nothing is scored twice.
+//! Expands path arguments (files, directories, globs) into the list of media files to score, in
+//! a stable order, so that a run is repeatable and nothing is scored twice. Nothing is dropped
+//! without a word: a file named twice is warned about, and a folder or link that cannot be read
+//! while searching is reported as an error (the search goes on, and the run ends with exit code 3).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
+
+/// Duplicates named in the warning before "and N more".
+const DUPLICATES_SHOWN: usize = 3;
+
+/// Paths the searches could not read, over the whole run (`main` turns them into exit code 3).
+static UNREADABLE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many paths could not be read while expanding the arguments.
+pub fn unreadable() -> usize {
+    UNREADABLE.load(Ordering::Relaxed)
+}
+
+fn report_unreadable(path: Option<&Path>, err: &dyn std::fmt::Display) {
+    UNREADABLE.fetch_add(1, Ordering::Relaxed);
+    match path {
+        Some(p) => eprintln!(
+            "{}",
+            crate::output::input_error_line(&p.display().to_string(), err)
+        ),
+        None => eprintln!("error: {err}"),
+    }
+}
+
+fn is_dangling_link(path: &Path) -> bool {
+    path.symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+        && path.metadata().is_err()
+}
 
 fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
+/// The media files under `dir`, sorted. Unreadable folders, dangling links with a media name and
+/// link loops are reported on stderr; a dangling link with another name would not have been
+/// scored anyway and is passed over.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).follow_links(true) {
+        match entry {
+            Ok(e) => {
+                if e.file_type().is_file() && qalign_core::is_media_file_name(e.path()) {
+                    found.push(e.into_path());
+                }
+            }
+            Err(err) if err.loop_ancestor().is_some() => {
+                // Everything under a loop is found through its first path: nothing is lost.
+                if let Some(p) = err.path() {
+                    eprintln!(
+                        "warning: {} links back to {} (not followed again)",
+                        p.display(),
+                        err.loop_ancestor().unwrap_or(p).display()
+                    );
+                }
+            }
+            Err(err) => {
+                let path = err.path().map(Path::to_path_buf);
+                let skip = path
+                    .as_deref()
+                    .is_some_and(|p| is_dangling_link(p) && !qalign_core::is_media_file_name(p));
+                if !skip {
+                    let why = match err.io_error() {
+                        _ if path.as_deref().is_some_and(is_dangling_link) => {
+                            "broken symbolic link".to_string()
+                        }
+                        Some(io) => format!("cannot read: {io}"),
+                        None => err.to_string(),
+                    };
+                    report_unreadable(path.as_deref(), &why);
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The files matching a glob pattern, sorted; unreadable folders and dangling links with a media
+/// name are reported on stderr.
+fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in glob::glob(pattern).with_context(|| format!("bad glob pattern `{pattern}`"))? {
+        match entry {
+            Ok(p) if p.is_file() => found.push(p),
+            Ok(p) if is_dangling_link(&p) && qalign_core::is_media_file_name(&p) => {
+                report_unreadable(Some(&p), &"broken symbolic link");
+            }
+            Ok(_) => {}
+            Err(err) => {
+                report_unreadable(Some(err.path()), &format!("cannot read: {}", err.error()))
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// What makes two spellings one file: the real folder (symlinks resolved) and the name in it. So
+/// `a.jpg`, `./a.jpg`, `/abs/a.jpg`, a directory walk that finds it and a glob that reaches it
+/// again through a folder link loop count as one file, while a symlink to a file keeps its own
+/// name (label files may refer to it).
+fn identity(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (
+        absolute.parent().and_then(|dir| dir.canonicalize().ok()),
+        absolute.file_name(),
+    ) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => absolute,
+    }
+}
+
 /// Expand arguments into files. A missing file or a glob with no match is an error: a typo
-/// should not silently score nothing. A file reached more than once is listed once.
+/// should not silently score nothing. A file reached more than once is listed once, with a
+/// warning on stderr naming the repeats.
 pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
-    // Keyed by the absolute path (`.` components dropped, symlinks not resolved), so `a.jpg`,
-    // `./a.jpg`, `/abs/a.jpg` and a directory walk that finds it count as one file, while a
-    // symlink keeps its own name (label files may refer to it). The first spelling is kept.
+    let mut duplicates: Vec<PathBuf> = Vec::new();
+    // The first spelling is kept.
     let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
-        let key = std::path::absolute(&p).unwrap_or_else(|_| p.clone());
-        if seen.insert(key) {
+        if seen.insert(identity(&p)) {
             out.push(p);
+        } else {
+            duplicates.push(p);
         }
     };
     for arg in args {
         let path = Path::new(arg);
         if path.is_dir() {
-            let mut found: Vec<PathBuf> = walkdir::WalkDir::new(path)
-                .follow_links(true)
-                .into_iter()
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_file() && qalign_core::is_media_file_name(e.path()))
-                .map(|e| e.into_path())
-                .collect();
-            found.sort();
+            let found = walk(path);
             if found.is_empty() {
                 bail!("directory {} holds no image or video files", path.display());
             }
@@ -44,21 +148,47 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
         } else if path.exists() {
             push(path.to_path_buf(), &mut out);
         } else if has_glob_chars(arg) {
-            let mut found: Vec<PathBuf> = glob::glob(arg)
-                .with_context(|| format!("bad glob pattern `{arg}`"))?
-                .filter_map(|e| e.ok())
-                .filter(|p| p.is_file())
-                .collect();
-            found.sort();
+            let found = glob_files(arg)?;
             if found.is_empty() {
                 bail!("no file matches `{arg}`");
             }
             for p in found {
                 push(p, &mut out);
             }
+        } else if is_dangling_link(path) {
+            bail!("{arg}: broken symbolic link");
         } else {
             bail!("no such file or directory: {arg}");
         }
     }
+    if let Some(warning) = duplicates_warning(&duplicates) {
+        eprintln!("{warning}");
+    }
     Ok(out)
+}
+
+/// `warning: 2 inputs named more than once are scored once: a.jpg, ./a.jpg`.
+fn duplicates_warning(duplicates: &[PathBuf]) -> Option<String> {
+    if duplicates.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = duplicates
+        .iter()
+        .take(DUPLICATES_SHOWN)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = match duplicates.len().saturating_sub(DUPLICATES_SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let n = duplicates.len();
+    let (noun, verb) = if n == 1 {
+        ("input repeats", "is")
+    } else {
+        ("inputs repeat", "are")
+    };
+    Some(format!(
+        "warning: {n} {noun} a file named before and {verb} skipped (each file is scored once): {}{more}",
+        shown.join(", ")
+    ))
 }

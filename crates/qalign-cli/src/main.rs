@@ -2,7 +2,9 @@
 //! config and hands it to the library crates; nothing here does numerics.
 
 mod cmd;
+mod flags;
 mod inputs;
+mod output;
 mod progress;
 
 use std::process::ExitCode;
@@ -13,12 +15,25 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "qalign",
     version,
-    about = "Q-Align / OneAlign quality and aesthetics scoring"
+    about = "Q-Align / OneAlign quality and aesthetics scoring",
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
+    /// No progress bars (they are already hidden when stderr is not a terminal).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
+
+/// README's exit-code table, also shown by `qalign --help`.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (also when a reader such as `| head` stops reading early)
+  1  error: bad input file, model not found or not loadable, stdout closed or full, nothing could be done
+  2  invalid command-line arguments (unknown flag, bad flag value)
+  3  some inputs failed, or could not be read while searching directories and globs, and were skipped; \
+the others were processed";
 
 #[derive(Subcommand)]
 enum Command {
@@ -53,6 +68,12 @@ fn tune_cpu_threads() {
 fn main() -> ExitCode {
     tune_cpu_threads();
     let cli = Cli::parse();
+    progress::set_quiet(cli.quiet);
+    let writes_stdout = !matches!(cli.command, Command::Train(_) | Command::Merge(_));
+    if writes_stdout && let Err(err) = output::ensure_stdout_open() {
+        eprintln!("error: {err}");
+        return ExitCode::from(cmd::EXIT_ERROR);
+    }
     let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
         Command::Info(args) => cmd::info::run(args),
@@ -63,7 +84,18 @@ fn main() -> ExitCode {
         Command::Merge(args) => cmd::train::run_merge(args),
     };
     match result {
+        Ok(code) if code == ExitCode::SUCCESS && inputs::unreadable() > 0 => {
+            eprintln!(
+                "{} path(s) could not be read while searching the inputs (see the errors above)",
+                inputs::unreadable()
+            );
+            ExitCode::from(cmd::EXIT_PARTIAL)
+        }
         Ok(code) => code,
+        // The reader of stdout went away (`qalign score … | head`): stop quietly, like ripgrep.
+        Err(err) if output::find_stdout_error(&err).is_some_and(|e| e.is_broken_pipe()) => {
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("error: {}", error_chain(&err));
             if let Some(hint) = hint(&err) {

@@ -1,20 +1,35 @@
-//! Progress bars on stderr for long runs: shown only on a terminal and only when there is
-//! enough work to be worth watching, so piped and scripted runs stay clean.
+//! The progress bar of every long-running command: on stderr, shown only on a terminal, unless
+//! `--quiet`, and only when there is enough work to be worth watching, so piped and scripted
+//! runs stay clean.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Item counts up to this are finished before a bar would be worth reading.
+/// Item counts below this are finished before a bar would be worth reading.
 const MIN_ITEMS: u64 = 4;
 
-/// A bar over `len` items labelled `what`, or a hidden one.
-pub fn bar(len: u64, what: &str) -> ProgressBar {
-    if len < MIN_ITEMS || !std::io::stderr().is_terminal() {
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `--quiet`: no bars at all.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// A bar over `len` items labelled `label`, hidden for fewer than [`MIN_ITEMS`] items.
+pub fn bar(len: u64, label: &str) -> ProgressBar {
+    bar_when(len >= MIN_ITEMS, len, label)
+}
+
+/// A bar over `len` items labelled `label`, shown only when `worth_showing` (the caller's
+/// measure of how long the work takes), stderr is a terminal and `--quiet` is off.
+pub fn bar_when(worth_showing: bool, len: u64, label: &str) -> ProgressBar {
+    if !worth_showing || QUIET.load(Ordering::Relaxed) || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}<{{eta}}] {{wide_msg}}");
+    let template = format!("{label} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}<{{eta}}] {{wide_msg}}");
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }

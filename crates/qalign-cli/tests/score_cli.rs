@@ -407,19 +407,13 @@ fn bad_files_are_reported_and_skipped_with_exit_code_3() {
     for rec in &records {
         check_against_fixture(rec, "1-5");
     }
+    // One error line per bad file, naming it once.
     for bad in [&text, &empty, &truncated] {
-        let shown = bad.display().to_string();
-        let line = r
-            .stderr
-            .lines()
-            .find(|l| l.contains(&shown))
-            .unwrap_or_else(|| panic!("no line names {shown} in:\n{}", r.stderr));
-        assert!(line.starts_with("error: "), "{line}");
-        assert_eq!(
-            line.matches(&shown).count(),
-            1,
-            "the file is named once: {line}"
-        );
+        let name = bad.display().to_string();
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains(&name)).collect();
+        assert_eq!(lines.len(), 1, "{name}:\n{}", r.stderr);
+        assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+        assert_eq!(lines[0].matches(&name).count(), 1, "{}", lines[0]);
     }
     assert!(r.stderr.contains("3 of 5 input(s) failed"), "{}", r.stderr);
 }
@@ -490,9 +484,21 @@ fn custom_question_usage_errors() {
         score()
             .arg(&image)
             .args(["--question", "  ", "--answer-prefix", "x"]),
-        1,
+        2,
     );
-    assert!(r.stderr.contains("question is empty"), "{}", r.stderr);
+    assert!(r.stderr.contains("must not be empty"), "{}", r.stderr);
+    let r = run_expecting(
+        score()
+            .arg(&image)
+            .args(["--question", "Rate <|image|> it", "--answer-prefix", "x"]),
+        2,
+    );
+    assert!(
+        r.stderr.contains("must not contain `<|image|>`"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--question"), "{}", r.stderr);
 }
 
 #[test]

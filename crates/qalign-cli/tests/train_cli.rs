@@ -449,8 +449,13 @@ fn bad_training_input_is_named_and_nothing_is_written() {
         "{}",
         r.stderr
     );
-    let r = train_bad(&data, &["--warmup-ratio", "2"]);
+    // A bad flag value is a usage error (exit 2), refused before anything is read.
+    let out = data.parent().unwrap().join("out");
+    let mut cmd = train_cmd(&data, &fixtures().join("images"), &out);
+    cmd.args(["--warmup-ratio", "2"]);
+    let r = run_expecting(&mut cmd, 2);
     assert!(r.stderr.contains("--warmup-ratio"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
 }
 
 #[test]

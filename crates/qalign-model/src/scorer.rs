@@ -67,8 +67,8 @@ pub enum ScoreError {
     /// The network produced NaN or infinite level logits: a fault of the weights (corrupt, or
     /// overflowing in a half dtype), not of the input.
     #[error(
-        "the model produced a non-finite level logit ({value}): its weights hold NaN/Inf values \
-         or overflow in this dtype (f32 avoids overflow)"
+        "the model produced a non-finite logit ({value}) for a level word: its weights hold \
+         NaN/Inf values or overflow in this dtype (f32 avoids overflow)"
     )]
     NonFiniteOutput { value: f32 },
     /// A clip yielded no frame to score.

@@ -483,8 +483,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ratios: ratios(&rows, &batch_sizes),
         rows,
     };
-    let stdout = std::io::stdout();
-    let mut w = stdout.lock();
+    let mut w = crate::output::stdout();
     match args.format {
         BenchFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
         BenchFormat::Table => write_table(&mut w, &report)?,
@@ -765,7 +764,7 @@ fn run_train(args: &Args) -> Result<ExitCode> {
         peak_rss_mib: peak_rss_mib(),
         rows,
     };
-    let mut w = std::io::stdout().lock();
+    let mut w = crate::output::stdout();
     match args.format {
         BenchFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?,
         BenchFormat::Table => {
@@ -795,5 +794,6 @@ fn run_train(args: &Args) -> Result<ExitCode> {
             }
         }
     }
+    w.flush()?;
     Ok(ExitCode::SUCCESS)
 }

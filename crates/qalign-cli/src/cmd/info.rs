@@ -1,12 +1,20 @@
 //! `qalign info MODEL`: what a checkpoint folder holds (resolved config, parameter counts per
 //! part, dtypes on disk, files), read from headers only, so it is instant even for 16 GB.
+//! A config.json that does not describe the weights beside it (another architecture, sizes that
+//! differ from the tensors) is an error rather than a page of defaults; keys it lacks, which
+//! silently take the mPLUG-Owl2 class defaults, are named in a warning.
 
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
-use qalign_model::summary::summarize;
+use qalign_model::summary::{CheckpointSummary, summarize};
+use qalign_model::{ModelConfig, WeightStore};
+use serde_json::Value;
 
 use crate::cmd::score::WeightsArg;
 
@@ -33,17 +41,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let resolved = resolve_model(&args.model, args.offline || offline_from_env())?;
-    let summary = summarize(&resolved.dir, args.weights.into())
-        .with_context(|| format!("cannot read the checkpoint in {}", resolved.dir.display()))?;
+    let summary = summarize(&resolved.dir, args.weights.into()).map_err(|e| {
+        crate::output::context_naming(e, &resolved.dir, "cannot read the checkpoint", |d| {
+            format!("cannot read the checkpoint in {d}")
+        })
+    })?;
+    check_config(&resolved.dir, &summary, args.weights)?;
+    let mut w = crate::output::stdout();
     match args.format {
-        InfoFormat::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+        InfoFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&summary)?)?,
         InfoFormat::Text => {
             let c = &summary.config;
-            println!("model        {}", summary.dir.display());
+            writeln!(w, "model        {}", summary.dir.display())?;
             if let Some(id) = &resolved.hub_id {
-                println!("hub id       {id}");
+                writeln!(w, "hub id       {id}")?;
             }
-            println!(
+            writeln!(
+                w,
                 "vision       {} px, patch {}, {} layers, width {}, {} heads, MLP {}, LN eps {:e}",
                 c.vision.image_size,
                 c.vision.patch_size,
@@ -52,8 +66,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 c.vision.num_heads,
                 c.vision.intermediate_size,
                 c.vision.layer_norm_eps
-            );
-            println!(
+            )?;
+            writeln!(
+                w,
                 "abstractor   {} queries (+eos = {} tokens per image), {} layers, width {}, {} heads, MLP {}",
                 c.abstractor.num_queries,
                 c.abstractor.tokens_per_image(),
@@ -61,8 +76,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 c.abstractor.hidden_size,
                 c.abstractor.num_heads,
                 c.abstractor.intermediate_size
-            );
-            println!(
+            )?;
+            writeln!(
+                w,
                 "llm          {} layers, hidden {}, {} heads ({} kv), MLP {}, vocab {}, RMSNorm eps {:e}, rope θ {}, context {}",
                 c.llm.num_layers,
                 c.llm.hidden_size,
@@ -73,46 +89,242 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 c.llm.rms_norm_eps,
                 c.llm.rope_theta,
                 c.llm.max_position_embeddings
-            );
-            println!("parameters");
+            )?;
+            writeln!(w, "parameters")?;
             for part in &summary.parts {
-                println!(
+                writeln!(
+                    w,
                     "  {:<11}{:>15}  ({} tensors)",
                     part.part,
                     group(part.parameters),
                     part.tensors
-                );
+                )?;
             }
-            println!("  {:<11}{:>15}", "total", group(summary.total_parameters()));
-            println!(
+            writeln!(
+                w,
+                "  {:<11}{:>15}",
+                "total",
+                group(summary.total_parameters())
+            )?;
+            writeln!(
+                w,
                 "  {:<11}{:>15}  ({} tensors, fixed sin-cos tables)",
                 "buffers",
                 group(summary.buffers.parameters),
                 summary.buffers.tensors
-            );
+            )?;
             if summary.ignored > 0 {
-                println!(
+                writeln!(
+                    w,
                     "  ignored    {} rotary inv_freq tensors (recomputed)",
                     summary.ignored
-                );
+                )?;
             }
             let dtypes: Vec<String> = summary
                 .dtypes
                 .iter()
                 .map(|(d, n)| format!("{d} ({})", group(*n)))
                 .collect();
-            println!("dtype on disk {}", dtypes.join(", "));
-            println!("weights      {} ", summary.format);
+            writeln!(w, "dtype on disk {}", dtypes.join(", "))?;
+            writeln!(w, "weights      {} ", summary.format)?;
             if let Some(index) = &summary.index {
-                println!("  {}", index.display());
+                writeln!(w, "  {}", index.display())?;
             }
             for f in &summary.weight_files {
-                println!("  {}", f.display());
+                writeln!(w, "  {}", f.display())?;
             }
-            println!("other files  {}", summary.other_files.join(", "));
+            writeln!(w, "other files  {}", summary.other_files.join(", "))?;
         }
     }
+    w.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `model_type` of an mPLUG-Owl2 / OneAlign config.json.
+const MODEL_TYPE: &str = "mplug_owl2";
+
+/// Size keys of config.json that transformers always writes; when one is absent the class
+/// default (OneAlign's size) is used without a word, so info names them.
+const TOP_KEYS: &[&str] = &[
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "visual_config",
+];
+const VISION_KEYS: &[&str] = &[
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "layer_norm_eps",
+];
+const ABSTRACTOR_KEYS: &[&str] = &[
+    "num_learnable_queries",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "encoder_hidden_size",
+    "layer_norm_eps",
+];
+
+/// Warns about keys config.json lacks and fails when it names another architecture or sizes
+/// that differ from the stored tensors.
+fn check_config(dir: &Path, summary: &CheckpointSummary, weights: WeightsArg) -> Result<()> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let raw: Value =
+        serde_json::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?;
+    if let Some(kind) = raw.get("model_type").and_then(Value::as_str)
+        && kind != MODEL_TYPE
+    {
+        bail!(
+            "{} is for model_type `{kind}`, not `{MODEL_TYPE}` (mPLUG-Owl2 / OneAlign): \
+             this folder holds another kind of model",
+            path.display()
+        );
+    }
+    let missing = missing_keys(&raw);
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {} lacks {}: the mPLUG-Owl2 defaults (OneAlign's sizes) are used for them",
+            path.display(),
+            missing.join(", ")
+        );
+    }
+    let store = WeightStore::open_dir(dir, weights.into())
+        .with_context(|| format!("cannot read the weights in {}", dir.display()))?;
+    let problems = shape_mismatches(&summary.config, &store);
+    if !problems.is_empty() {
+        bail!(
+            "{} does not describe the weights beside it:\n  {}",
+            path.display(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+fn missing_keys(raw: &Value) -> Vec<String> {
+    let mut missing: Vec<String> = TOP_KEYS
+        .iter()
+        .filter(|k| raw.get(**k).is_none())
+        .map(|k| k.to_string())
+        .collect();
+    if let Some(visual) = raw.get("visual_config") {
+        for (part, keys) in [
+            ("visual_model", VISION_KEYS),
+            ("visual_abstractor", ABSTRACTOR_KEYS),
+        ] {
+            match visual.get(part) {
+                None => missing.push(format!("visual_config.{part}")),
+                Some(section) => missing.extend(
+                    keys.iter()
+                        .filter(|k| section.get(**k).is_none())
+                        .map(|k| format!("visual_config.{part}.{k}")),
+                ),
+            }
+        }
+    }
+    missing
+}
+
+/// Each way the stored tensors contradict the config: shapes of one tensor per kind of layer,
+/// and layer counts.
+fn shape_mismatches(c: &ModelConfig, store: &WeightStore) -> Vec<String> {
+    let (v, a, l) = (&c.vision, &c.abstractor, &c.llm);
+    let expected: [(&str, Vec<usize>); 9] = [
+        (
+            "model.embed_tokens.weight",
+            vec![l.vocab_size, l.hidden_size],
+        ),
+        (
+            "model.layers.0.mlp.gate_proj.weight",
+            vec![l.intermediate_size, l.hidden_size],
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.multiway.0.weight",
+            vec![l.num_kv_heads * l.head_dim, l.hidden_size],
+        ),
+        (
+            "model.vision_model.embeddings.patch_embed.weight",
+            vec![v.hidden_size, v.num_channels, v.patch_size, v.patch_size],
+        ),
+        (
+            "model.vision_model.embeddings.position_embedding",
+            vec![1, v.num_positions, v.hidden_size],
+        ),
+        (
+            "model.vision_model.encoder.layers.0.mlp.fc1.weight",
+            vec![v.intermediate_size, v.hidden_size],
+        ),
+        (
+            "model.visual_abstractor.query_embeds",
+            vec![1, a.num_queries, a.hidden_size],
+        ),
+        (
+            "model.visual_abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight",
+            vec![a.intermediate_size, a.hidden_size],
+        ),
+        (
+            "model.visual_abstractor.visual_fc.weight",
+            vec![a.output_size, a.hidden_size],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (key, shape) in expected {
+        match store.entry(key) {
+            None => problems.push(format!("the weights have no `{key}`")),
+            Some((stored, _)) if stored != shape.as_slice() => problems.push(format!(
+                "`{key}` is {stored:?} in the weights, {shape:?} by the config"
+            )),
+            Some(_) => {}
+        }
+    }
+    let keys = store.keys();
+    for (prefix, layers, what) in [
+        ("model.layers.", l.num_layers, "num_hidden_layers"),
+        (
+            "model.vision_model.encoder.layers.",
+            v.num_layers,
+            "visual_model.num_hidden_layers",
+        ),
+        (
+            "model.visual_abstractor.encoder.layers.",
+            a.num_layers,
+            "visual_abstractor.num_hidden_layers",
+        ),
+    ] {
+        let stored = layer_count(&keys, prefix);
+        if stored != layers {
+            problems.push(format!(
+                "{what} is {layers} but the weights hold {stored} such layers"
+            ));
+        }
+    }
+    problems
+}
+
+/// Distinct layer numbers N among keys `<prefix>N.…`.
+fn layer_count(keys: &[&str], prefix: &str) -> usize {
+    keys.iter()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 /// 8197859328 → "8,197,859,328".

@@ -2,7 +2,7 @@
 //! into a validated [`ScoreConfig`], then drives the library's `Scorer`; a file that fails is
 //! reported and skipped, and the run exits with code 3 at the end.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,13 +14,13 @@ use qalign_core::Scale;
 use qalign_media::SamplingOptions;
 use qalign_model::hub::DEFAULT_MODEL;
 use qalign_model::{
-    Device, Dtype, LoadOptions, Query, ScoreOptions, ScoreRecord, Scorer, ScorerBuilder, Task,
-    VideoOptions, WeightFormat,
+    Device, Dtype, LoadOptions, Query, ScoreError, ScoreOptions, ScoreRecord, Scorer,
+    ScorerBuilder, Task, VideoOptions, WeightFormat,
 };
 
 use crate::cmd::EXIT_PARTIAL;
-use crate::inputs;
 use crate::progress;
+use crate::{flags, inputs, output};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum TaskArg {
@@ -54,17 +54,19 @@ pub enum WeightsArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image or video files, directories (searched recursively) or glob patterns.
+    /// Image or video files, directories (searched recursively) or glob patterns. A file reached
+    /// twice is scored once, with a warning; a folder or link that cannot be read while searching
+    /// is reported and skipped, and the exit code is then 3.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
     /// What to rate.
     #[arg(long, value_enum, default_value = "quality")]
     task: TaskArg,
     /// A custom question instead of --task (needs --answer-prefix), e.g. "How clear is this image?".
-    #[arg(long, requires = "answer_prefix", conflicts_with = "task")]
+    #[arg(long, requires = "answer_prefix", conflicts_with = "task", value_parser = flags::prompt_text)]
     question: Option<String>,
     /// The start of the answer after which the level word is read, e.g. "The clarity of the image is".
-    #[arg(long, requires = "question")]
+    #[arg(long, requires = "question", value_parser = flags::prompt_text)]
     answer_prefix: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
@@ -81,7 +83,7 @@ pub struct Args {
     #[arg(long)]
     exif_orientation: bool,
     /// Video: frames sampled per second (the official loader takes 1).
-    #[arg(long, default_value_t = 1.0, value_parser = parse_fps, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, value_parser = flags::positive, allow_negative_numbers = true)]
     fps: f64,
     /// Video: at most this many frames, spread uniformly over the clip.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -134,16 +136,6 @@ fn parse_scale(s: &str) -> std::result::Result<Scale, String> {
     s.parse()
 }
 
-/// A sampling rate is a positive, finite number of frames per second (a usage error otherwise).
-fn parse_fps(s: &str) -> std::result::Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(fps) if fps.is_finite() && fps > 0.0 => Ok(fps),
-        _ => Err(format!(
-            "expected a positive number of frames per second, got `{s}`"
-        )),
-    }
-}
-
 impl From<DtypeArg> for Dtype {
     fn from(arg: DtypeArg) -> Self {
         match arg {
@@ -179,11 +171,18 @@ impl ModelArgs {
 
     /// The load options alone (device, dtype, format, adapter), for a folder found another way.
     pub fn resolve_load(&self) -> Result<LoadOptions> {
-        let options = self.builder().load_options();
-        match (&self.lora, options) {
-            (Some(dir), Err(e)) => Err(anyhow::Error::new(e)
-                .context(format!("cannot load the LoRA adapter {}", dir.display()))),
-            (_, options) => Ok(options?),
+        self.builder()
+            .load_options()
+            .map_err(|e| self.adapter_context(e))
+    }
+
+    /// Names the adapter folder in a load error, once.
+    fn adapter_context(&self, err: ScoreError) -> anyhow::Error {
+        match &self.lora {
+            Some(dir) => output::context_naming(err, dir, "cannot load the LoRA adapter", |d| {
+                format!("cannot load the LoRA adapter {d}")
+            }),
+            None => err.into(),
         }
     }
 }
@@ -237,11 +236,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     eprintln!("loading model from {}", dir.display());
     let options = builder
         .scorer_options()
-        .map_err(|e| match &args.model.lora {
-            Some(lora) => anyhow::Error::new(e)
-                .context(format!("cannot load the LoRA adapter {}", lora.display())),
-            None => e.into(),
-        })?;
+        .map_err(|e| args.model.adapter_context(e))?;
     let scorer = Scorer::load(&dir, &options)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
@@ -292,13 +287,17 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
                     }
                 }
             }
+            // Broken weights fail every input alike: stop the run and say whose fault it is.
+            Err(err @ ScoreError::NonFiniteOutput { .. }) => {
+                write_error = Some(
+                    anyhow::Error::new(err)
+                        .context(format!("scoring {name}: the input is not at fault")),
+                );
+                return ControlFlow::Break(());
+            }
             Err(err) => {
                 failures += 1;
-                if err.names_path(&item.path) {
-                    bar.suspend(|| eprintln!("error: {err}"));
-                } else {
-                    bar.suspend(|| eprintln!("error: {name}: {err}"));
-                }
+                bar.suspend(|| eprintln!("{}", output::input_error_line(&name, &err)));
             }
         }
         ControlFlow::Continue(())
@@ -326,12 +325,13 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
     Ok(failures)
 }
 
-/// Writes records as they come (jsonl, csv) or at the end (json, table).
+/// Writes records to stdout as they come (jsonl, csv) or at the end (json, table).
 struct Output {
     format: Format,
     scale: Scale,
     held: Vec<ScoreRecord>,
-    wrote_header: bool,
+    /// Created with the first csv record, which also gives the header its level columns.
+    csv: Option<csv::Writer<output::Stdout>>,
 }
 
 impl Output {
@@ -340,21 +340,28 @@ impl Output {
             format,
             scale,
             held: Vec::new(),
-            wrote_header: false,
+            csv: None,
         }
     }
 
     fn emit(&mut self, record: ScoreRecord) -> Result<()> {
-        let stdout = std::io::stdout();
-        let mut w = stdout.lock();
         match self.format {
-            Format::Jsonl => writeln!(w, "{}", serde_json::to_string(&record)?)?,
+            Format::Jsonl => {
+                let line = format!("{}\n", serde_json::to_string(&record)?);
+                output::stdout().write_all(line.as_bytes())?;
+            }
             Format::Csv => {
-                if !self.wrote_header {
-                    writeln!(w, "{}", csv_header(&record))?;
-                    self.wrote_header = true;
-                }
-                writeln!(w, "{}", csv_row(&record))?;
+                let w = match &mut self.csv {
+                    Some(w) => w,
+                    None => {
+                        let mut w = csv::Writer::from_writer(output::stdout());
+                        w.write_record(csv_header(&record)).map_err(csv_io)?;
+                        self.csv.insert(w)
+                    }
+                };
+                w.write_record(csv_row(&record)).map_err(csv_io)?;
+                // A row reaches a pipe as soon as it is scored.
+                w.flush()?;
             }
             Format::Json | Format::Table => self.held.push(record),
         }
@@ -362,8 +369,7 @@ impl Output {
     }
 
     fn finish(self) -> Result<()> {
-        let stdout = std::io::stdout();
-        let mut w = stdout.lock();
+        let mut w = output::stdout();
         match self.format {
             Format::Json => writeln!(w, "{}", serde_json::to_string_pretty(&self.held)?)?,
             Format::Table => write_table(&mut w, &self.held, self.scale)?,
@@ -374,15 +380,16 @@ impl Output {
     }
 }
 
-fn csv_quote(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// The I/O error inside a csv error (writing text records can fail in no other way), so that
+/// a stdout failure keeps its kind.
+fn csv_io(err: csv::Error) -> io::Error {
+    match err.into_kind() {
+        csv::ErrorKind::Io(err) => err,
+        other => io::Error::other(format!("{other:?}")),
     }
 }
 
-fn csv_header(record: &ScoreRecord) -> String {
+fn csv_header(record: &ScoreRecord) -> Vec<String> {
     let mut cols = vec![
         "path".to_string(),
         "task".into(),
@@ -393,12 +400,12 @@ fn csv_header(record: &ScoreRecord) -> String {
     cols.extend(record.levels.iter().map(|l| format!("p_{l}")));
     cols.extend(record.levels.iter().map(|l| format!("logit_{l}")));
     cols.extend(["std", "entropy", "frames", "fps"].map(String::from));
-    cols.join(",")
+    cols
 }
 
-fn csv_row(r: &ScoreRecord) -> String {
+fn csv_row(r: &ScoreRecord) -> Vec<String> {
     let mut cols = vec![
-        csv_quote(&r.path),
+        r.path.clone(),
         r.task.clone(),
         r.input.to_string(),
         r.score.to_string(),
@@ -410,7 +417,7 @@ fn csv_row(r: &ScoreRecord) -> String {
     cols.push(r.entropy.to_string());
     cols.push(r.frames.map(|f| f.to_string()).unwrap_or_default());
     cols.push(r.fps.map(|f| f.to_string()).unwrap_or_default());
-    cols.join(",")
+    cols
 }
 
 fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Result<()> {

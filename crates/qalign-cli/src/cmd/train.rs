@@ -13,6 +13,7 @@ use qalign_train::optim::Schedule;
 use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, Trainer};
 
 use crate::cmd::score::DtypeArg;
+use crate::flags;
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum TrainDtype {
@@ -61,27 +62,27 @@ pub struct Args {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
     lora_r: u64,
     /// LoRA alpha (the update is scaled by alpha / r).
-    #[arg(long, default_value_t = 256.0)]
+    #[arg(long, default_value_t = 256.0, value_parser = flags::finite, allow_negative_numbers = true)]
     lora_alpha: f64,
     /// LoRA dropout on the branch inputs.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = flags::dropout, allow_negative_numbers = true)]
     lora_dropout: f32,
     /// Comma-separated LoRA targets: module names or suffixes such as q_proj, v_proj.multiway.1, o_proj.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LORA_TARGETS.map(String::from))]
     lora_targets: Vec<String>,
     /// Peak learning rate (default 2e-4 with LoRA, 2e-5 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::non_negative, allow_negative_numbers = true)]
     lr: Option<f64>,
     #[arg(long, default_value = "cosine", value_parser = parse_schedule)]
     lr_schedule: Schedule,
     /// Fraction of the steps spent warming up linearly from 0.
-    #[arg(long, default_value_t = 0.03)]
+    #[arg(long, default_value_t = 0.03, value_parser = flags::unit_interval, allow_negative_numbers = true)]
     warmup_ratio: f64,
     /// AdamW weight decay (never applied to biases and norms).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = flags::non_negative, allow_negative_numbers = true)]
     weight_decay: f64,
     /// Clip the total gradient norm to this (0 turns clipping off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = flags::non_negative, allow_negative_numbers = true)]
     max_grad_norm: f64,
     /// Samples per micro-batch.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -115,10 +116,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "hard")]
     loss: LossArg,
     /// Width of the soft target in levels (--loss soft).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = flags::positive, allow_negative_numbers = true)]
     soft_sigma: f64,
     /// Video samples: frames per second (1, as in scoring).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = flags::positive, allow_negative_numbers = true)]
     fps: f64,
     /// Video samples: at most this many frames.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
