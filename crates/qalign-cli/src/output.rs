@@ -144,7 +144,6 @@ impl Write for Stdout {
 }
 
 /// Writes `text` to stdout and flushes it (what `eval` and `syllabus` print).
-#[allow(dead_code)] // until eval.rs's own `write_stdout` switches to it
 pub fn write_all(text: &str) -> io::Result<()> {
     let mut out = stdout();
     out.write_all(text.as_bytes())?;

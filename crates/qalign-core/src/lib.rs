@@ -1,6 +1,7 @@
 //! Q-Align's pure logic, with no ML dependencies: score↔level conversion (paper Eq. 1–4),
 //! correlation metrics, label-file readers, the training syllabus and evaluation.
 
+pub mod atomic;
 pub mod dataset;
 pub mod eval;
 pub mod levels;

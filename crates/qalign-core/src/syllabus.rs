@@ -86,7 +86,7 @@ pub fn answer_sentence(task: Task, input: MediaKind, word: &str) -> String {
 /// Errors while building a syllabus.
 #[derive(Debug, thiserror::Error)]
 pub enum SyllabusError {
-    #[error("--fraction must lie in (0, 1], got {0}")]
+    #[error("the fraction of items to keep must lie in (0, 1], got {0}")]
     BadFraction(f64),
     #[error("no label files given")]
     NoDatasets,
@@ -411,29 +411,11 @@ pub fn write_json_atomic<T: Serialize + ?Sized>(
         path: path.to_path_buf(),
         error,
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| write_error(std::io::Error::other("the output path has no file name")))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
+    crate::atomic::write_atomic(path, |file, _| {
         let mut writer = std::io::BufWriter::new(file);
         serde_json::to_writer_pretty(&mut writer, value).map_err(std::io::Error::other)?;
         writer.write_all(b"\n")?;
-        let file = writer.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(write_error)
+        writer.flush()
+    })
+    .map_err(write_error)
 }

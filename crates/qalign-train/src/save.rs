@@ -35,32 +35,14 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
 
 /// Writes `bytes` to `path` through a temporary file in the same folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err(path))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(write_err(path))?;
-    tmp.as_file().sync_all().map_err(write_err(path))?;
-    publish(tmp, path)
-}
-
-/// Renames a finished temporary file into place, readable like any file the user writes (temporary
-/// files are created owner-only).
-fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(write_err(path))?;
-    }
-    tmp.persist(path).map_err(|e| write_err(path)(e.error))?;
-    Ok(())
+    qalign_core::atomic::write_bytes_atomic(path, bytes).map_err(write_err(path))
 }
 
 fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err(path))?;
-    candle_core::safetensors::save(tensors, tmp.path())?;
-    publish(tmp, path)
+    qalign_core::atomic::write_atomic(path, |_, tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(write_err(path))
 }
 
 /// A CPU copy of every trainable tensor, by name, in `dtype`; `masters` (f32 copies kept by a

@@ -81,7 +81,7 @@ impl SoftTargets {
     ) -> Result<Self> {
         let (lo, hi) = dataset.mos_range().ok_or_else(|| {
             TrainError::Config(
-                "--loss soft needs MOS values in the sample ids (`name->score`, as `qalign syllabus` writes them)"
+                "the soft loss needs MOS values in the sample ids (`name->score`, as the syllabus writes them)"
                     .into(),
             )
         })?;

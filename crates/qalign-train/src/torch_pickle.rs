@@ -435,37 +435,22 @@ pub fn save_state_dict(path: &Path, entries: &[TensorEntry]) -> Result<(), Pickl
         .and_then(|s| s.to_str())
         .filter(|s| check_archive_name(s).is_ok())
         .unwrap_or("archive");
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".torch-save-").suffix(".tmp");
-    // NamedTempFile defaults to 0o600; give the result the usual umask-filtered mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(dir).map_err(io_err(format!(
-        "creating a temporary file in {}",
-        dir.display()
-    )))?;
-    {
-        let mut writer = std::io::BufWriter::new(tmp.as_file_mut());
-        write_state_dict(&mut writer, archive_name, entries)?;
-        writer
-            .flush()
-            .map_err(io_err(format!("writing {}", path.display())))?;
-    }
-    tmp.as_file()
-        .sync_all()
-        .map_err(io_err(format!("syncing {}", path.display())))?;
-    tmp.persist(path).map_err(|e| PickleWriteError::Io {
-        context: format!("renaming the temporary file to {}", path.display()),
-        source: e.error,
-    })?;
-    Ok(())
+    let mut failure = None;
+    qalign_core::atomic::write_atomic(path, |file, _| {
+        let mut writer = std::io::BufWriter::new(file);
+        if let Err(e) = write_state_dict(&mut writer, archive_name, entries) {
+            failure = Some(e);
+            return Err(std::io::Error::other("state dict not written"));
+        }
+        writer.flush()
+    })
+    .map_err(|source| match failure.take() {
+        Some(e) => e,
+        None => PickleWriteError::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        },
+    })
 }
 
 #[cfg(test)]

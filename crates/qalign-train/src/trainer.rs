@@ -92,28 +92,28 @@ impl TrainConfig {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         if self.batch_size == 0 || self.grad_accum == 0 {
-            return bad("--batch-size and --grad-accum must be ≥ 1".into());
+            return bad("the batch size and the gradient accumulation steps must be ≥ 1".into());
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!(
-                "--lr must be a non-negative number, got {}",
+                "the learning rate must be a non-negative number, got {}",
                 self.lr
             ));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return bad(format!(
-                "--warmup-ratio must be in [0, 1], got {}",
+                "the warm-up ratio must be in [0, 1], got {}",
                 self.warmup_ratio
             ));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("--weight-decay must be ≥ 0".into());
+            return bad("the weight decay must be ≥ 0".into());
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return bad("--max-grad-norm must be ≥ 0 (0 turns clipping off)".into());
+            return bad("the gradient-norm clip must be ≥ 0 (0 turns clipping off)".into());
         }
         if self.epochs == 0 && self.max_steps.is_none() {
-            return bad("--epochs must be ≥ 1 (or give --max-steps)".into());
+            return bad("training needs at least one epoch or a step limit".into());
         }
         if let Mode::Lora {
             rank,
@@ -128,7 +128,7 @@ impl TrainConfig {
         if let LossKind::Soft { sigma } = self.loss
             && !(sigma.is_finite() && sigma > 0.0)
         {
-            return bad("--soft-sigma must be > 0".into());
+            return bad("the soft target's sigma must be > 0".into());
         }
         Ok(())
     }

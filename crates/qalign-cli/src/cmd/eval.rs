@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use indicatif::ProgressBar;
+
 use qalign_core::dataset::{Columns, read_labels, read_predictions};
 use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join};
 use qalign_core::metrics::bootstrap::MAX_RESAMPLES;
@@ -62,14 +63,6 @@ pub struct Args {
 
 /// Bootstrap work (resamples × items) above which a progress bar is worth showing.
 const PROGRESS_THRESHOLD: usize = 2_000_000;
-/// Exit status of a usage error (an invalid flag value), as clap's own.
-pub(crate) const EXIT_USAGE: u8 = 2;
-
-/// Report a usage error that clap could not see (it depends on several flags or on files).
-pub(crate) fn usage_error(message: &str) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(EXIT_USAGE)
-}
 
 fn parse_plot_path(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
@@ -157,8 +150,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     match args.format {
-        Format::Json => write_stdout(&format!("{}\n", json_output(&report, &joined)?))?,
-        Format::Table => write_stdout(&table(&report))?,
+        Format::Json => crate::output::write_all(&format!("{}\n", json_output(&report, &joined)?))?,
+        Format::Table => crate::output::write_all(&table(&report))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -284,19 +277,4 @@ fn table(r: &EvalReport) -> String {
         }
     }
     out
-}
-
-/// Write results to stdout. A closed pipe (`qalign eval … | head`) is not an error.
-pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(anyhow::Error::new(e).context("cannot write to stdout"))
-        }
-        _ => Ok(()),
-    }
 }

@@ -9,5 +9,13 @@ pub mod train;
 
 /// The run failed (bad input, unreadable file, model error).
 pub const EXIT_ERROR: u8 = 1;
+/// A usage error (an invalid flag value), as clap's own.
+pub const EXIT_USAGE: u8 = 2;
 /// Some inputs failed and were skipped; the others were processed.
 pub const EXIT_PARTIAL: u8 = 3;
+
+/// Reports a usage error that clap could not see (it depends on several flags or on files).
+pub fn usage_error(message: &str) -> std::process::ExitCode {
+    eprintln!("error: {message}");
+    std::process::ExitCode::from(EXIT_USAGE)
+}

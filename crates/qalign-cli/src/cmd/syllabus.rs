@@ -10,7 +10,8 @@ use qalign_core::syllabus::{
 };
 use qalign_core::{MediaKind, Task};
 
-use super::eval::{number, usage_error};
+use super::eval::number;
+use super::usage_error;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum TaskArg {
@@ -142,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     options.seed = args.seed;
     let syllabus = build_syllabus(&datasets, &options)?;
     write_json_atomic(&args.out, &syllabus.items)?;
-    super::eval::write_stdout(&reports_table(&syllabus.reports))?;
+    crate::output::write_all(&reports_table(&syllabus.reports))?;
     for r in &syllabus.reports {
         if let Some(why) = &r.undefined {
             eprintln!(
