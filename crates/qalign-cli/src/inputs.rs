@@ -120,7 +120,7 @@ fn identity(path: &Path) -> PathBuf {
     }
 }
 
-/// Expand arguments into files. A missing file or a glob with no match is an error: a typo
+/// Expand arguments into files; `-` (stdin) is kept as it is. A missing file or a glob with no match is an error: a typo
 /// should not silently score nothing. A file reached more than once is listed once, with a
 /// warning on stderr naming the repeats.
 pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
@@ -137,7 +137,9 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     };
     for arg in args {
         let path = Path::new(arg);
-        if path.is_dir() {
+        if crate::stdin::is_stdin(path) {
+            push(path.to_path_buf(), &mut out);
+        } else if path.is_dir() {
             let found = walk(path);
             if found.is_empty() {
                 bail!("directory {} holds no image or video files", path.display());

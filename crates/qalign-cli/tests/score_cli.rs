@@ -502,6 +502,39 @@ fn custom_question_usage_errors() {
 }
 
 #[test]
+fn a_question_longer_than_the_context_is_a_usage_error_before_any_file_is_read() {
+    // ~100 KB of text: far more tokens than the tiny model's 4096 positions. It is refused
+    // once, for the whole run, not as a failure of each input.
+    let question = "How would you rate the quality of this image? ".repeat(2200);
+    let r = run_expecting(
+        score().arg(images_dir().join("boy_colorful.jpg")).args([
+            "--question",
+            &question,
+            "--answer-prefix",
+            QUALITY_PREFIX,
+        ]),
+        2,
+    );
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr.contains("--question/--answer-prefix"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("prompt is too long"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("context of 4096 positions"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("boy_colorful"),
+        "no input was blamed: {}",
+        r.stderr
+    );
+}
+
+#[test]
 fn a_model_path_that_does_not_exist_is_a_clear_error() {
     let image = images_dir().join("boy_colorful.jpg");
     let r = run_expecting(
@@ -817,4 +850,26 @@ fn info_reads_the_bin_layout_with_the_same_counts() {
     assert!(text.contains("4,526,784"));
     let r = run_expecting(qalign().args(["info", "/nonexistent"]), 1);
     assert!(r.stderr.contains("/nonexistent"), "{}", r.stderr);
+}
+
+#[test]
+fn dash_scores_an_image_from_stdin_and_names_it_dash() {
+    let image = images_dir().join("boy_colorful.jpg");
+    let r = run_expecting(
+        score()
+            .args(["-", "--task", "all", "--format", "json"])
+            .pipe_stdin(&image)
+            .unwrap(),
+        0,
+    );
+    let records = json_records(&r.stdout);
+    assert_eq!(records.len(), 2, "{}", r.stdout);
+    for mut rec in records {
+        assert_eq!(rec["path"], "-");
+        rec["path"] = "boy_colorful.jpg".into();
+        check_against_fixture(&rec, "1-5");
+    }
+    let r = run_expecting(score().arg("-").write_stdin(""), 1);
+    assert!(r.stderr.contains("stdin is empty"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
 }

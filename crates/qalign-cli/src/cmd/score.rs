@@ -18,9 +18,9 @@ use qalign_model::{
     ScorerBuilder, Task, VideoOptions, WeightFormat,
 };
 
-use crate::cmd::EXIT_PARTIAL;
+use crate::cmd::{EXIT_PARTIAL, usage_error};
 use crate::progress;
-use crate::{flags, inputs, output};
+use crate::{flags, inputs, output, stdin};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum TaskArg {
@@ -56,7 +56,8 @@ pub enum WeightsArg {
 pub struct Args {
     /// Image or video files, directories (searched recursively) or glob patterns. A file reached
     /// twice is scored once, with a warning; a folder or link that cannot be read while searching
-    /// is reported and skipped, and the exit code is then 3.
+    /// is reported and skipped, and the exit code is then 3. `-` reads one image or video from
+    /// stdin (at most 512 MiB); its records say `-`.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<String>,
     /// What to rate.
@@ -196,6 +197,8 @@ struct ScoreConfig {
     format: Format,
     video: VideoOptions,
     strict: bool,
+    /// The temporary file holding stdin, when `-` is an input: its records say `-`.
+    stdin_path: Option<PathBuf>,
 }
 
 impl Args {
@@ -224,12 +227,15 @@ impl Args {
                 per_frame: self.per_frame,
             },
             strict: self.strict,
+            stdin_path: None,
         })
     }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let config = args.validate()?;
+    let mut config = args.validate()?;
+    let spooled_stdin = stdin::substitute(&mut config.inputs)?;
+    config.stdin_path = spooled_stdin.as_ref().map(|s| s.path().to_path_buf());
     let builder = args.model.builder().exif_orientation(args.exif_orientation);
     let dir = builder.resolve()?;
     let started = Instant::now();
@@ -242,7 +248,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
 
     let mut out = Output::new(config.format, config.scale);
-    let failures = score_all(&scorer, &config, &mut out)?;
+    let failures = match score_all(&scorer, &config, &mut out) {
+        // Only a custom question can outgrow the context: that is a bad flag value.
+        Err(err) if is_prompt_too_long(&err) => {
+            return Ok(usage_error(&format!("--question/--answer-prefix: {err}")));
+        }
+        result => result?,
+    };
     out.finish()?;
     let total = config.inputs.len();
     if failures == total {
@@ -253,6 +265,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_PARTIAL));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn is_prompt_too_long(err: &anyhow::Error) -> bool {
+    matches!(
+        err.downcast_ref::<ScoreError>(),
+        Some(ScoreError::PromptTooLong { .. })
+    )
 }
 
 /// Scores every input through the library's one-call path, writing each record as it comes;
@@ -267,7 +286,10 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
         strict: config.strict,
     };
     let mut on_item = |item: qalign_model::ItemOutcome| {
-        let name = item.path.display().to_string();
+        let name = match &config.stdin_path {
+            Some(spooled) if *spooled == item.path => stdin::STDIN_ARG.to_string(),
+            _ => item.path.display().to_string(),
+        };
         match item.result {
             Ok(scored) => {
                 for warning in scored.warnings() {
