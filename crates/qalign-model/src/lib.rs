@@ -35,6 +35,7 @@ pub mod adapter;
 mod batch;
 mod builder;
 pub mod config;
+mod cpu_kernels;
 mod device;
 pub mod error;
 pub mod hub;

@@ -3,6 +3,9 @@
 //! normalisation of transformers' LlamaRMSNorm, and an attention core whose softmax always runs in f32 (as
 //! upstream does for the LLM, and as fp16 PyTorch kernels effectively do elsewhere).
 //!
+//! On the CPU, inference runs the norms and QuickGELU as fused kernels (`cpu_kernels`); the
+//! compositions below are the reference they are tested against, and what the GPU runs.
+//!
 //! Everything here also runs under candle's autograd: when an input tracks gradients, fused kernels without
 //! a backward pass are swapped for differentiable compositions, and frozen weights go through
 //! [`frozen_matmul`], whose backward returns only the input gradient.
@@ -12,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 
 use crate::adapt::{Adaptation, LoraBranch};
+use crate::cpu_kernels;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 
@@ -286,6 +290,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if cpu_kernels::applies(&[x, &self.weight, &self.bias]) {
+            return Ok(cpu_kernels::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -303,6 +315,9 @@ impl LayerNorm {
 /// `x·rsqrt(mean(x²) + eps)` computed in f32 and cast back to the input dtype, before any weight is
 /// applied (transformers 4.36 LlamaRMSNorm casts first, then multiplies by the weight).
 pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_kernels::applies(&[x]) {
+        return Ok(cpu_kernels::rms_normalize(x, eps)?);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -312,6 +327,9 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// QuickGELU: `z·sigmoid(1.702·z)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(&[x]) {
+        return Ok(cpu_kernels::quick_gelu(x)?);
+    }
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
@@ -365,4 +383,138 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let exp = x.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
     Ok(exp.broadcast_div(&sum)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A tensor that tracks gradients takes the composed (reference) path.
+    fn tracked(x: &Tensor) -> Tensor {
+        Var::from_tensor(x).unwrap().as_tensor().clone()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Rows of `dim` values with an offset and spread, as activations have.
+    fn input(values: &[f32], dim: usize, offset: f32, dtype: DType) -> Tensor {
+        let rows = values.len() / dim;
+        let shifted: Vec<f32> = values[..rows * dim].iter().map(|v| v + offset).collect();
+        Tensor::from_vec(shifted, (rows, dim), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// An error bound of a few units in the last place of `dtype` at the output's magnitude.
+    fn bound(dtype: DType, magnitude: f32) -> f32 {
+        let ulp = match dtype {
+            DType::F32 => f32::EPSILON,
+            DType::F16 => 1.0 / 1024.0,
+            _ => 1.0 / 128.0,
+        };
+        4.0 * ulp * magnitude.max(1.0)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn fused_norms_and_quick_gelu_match_their_compositions(
+            values in prop::collection::vec(-8.0f32..8.0, 8..600),
+            dim in 1usize..70,
+            offset in -50.0f32..50.0,
+            eps in prop::sample::select(vec![1e-5, 1e-6]),
+            dtype in prop::sample::select(vec![DType::F32, DType::F16, DType::BF16]),
+        ) {
+            prop_assume!(values.len() >= dim);
+            let x = input(&values, dim, offset, dtype);
+            let weight: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let bias: Vec<f32> = (0..dim).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+            let norm = LayerNorm {
+                weight: Tensor::new(weight.as_slice(), &Device::Cpu).unwrap(),
+                bias: Tensor::new(bias.as_slice(), &Device::Cpu).unwrap(),
+                eps,
+            };
+            let fused = norm.forward(&x).unwrap();
+            prop_assert_eq!(fused.dtype(), dtype);
+            prop_assert_eq!(fused.dims(), x.dims());
+            let composed = norm.forward(&tracked(&x)).unwrap();
+            // LayerNorm outputs are O(weight·√dim) at most.
+            let scale = 2.5 * (dim as f32).sqrt();
+            // f32: the composition's f32 sums of shifted rows lose digits that f64 sums keep.
+            let tol = if dtype == DType::F32 { 1e-4 * scale } else { bound(dtype, scale) };
+            prop_assert!(max_abs_diff(&fused, &composed) <= tol, "layer norm {dtype:?}");
+
+            let fused = rms_normalize(&x, eps).unwrap();
+            let composed = rms_normalize(&tracked(&x), eps).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 * (dim as f32).sqrt() } else { bound(dtype, (dim as f32).sqrt()) };
+            prop_assert!(max_abs_diff(&fused, &composed) <= tol, "rms {dtype:?}");
+
+            let fused = quick_gelu(&x).unwrap();
+            let composed = quick_gelu(&tracked(&x)).unwrap();
+            let magnitude = offset.abs() + 8.0;
+            // The composition rounds 1.702·z and the sigmoid to `dtype` before multiplying.
+            let tol = if dtype == DType::F32 { 1e-5 * magnitude } else { 3.0 * bound(dtype, magnitude) };
+            prop_assert!(max_abs_diff(&fused, &composed) <= tol, "quick gelu {dtype:?}");
+        }
+    }
+
+    #[test]
+    fn a_trainable_norm_on_a_frozen_input_still_gets_gradients() {
+        let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let weight = Var::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap();
+        let bias = Var::new(&[0f32; 4], &Device::Cpu).unwrap();
+        let norm = LayerNorm {
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let grads = norm
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // d(sum)/d(bias) is the number of rows.
+        let db: Vec<f32> = grads.get(bias.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(db, vec![3.0; 4]);
+        assert!(grads.get(weight.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn fused_kernels_keep_shape_and_handle_non_contiguous_input() {
+        let x = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert!(!x.is_contiguous());
+        let fused = rms_normalize(&x, 1e-6).unwrap();
+        let composed = rms_normalize(&tracked(&x.contiguous().unwrap()), 1e-6).unwrap();
+        assert_eq!(fused.dims(), &[2, 4, 3]);
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
+        let g = quick_gelu(&x).unwrap();
+        let expected = quick_gelu(&tracked(&x.contiguous().unwrap())).unwrap();
+        assert!(max_abs_diff(&g, &expected) < 1e-5);
+    }
 }

@@ -1,0 +1,277 @@
+//! Fused CPU kernels for the elementwise and row-wise steps of inference. candle composes a
+//! LayerNorm from about ten whole-tensor passes (casts, mean, subtract, square, mean, add, sqrt,
+//! reciprocal, two multiplies, add); here each is one pass per row, in f32 (sums in f64), parallel
+//! over rows, reading half-precision inputs without widening the whole tensor first.
+//!
+//! They have no backward pass and no GPU version: [`crate::nn`] calls them only for CPU tensors
+//! that track no gradient, and keeps its composed forms as the reference for everything else.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows shorter than this are not worth a task of their own.
+const MIN_ROW_CHUNK_ELEMS: usize = 16 * 1024;
+
+/// Whether the operands can go through the fused kernels: CPU tensors of which none tracks a
+/// gradient (a trainable norm weight on a frozen input still needs the composed form).
+/// `QALIGN_CPU_KERNELS=composed` turns the kernels off, to compare the two in one benchmark.
+pub fn applies(operands: &[&Tensor]) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED
+        .get_or_init(|| std::env::var("QALIGN_CPU_KERNELS").map_or(true, |v| v != "composed"));
+    enabled
+        && operands
+            .iter()
+            .all(|t| t.device().is_cpu() && !t.track_op())
+}
+
+/// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·weight + bias`, with a centred
+/// variance; `weight` and `bias` are f32 `[dim]`.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(weight, bias, &LayerNormOp { eps })
+}
+
+/// `x·rsqrt(mean(x²) + eps)` over the last dimension (LlamaRMSNorm before its weight).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormalizeOp { eps })
+}
+
+/// QuickGELU, `z·sigmoid(1.702·z)`, elementwise.
+pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&QuickGeluOp)
+}
+
+/// The contiguous slice of `storage` that `layout` describes.
+fn slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused CPU kernel: input is not contiguous"),
+    }
+}
+
+/// Element types the kernels read and write, through f32.
+trait Element: WithDType + Copy + Send + Sync {
+    fn load(self) -> f32;
+    fn store(v: f32) -> Self;
+    fn wrap(data: Vec<Self>) -> CpuStorage;
+}
+
+impl Element for f32 {
+    fn load(self) -> f32 {
+        self
+    }
+    fn store(v: f32) -> Self {
+        v
+    }
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(data)
+    }
+}
+
+impl Element for f16 {
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::F16(data)
+    }
+}
+
+impl Element for bf16 {
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::BF16(data)
+    }
+}
+
+/// Runs `row_op(input_row, output_row)` over the rows of the last dimension, in parallel.
+fn map_rows<T: Element>(
+    input: &[T],
+    dim: usize,
+    row_op: impl Fn(&[T], &mut [T]) + Sync,
+) -> candle_core::Result<CpuStorage> {
+    if dim == 0 {
+        return Ok(T::wrap(Vec::new()));
+    }
+    let mut out = vec![T::store(0.0); input.len()];
+    let rows_per_task = (MIN_ROW_CHUNK_ELEMS / dim).max(1);
+    out.par_chunks_mut(rows_per_task * dim)
+        .zip(input.par_chunks(rows_per_task * dim))
+        .for_each(|(out, input)| {
+            for (o, x) in out.chunks_mut(dim).zip(input.chunks(dim)) {
+                row_op(x, o);
+            }
+        });
+    Ok(T::wrap(out))
+}
+
+fn last_dim(layout: &Layout) -> candle_core::Result<usize> {
+    layout
+        .dims()
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("fused CPU kernel: a scalar has no rows".into()))
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl LayerNormOp {
+    fn run<T: Element>(
+        &self,
+        x: &[T],
+        dim: usize,
+        weight: &[f32],
+        bias: &[f32],
+    ) -> candle_core::Result<CpuStorage> {
+        let n = dim as f64;
+        map_rows(x, dim, |x, out| {
+            let mean = x.iter().map(|&v| f64::from(v.load())).sum::<f64>() / n;
+            let var = x
+                .iter()
+                .map(|&v| {
+                    let d = f64::from(v.load()) - mean;
+                    d * d
+                })
+                .sum::<f64>()
+                / n;
+            let inv_std = (1.0 / (var + self.eps).sqrt()) as f32;
+            let mean = mean as f32;
+            for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+                *o = T::store((v.load() - mean) * inv_std * w + b);
+            }
+        })
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "qalign-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = last_dim(x_layout)?;
+        let weight = slice::<f32>(weight, weight_layout)?;
+        let bias = slice::<f32>(bias, bias_layout)?;
+        if weight.len() != dim || bias.len() != dim {
+            candle_core::bail!(
+                "layer norm: weight/bias of {}/{} values for rows of {dim}",
+                weight.len(),
+                bias.len()
+            );
+        }
+        let out = match x.dtype() {
+            DType::F32 => self.run(slice::<f32>(x, x_layout)?, dim, weight, bias)?,
+            DType::F16 => self.run(slice::<f16>(x, x_layout)?, dim, weight, bias)?,
+            DType::BF16 => self.run(slice::<bf16>(x, x_layout)?, dim, weight, bias)?,
+            other => candle_core::bail!("layer norm: unsupported dtype {other:?}"),
+        };
+        Ok((out, x_layout.shape().clone()))
+    }
+}
+
+struct RmsNormalizeOp {
+    eps: f64,
+}
+
+impl RmsNormalizeOp {
+    fn run<T: Element>(&self, x: &[T], dim: usize) -> candle_core::Result<CpuStorage> {
+        let n = dim as f64;
+        map_rows(x, dim, |x, out| {
+            let mean_sq = x
+                .iter()
+                .map(|&v| {
+                    let v = f64::from(v.load());
+                    v * v
+                })
+                .sum::<f64>()
+                / n;
+            let inv_rms = (1.0 / (mean_sq + self.eps).sqrt()) as f32;
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = T::store(v.load() * inv_rms);
+            }
+        })
+    }
+}
+
+impl CustomOp1 for RmsNormalizeOp {
+    fn name(&self) -> &'static str {
+        "qalign-rms-normalize"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = last_dim(layout)?;
+        let out = match x.dtype() {
+            DType::F32 => self.run(slice::<f32>(x, layout)?, dim)?,
+            DType::F16 => self.run(slice::<f16>(x, layout)?, dim)?,
+            DType::BF16 => self.run(slice::<bf16>(x, layout)?, dim)?,
+            other => candle_core::bail!("rms normalize: unsupported dtype {other:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+struct QuickGeluOp;
+
+fn quick_gelu_f32(z: f32) -> f32 {
+    z / (1.0 + (-1.702 * z).exp())
+}
+
+impl QuickGeluOp {
+    fn run<T: Element>(x: &[T], layout: &Layout) -> candle_core::Result<CpuStorage> {
+        // Rows do not matter to an elementwise map; any chunking of the flat data will do.
+        let chunk = last_dim(layout)?.max(1);
+        map_rows(x, chunk, |x, out| {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = T::store(quick_gelu_f32(v.load()));
+            }
+        })
+    }
+}
+
+impl CustomOp1 for QuickGeluOp {
+    fn name(&self) -> &'static str {
+        "qalign-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => Self::run(slice::<f32>(x, layout)?, layout)?,
+            DType::F16 => Self::run(slice::<f16>(x, layout)?, layout)?,
+            DType::BF16 => Self::run(slice::<bf16>(x, layout)?, layout)?,
+            other => candle_core::bail!("quick gelu: unsupported dtype {other:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
