@@ -14,7 +14,7 @@ use qalign_core::Scale;
 use qalign_media::SamplingOptions;
 use qalign_model::hub::DEFAULT_MODEL;
 use qalign_model::{
-    Device, Dtype, LoadOptions, Query, ScoreError, ScoreOptions, ScoreRecord, Scorer,
+    Device, Dtype, LoadOptions, Quant, Query, ScoreError, ScoreOptions, ScoreRecord, Scorer,
     ScorerBuilder, Task, VideoOptions, WeightFormat,
 };
 
@@ -114,6 +114,12 @@ pub struct ModelArgs {
     /// Compute dtype. f32 reproduces the reference; f16/bf16 halve memory (see docs/PARITY.md).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Quantise the weights of the linear layers as they load: q8_0 or q4k (about 4× / 7× less
+    /// weight memory, faster on the CPU; f32 activations, so only with --dtype f32). Layers whose
+    /// input size does not fit the format fall back to q8_0 or f32 (`qalign info --quant` lists
+    /// them). See docs/PARITY.md for the score deviations.
+    #[arg(long, value_name = "TYPE")]
+    pub quant: Option<Quant>,
     /// Which weight files to read when a folder has several layouts.
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: WeightsArg,
@@ -153,6 +159,7 @@ impl ModelArgs {
             .model(&self.model)
             .device(self.device)
             .dtype(self.dtype.into())
+            .quant(self.quant)
             .weights(self.weights.into());
         if self.offline {
             builder = builder.offline(true);
