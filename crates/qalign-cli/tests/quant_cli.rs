@@ -15,6 +15,13 @@ fn score_with_q8_0_stays_close_to_the_official_scores() {
             .args(["--task", "all", "--format", "json", "--quant", "q8_0"]),
         0,
     );
+    assert!(
+        r.stderr.contains(
+            "33 linear layers as q8_0, 4 as f32 (input sizes that do not fit; `qalign info --quant q8_0` lists them)"
+        ),
+        "{}",
+        r.stderr
+    );
     let records = json_records(&r.stdout);
     assert_eq!(records.len(), 10, "5 images × 2 tasks");
     let mut max_dev: f64 = 0.0;

@@ -247,7 +247,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let scorer = Scorer::load(&dir, &options)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
-
+    if let Some(report) = scorer.model().quant_report() {
+        let count = |format| report.layers.iter().filter(|l| l.format == format).count();
+        let mut line = format!(
+            "{} linear layers as {}",
+            count(Some(report.asked)),
+            report.asked
+        );
+        if report.asked != Quant::Q8_0 && count(Some(Quant::Q8_0)) > 0 {
+            line += &format!(", {} as q8_0", count(Some(Quant::Q8_0)));
+        }
+        if count(None) > 0 {
+            line += &format!(", {} as f32", count(None));
+        }
+        if report.fallbacks().next().is_some() {
+            line += &format!(
+                " (input sizes that do not fit; `qalign info --quant {}` lists them)",
+                report.asked
+            );
+        }
+        eprintln!("{line}");
+    }
     let mut out = Output::new(config.format, config.scale);
     let failures = score_all(&scorer, &config, &mut out)?;
     out.finish()?;
