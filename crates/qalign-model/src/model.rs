@@ -101,8 +101,8 @@ impl OneAlignModel {
         Self::build(config, files, &root, opts)
     }
 
-    /// A model of `config.json`'s shapes with random weights ([`Weights::random`]), made on the
-    /// device: for timing a configuration without its checkpoint. Its scores mean nothing, and
+    /// A model of `config.json`'s shapes with random weights ([`Weights::random`], the same at
+    /// every build): for timing a configuration without its checkpoint. Its scores mean nothing, and
     /// [`OneAlignModel::checkpoint_files`] lists no file.
     pub fn random_init(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         Self::check_options(opts)?;
