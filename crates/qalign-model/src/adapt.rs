@@ -169,6 +169,12 @@ impl Adaptation {
         self.training.store(on, Ordering::Relaxed);
     }
 
+    /// Whether this adaptation trains anything (trainable tensors or LoRA branches), rather than
+    /// only merging changes into the weights.
+    pub fn trains(&self) -> bool {
+        self.trainable != Trainable::None || !self.branches.is_empty()
+    }
+
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }

@@ -9,7 +9,7 @@ use qalign_core::LevelSet;
 use qalign_media::DecodeOptions;
 
 use crate::adapter::Adapter;
-use crate::device::{Device, Dtype};
+use crate::device::{Device, Dtype, Quant};
 use crate::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use crate::loader::WeightFormat;
 use crate::model::LoadOptions;
@@ -22,6 +22,7 @@ pub struct ScorerBuilder {
     offline: Option<bool>,
     device: Device,
     dtype: Dtype,
+    quant: Option<Quant>,
     weights: WeightFormat,
     lora: Option<PathBuf>,
     decode: DecodeOptions,
@@ -35,6 +36,7 @@ impl Default for ScorerBuilder {
             offline: None,
             device: Device::Cpu,
             dtype: Dtype::F32,
+            quant: None,
             weights: WeightFormat::Auto,
             lora: None,
             decode: DecodeOptions::default(),
@@ -89,6 +91,14 @@ impl ScorerBuilder {
         self
     }
 
+    /// Quantise the weights of the linear layers as they load (`None`: keep them in the compute
+    /// dtype). Needs the f32 compute dtype; layers whose input dimension does not fit the
+    /// format's block fall back to Q8_0 or f32 ([`Quant::for_in_dim`]).
+    pub fn quant(mut self, quant: Option<Quant>) -> Self {
+        self.quant = quant;
+        self
+    }
+
     /// Which weight files to read when a folder has several layouts.
     pub fn weights(mut self, weights: WeightFormat) -> Self {
         self.weights = weights;
@@ -120,7 +130,8 @@ impl ScorerBuilder {
         Ok(resolve_model(&self.model, offline)?.dir)
     }
 
-    /// The low-level load options these settings give (device, dtype, weights, merged adapter).
+    /// The low-level load options these settings give (device, dtype, quantisation, weights,
+    /// merged adapter).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let adaptation = match &self.lora {
             Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
@@ -131,6 +142,7 @@ impl ScorerBuilder {
             dtype: self.dtype.to_candle(),
             format: self.weights,
             adaptation,
+            quant: self.quant,
         })
     }
 

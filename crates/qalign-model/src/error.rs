@@ -55,6 +55,12 @@ pub enum ModelError {
     /// A dtype name that is not `f32`, `f16` or `bf16`.
     #[error("unknown dtype `{name}`: expected f32, f16 or bf16")]
     UnknownDtype { name: String },
+    /// A weight quantisation name that is not `q8_0` or `q4k`.
+    #[error("unknown quantisation `{name}`: expected q8_0 or q4k")]
+    UnknownQuant { name: String },
+    /// Quantised weights were asked for where they cannot be used (training, 16-bit activations).
+    #[error("cannot quantise the weights: {0}")]
+    Quant(String),
     /// A CUDA device was asked for, but this build has no CUDA support (the `cuda` feature).
     #[error(
         "device `{device}` needs CUDA, but this build of qalign has no CUDA support (it was built without the `cuda` feature)"

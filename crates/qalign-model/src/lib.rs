@@ -43,6 +43,7 @@ pub mod llm;
 pub mod loader;
 pub mod model;
 pub mod nn;
+pub mod quant;
 pub mod report;
 pub mod scorer;
 pub mod summary;
@@ -62,7 +63,8 @@ pub use model::{
 
 pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};
 pub use builder::ScorerBuilder;
-pub use device::{Device, Dtype, parse_device};
+pub use device::{Device, Dtype, Quant, parse_device};
+pub use quant::{KindCount, QuantLayer, QuantReport};
 pub use report::{FrameRecord, ScoreRecord, WarningRecord, WindowRecord};
 pub use scorer::{
     LevelScores, Query, ScoreError, ScoreWarning, Scorer, ScorerOptions, TokenizerSource, Visual,

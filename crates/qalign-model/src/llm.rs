@@ -226,7 +226,8 @@ impl MultiwayAttention {
             );
             linear.attach_branch(&k_w, d, kv_dim, 0)?;
             linear.attach_branch(&v_w, d, kv_dim, kv_dim)?;
-            Ok(linear)
+            let name = format!("{}.{{k,v}}_proj.multiway.{m}", w.prefix());
+            linear.quantize_for(w, &name)
         };
         Ok(Self {
             q_proj: Linear::load(&w.pp("q_proj"), d, cfg.num_heads * hd, false)?,

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
+use crate::quant::QuantLog;
 
 mod pickle_guard;
 
@@ -436,6 +437,7 @@ pub struct Weights {
     dtype: DType,
     device: Device,
     adaptation: Option<Arc<Adaptation>>,
+    quant: Option<Arc<QuantLog>>,
 }
 
 impl Weights {
@@ -447,12 +449,13 @@ impl Weights {
             dtype,
             device,
             adaptation: None,
+            quant: None,
         }
     }
 
     /// A root view that reads no file: every tensor is made on request with the shape asked for
-    /// (vectors named `weight` are ones, `bias` zeros, everything else N(0, 0.02²)), generated on
-    /// `device`. For timing a configuration without its checkpoint; the outputs mean nothing.
+    /// (vectors named `weight` are ones, `bias` zeros, everything else N(0, 0.02²) from a generator
+    /// seeded by the tensor's key, so the same configuration always gets the same weights). For timing a configuration without its checkpoint; the outputs mean nothing.
     /// Optional keys count as absent, so buffers that can be computed are computed.
     pub fn random(dtype: DType, device: Device) -> Self {
         Self {
@@ -461,12 +464,29 @@ impl Weights {
             dtype,
             device,
             adaptation: None,
+            quant: None,
         }
     }
 
     /// This view with every tensor passed through `adaptation` (overrides, merged LoRA, trainability).
     pub fn with_adaptation(self, adaptation: Option<Arc<Adaptation>>) -> Self {
         Self { adaptation, ..self }
+    }
+
+    /// This view with the weights of its linear layers quantised as they load ([`crate::nn::Linear`]),
+    /// each layer recorded in `log`.
+    pub(crate) fn with_quant(self, log: Option<Arc<QuantLog>>) -> Self {
+        Self { quant: log, ..self }
+    }
+
+    /// Where linear layers quantise to and record themselves, when quantising.
+    pub(crate) fn quant_log(&self) -> Option<&QuantLog> {
+        self.quant.as_deref()
+    }
+
+    /// The key prefix of this view (`model.layers.3.mlp`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The training LoRA branch of the module this view points at (its prefix), if it has one.
@@ -546,7 +566,7 @@ impl Weights {
         let key = self.key(name);
         let load = || match &self.source {
             WeightSource::Checkpoint(store) => store.load(&key, shape, dtype, &self.device),
-            WeightSource::Random => random_tensor(name, shape, dtype, &self.device),
+            WeightSource::Random => random_tensor(&key, name, shape, dtype, &self.device),
         };
         match &self.adaptation {
             Some(adaptation) => adaptation.adapt(&key, shape, dtype, &self.device, load),
@@ -556,11 +576,53 @@ impl Weights {
 }
 
 /// The made-up tensor of [`Weights::random`]: the usual initialisation of norms, biases and matrices.
-fn random_tensor(name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+/// Matrices are drawn from a generator seeded by the full key, so every build of a configuration
+/// gets the same weights (an f32 and a quantised model can be compared).
+fn random_tensor(
+    key: &str,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let tensor = match (shape.len(), name) {
         (1, "weight") => Tensor::ones(shape, dtype, device)?,
         (1, "bias") => Tensor::zeros(shape, dtype, device)?,
-        _ => Tensor::randn(0f32, RANDOM_INIT_STD, shape, device)?.to_dtype(dtype)?,
+        _ => {
+            let values = seeded_normal(key, shape.iter().product(), RANDOM_INIT_STD);
+            Tensor::from_vec(values, shape, &Device::Cpu)?
+                .to_device(device)?
+                .to_dtype(dtype)?
+        }
     };
     Ok(tensor)
+}
+
+/// `n` samples of N(0, std²) (Box–Muller), a function of `key` alone: chunks are generated in
+/// parallel, each from its own ChaCha8 stream seeded by the key's FNV-1a hash and the chunk index.
+fn seeded_normal(key: &str, n: usize, std: f32) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let seed = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let stream = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
+            for pair in chunk.chunks_mut(2) {
+                let u1 = 1.0 - rng.random::<f32>();
+                let u2 = rng.random::<f32>();
+                let r = (-2.0 * u1.ln()).sqrt() * std;
+                let (sin, cos) = (std::f32::consts::TAU * u2).sin_cos();
+                pair[0] = r * cos;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = r * sin;
+                }
+            }
+        });
+    out
 }

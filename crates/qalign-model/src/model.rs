@@ -12,9 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::abstractor::VisualAbstractor;
 use crate::adapt::Adaptation;
 use crate::config::ModelConfig;
+use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
 use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
+use crate::quant::{QuantLog, QuantReport};
 use crate::vision::VisionTransformer;
 
 pub use qalign_core::vocab::IMAGE_TOKEN_INDEX;
@@ -31,6 +33,9 @@ pub struct LoadOptions {
     pub format: WeightFormat,
     /// Changes on top of the checkpoint: an adapter to merge, or what to train.
     pub adaptation: Option<Arc<Adaptation>>,
+    /// Quantise the weights of the linear layers as they load (inference only, f32 activations);
+    /// see [`OneAlignModel::quant_report`].
+    pub quant: Option<Quant>,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +45,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             format: WeightFormat::Auto,
             adaptation: None,
+            quant: None,
         }
     }
 }
@@ -80,12 +86,13 @@ pub struct OneAlignModel {
     device: Device,
     dtype: DType,
     random_weights: bool,
+    quant: Option<QuantReport>,
 }
 
 impl OneAlignModel {
     /// Loads `config.json` and the weights of a Hugging Face model folder.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::check_dtype(opts.dtype)?;
+        Self::check_options(opts)?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open_dir(dir, opts.format)?;
         let files = store.files().clone();
@@ -94,11 +101,11 @@ impl OneAlignModel {
         Self::build(config, files, &root, opts)
     }
 
-    /// A model of `config.json`'s shapes with random weights ([`Weights::random`]), made on the
-    /// device: for timing a configuration without its checkpoint. Its scores mean nothing, and
+    /// A model of `config.json`'s shapes with random weights ([`Weights::random`], the same at
+    /// every build): for timing a configuration without its checkpoint. Its scores mean nothing, and
     /// [`OneAlignModel::checkpoint_files`] lists no file.
     pub fn random_init(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::check_dtype(opts.dtype)?;
+        Self::check_options(opts)?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = CheckpointFiles {
             format: WeightFormat::Safetensors,
@@ -110,11 +117,24 @@ impl OneAlignModel {
         Self::build(config, files, &root, opts)
     }
 
-    fn check_dtype(dtype: DType) -> Result<()> {
+    fn check_options(opts: &LoadOptions) -> Result<()> {
+        let dtype = opts.dtype;
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(ModelError::config(format!(
                 "compute dtype {dtype:?} is not supported (use f32, f16 or bf16)"
             )));
+        }
+        if let Some(quant) = opts.quant {
+            if dtype != DType::F32 {
+                return Err(ModelError::Quant(format!(
+                    "{quant} weights run with f32 activations, not {dtype:?}"
+                )));
+            }
+            if opts.adaptation.as_ref().is_some_and(|a| a.trains()) {
+                return Err(ModelError::Quant(format!(
+                    "{quant} is for inference; training runs on dense weights"
+                )));
+            }
         }
         Ok(())
     }
@@ -125,6 +145,8 @@ impl OneAlignModel {
         root: &Weights,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        let log = opts.quant.map(|q| Arc::new(QuantLog::new(q)));
+        let root = &root.clone().with_quant(log.clone());
         let model = root.pp("model");
         let built = Self {
             vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,
@@ -135,11 +157,17 @@ impl OneAlignModel {
             files,
             device: opts.device.clone(),
             dtype: opts.dtype,
+            quant: log.map(|log| log.report()),
         };
         if let Some(adaptation) = &opts.adaptation {
             adaptation.check_all_used()?;
         }
         Ok(built)
+    }
+
+    /// Which storage each linear layer got, when loaded with [`LoadOptions::quant`].
+    pub fn quant_report(&self) -> Option<&QuantReport> {
+        self.quant.as_ref()
     }
 
     /// Whether the weights were made up by [`OneAlignModel::random_init`].

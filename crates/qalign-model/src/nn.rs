@@ -12,12 +12,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Shape, Tensor};
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::cpu_kernels;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
+use crate::quant::QuantLayer;
 
 /// How a [`Derived`] weight is computed from its sources.
 type Combine = Arc<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync>;
@@ -163,11 +165,21 @@ struct PlacedBranch {
     offset: usize,
 }
 
+/// The weight of a [`Linear`]: a dense tensor in the compute dtype (possibly derived, possibly
+/// trainable), or ggml blocks for candle's quantised matmul (inference only).
+#[derive(Debug, Clone)]
+enum Kernel {
+    Dense(Derived),
+    Quantized { matmul: QMatMul, out_dim: usize },
+}
+
 /// `y = x·Wᵀ + b` over the last dimension; weights kept in PyTorch's `[out, in]` layout. Fine-tuning adds
-/// LoRA branches `scale·(dropout(x)·Aᵀ)·Bᵀ`, kept apart from `W`.
+/// LoRA branches `scale·(dropout(x)·Aᵀ)·Bᵀ`, kept apart from `W`. Loaded with quantisation
+/// ([`Weights::with_quant`]), `W` is quantised once, right after it is read (adapters already merged
+/// into it), and the dense tensor is dropped.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Derived,
+    kernel: Kernel,
     bias: Option<Derived>,
     branches: Vec<PlacedBranch>,
     adaptation: Option<Arc<Adaptation>>,
@@ -175,7 +187,8 @@ pub struct Linear {
 
 impl Linear {
     /// Reads `<prefix>.weight` `[out, in]` and, when `bias`, `<prefix>.bias` `[out]`; picks up the LoRA
-    /// branch the model is being trained with for this module, if any.
+    /// branch the model is being trained with for this module, if any, or quantises the weight when
+    /// `w` asks for it.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias {
@@ -185,7 +198,7 @@ impl Linear {
         };
         let mut linear = Self::from_parts(weight, bias);
         linear.attach_branch(w, in_dim, out_dim, 0)?;
-        Ok(linear)
+        linear.quantize_for(w, w.prefix())
     }
 
     /// Builds a layer from tensors already in the compute dtype (`weight` is `[out, in]`).
@@ -193,14 +206,53 @@ impl Linear {
         Self::from_derived(Derived::fixed(weight), bias.map(Derived::fixed))
     }
 
-    /// Builds a layer from derived (fused or regrouped) weights.
+    /// Builds a layer from derived (fused or regrouped) weights; call [`Linear::quantize_for`]
+    /// once it is complete.
     pub fn from_derived(weight: Derived, bias: Option<Derived>) -> Self {
         Self {
-            weight,
+            kernel: Kernel::Dense(weight),
             bias,
             branches: Vec::new(),
             adaptation: None,
         }
+    }
+
+    /// Quantises the weight when `w` loads with quantisation (else returns the layer unchanged):
+    /// in the asked format when the input dimension is a multiple of its block, else in the
+    /// fallback of [`crate::Quant::for_in_dim`], recording the layer as `name` either way.
+    pub fn quantize_for(self, w: &Weights, name: &str) -> Result<Self> {
+        let Some(log) = w.quant_log() else {
+            return Ok(self);
+        };
+        let Kernel::Dense(derived) = &self.kernel else {
+            return Ok(self);
+        };
+        if !self.branches.is_empty() || derived.fixed.is_none() {
+            return Err(ModelError::Quant(format!(
+                "`{name}` is being trained; training runs on dense weights"
+            )));
+        }
+        let weight = derived.get()?;
+        let (out_dim, in_dim) = weight.dims2()?;
+        let format = log.asked.for_in_dim(in_dim);
+        log.record(QuantLayer {
+            name: name.to_owned(),
+            in_dim,
+            out_dim,
+            format,
+        });
+        let Some(format) = format else {
+            return Ok(self);
+        };
+        let qtensor = QTensor::quantize(&weight, format.ggml())?;
+        drop(weight);
+        Ok(Self {
+            kernel: Kernel::Quantized {
+                matmul: QMatMul::from_qtensor(qtensor)?,
+                out_dim,
+            },
+            ..self
+        })
     }
 
     /// Adds the training LoRA branch of module `w` (if the model is trained with one there) on output
@@ -219,9 +271,21 @@ impl Linear {
         Ok(())
     }
 
-    /// The current `[out, in]` weight (without LoRA branches).
+    /// The current `[out, in]` weight (without LoRA branches); a quantised one dequantised to f32.
     pub fn weight(&self) -> Result<Tensor> {
-        self.weight.get()
+        match &self.kernel {
+            Kernel::Dense(weight) => weight.get(),
+            Kernel::Quantized { matmul, .. } => Ok(match matmul {
+                QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+                QMatMul::Tensor(t) => t.clone(),
+                QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            }),
+        }
+    }
+
+    /// Whether the weight is held as quantised blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kernel, Kernel::Quantized { .. })
     }
 
     /// Applies the layer to `[..., in]`, giving `[..., out]`.
@@ -231,12 +295,16 @@ impl Linear {
         };
         let rows = leading.iter().product::<usize>();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        let weight = self.weight.get()?;
-        let mut y = project(&x2, &weight)?;
+        let (mut y, out_dim) = match &self.kernel {
+            Kernel::Dense(weight) => {
+                let weight = weight.get()?;
+                (project(&x2, &weight)?, weight.dim(0)?)
+            }
+            Kernel::Quantized { matmul, out_dim } => (matmul.forward(&x2)?, *out_dim),
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.get()?)?;
         }
-        let out_dim = weight.dim(0)?;
         for placed in &self.branches {
             let input = match &self.adaptation {
                 Some(adaptation) => adaptation.lora_dropout(&x2, placed.branch.dropout)?,

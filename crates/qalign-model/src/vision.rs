@@ -101,7 +101,7 @@ impl VisionAttention {
                 .reshape(3 * d)
         })?;
         Ok(Self {
-            qkv: Linear::from_derived(weight, Some(bias)),
+            qkv: Linear::from_derived(weight, Some(bias)).quantize_for(&qkv, qkv.prefix())?,
             dense: Linear::load(&w.pp("dense"), d, d, true)?,
             num_heads: h,
             head_dim: hd,

@@ -321,6 +321,7 @@ impl Trainer {
             dtype: config.dtype,
             format: WeightFormat::Auto,
             adaptation: Some(adaptation.clone()),
+            quant: None,
         };
         let model = if config.random_weights {
             OneAlignModel::random_init(dir, &opts)?

@@ -104,6 +104,12 @@ struct Report {
     weights: &'static str,
     device: String,
     dtype: String,
+    /// Quantised linear-layer weights (`q8_0`, `q4k`), when asked for.
+    quant: Option<String>,
+    /// Linear layers that did not get the asked quantisation (Q8_0 or f32 instead).
+    quant_fallbacks: usize,
+    /// Peak resident memory of the process (VmHWM), MiB, over the whole run.
+    peak_rss_mib: Option<f64>,
     /// Logical CPUs seen by the process (the CPU backend's thread pool size unless RAYON_NUM_THREADS says otherwise).
     cpus: usize,
     rayon_num_threads: Option<String>,
@@ -276,6 +282,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     if args.train {
+        if args.model.quant.is_some() {
+            bail!(
+                "--quant is for scoring: training runs on dense weights (drop --quant or --train)"
+            );
+        }
         return run_train(&args);
     }
     let images = args.image_source()?;
@@ -288,8 +299,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     batch_sizes.sort_unstable();
     batch_sizes.dedup();
 
+    let quant = load.quant;
     eprintln!(
-        "{} model from {} on {} ({})",
+        "{} model from {} on {} ({}{})",
         if args.random_weights {
             "building a random-weight"
         } else {
@@ -297,7 +309,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         dir.display(),
         args.model.device,
-        dtype.as_str()
+        dtype.as_str(),
+        quant.map(|q| format!(", {q} weights")).unwrap_or_default()
     );
     let options = ScorerOptions {
         load,
@@ -474,6 +487,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         device: args.model.device.to_string(),
         dtype: dtype.as_str().to_string(),
+        quant: quant.map(|q| q.to_string()),
+        quant_fallbacks: scorer
+            .model()
+            .quant_report()
+            .map_or(0, |r| r.fallbacks().count()),
+        peak_rss_mib: peak_rss_mib(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rayon_num_threads: std::env::var("RAYON_NUM_THREADS").ok(),
         warmup,
@@ -537,7 +556,7 @@ fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
     let c = &report.config;
     writeln!(
         w,
-        "qalign bench: {} ({} weights{}) on {}, {}, {} CPUs{}",
+        "qalign bench: {} ({} weights{}) on {}, {}{}, {} CPUs{}",
         report.model,
         report.weights,
         if report.weights == "random" {
@@ -547,6 +566,14 @@ fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
         },
         report.device,
         report.dtype,
+        report
+            .quant
+            .as_deref()
+            .map(|q| format!(
+                " with {q} linear weights ({} layers fell back)",
+                report.quant_fallbacks
+            ))
+            .unwrap_or_default(),
         report.cpus,
         report
             .rayon_num_threads
@@ -605,6 +632,9 @@ fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
             "{:<label_width$}  {:>5}  {:>5}  {:>11.2}  {:>11.2}  {:>11.2}  {:>10.2}",
             label, batch, r.items, r.median_ms, r.min_ms, r.median_ms_per_item, r.items_per_s
         )?;
+    }
+    if let Some(peak) = report.peak_rss_mib {
+        writeln!(w, "peak RSS {peak:.0} MiB")?;
     }
     if !report.ratios.is_empty() {
         writeln!(w)?;

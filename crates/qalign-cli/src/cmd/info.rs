@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use qalign_model::summary::{CheckpointSummary, summarize};
-use qalign_model::{ModelConfig, WeightStore};
+use qalign_model::{ModelConfig, Quant, QuantReport, WeightStore};
 use serde_json::Value;
 
 use crate::cmd::score::WeightsArg;
@@ -37,6 +37,11 @@ pub struct Args {
     weights: WeightsArg,
     #[arg(long, value_enum, default_value = "text")]
     format: InfoFormat,
+    /// Also show which storage each linear layer would get with `--quant TYPE` (q8_0 or q4k) on
+    /// score/bench, worked out from config.json: the layers per kind, and those that fall back to
+    /// q8_0 or f32 because their input size does not fit the format's block.
+    #[arg(long, value_name = "TYPE")]
+    quant: Option<Quant>,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -47,9 +52,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         })
     })?;
     check_config(&resolved.dir, &summary, args.weights)?;
+    let plan = args.quant.map(|q| QuantReport::plan(&summary.config, q));
     let mut w = crate::output::stdout();
     match args.format {
-        InfoFormat::Json => writeln!(w, "{}", serde_json::to_string_pretty(&summary)?)?,
+        InfoFormat::Json => {
+            let mut value = serde_json::to_value(&summary)?;
+            if let (Some(plan), Value::Object(map)) = (&plan, &mut value) {
+                map.insert("quant".into(), serde_json::to_value(plan)?);
+            }
+            writeln!(w, "{}", serde_json::to_string_pretty(&value)?)?
+        }
         InfoFormat::Text => {
             let c = &summary.config;
             writeln!(w, "model        {}", summary.dir.display())?;
@@ -134,10 +146,52 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 writeln!(w, "  {}", f.display())?;
             }
             writeln!(w, "other files  {}", summary.other_files.join(", "))?;
+            if let Some(plan) = &plan {
+                write_quant_plan(&mut w, plan)?;
+            }
         }
     }
     w.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The storage of each kind of linear layer under `--quant`, then every layer that falls back.
+fn write_quant_plan(w: &mut impl Write, plan: &QuantReport) -> Result<()> {
+    let format = |f: Option<Quant>| f.map_or("f32", Quant::as_str);
+    writeln!(
+        w,
+        "--quant {}   {} linear layers, {} fall back",
+        plan.asked,
+        plan.layers.len(),
+        plan.fallbacks().count()
+    )?;
+    for kind in plan.kinds() {
+        writeln!(
+            w,
+            "  {:>4} × {:<5} {}",
+            kind.count,
+            format(kind.format),
+            kind.kind
+        )?;
+    }
+    let fallbacks: Vec<_> = plan.fallbacks().collect();
+    if !fallbacks.is_empty() {
+        writeln!(
+            w,
+            "fall back (input size not a multiple of {}):",
+            plan.asked.block_size()
+        )?;
+        for layer in fallbacks {
+            writeln!(
+                w,
+                "  {:<5} {} (in {})",
+                format(layer.format),
+                layer.name,
+                layer.in_dim
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The `model_type` of an mPLUG-Owl2 / OneAlign config.json.

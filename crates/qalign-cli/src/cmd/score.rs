@@ -14,7 +14,7 @@ use qalign_core::Scale;
 use qalign_media::SamplingOptions;
 use qalign_model::hub::DEFAULT_MODEL;
 use qalign_model::{
-    Device, Dtype, LoadOptions, Query, ScoreError, ScoreOptions, ScoreRecord, Scorer,
+    Device, Dtype, LoadOptions, Quant, Query, ScoreError, ScoreOptions, ScoreRecord, Scorer,
     ScorerBuilder, Task, VideoOptions, WeightFormat,
 };
 
@@ -115,6 +115,12 @@ pub struct ModelArgs {
     /// Compute dtype. f32 reproduces the reference; f16/bf16 halve memory (see docs/PARITY.md).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Quantise the weights of the linear layers as they load: q8_0 or q4k (about 4× / 7× less
+    /// weight memory, faster on the CPU; f32 activations, so only with --dtype f32). Layers whose
+    /// input size does not fit the format fall back to q8_0 or f32 (`qalign info --quant` lists
+    /// them). See docs/PARITY.md for the score deviations.
+    #[arg(long, value_name = "TYPE")]
+    pub quant: Option<Quant>,
     /// Which weight files to read when a folder has several layouts.
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: WeightsArg,
@@ -154,6 +160,7 @@ impl ModelArgs {
             .model(&self.model)
             .device(self.device)
             .dtype(self.dtype.into())
+            .quant(self.quant)
             .weights(self.weights.into());
         if self.offline {
             builder = builder.offline(true);
@@ -246,7 +253,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let scorer = Scorer::load(&dir, &options)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
-
+    if let Some(report) = scorer.model().quant_report() {
+        let count = |format| report.layers.iter().filter(|l| l.format == format).count();
+        let mut line = format!(
+            "{} linear layers as {}",
+            count(Some(report.asked)),
+            report.asked
+        );
+        if report.asked != Quant::Q8_0 && count(Some(Quant::Q8_0)) > 0 {
+            line += &format!(", {} as q8_0", count(Some(Quant::Q8_0)));
+        }
+        if count(None) > 0 {
+            line += &format!(", {} as f32", count(None));
+        }
+        if report.fallbacks().next().is_some() {
+            line += &format!(
+                " (input sizes that do not fit; `qalign info --quant {}` lists them)",
+                report.asked
+            );
+        }
+        eprintln!("{line}");
+    }
     let mut out = Output::new(config.format, config.scale);
     let failures = match score_all(&scorer, &config, &mut out) {
         // Only a custom question can outgrow the context: that is a bad flag value.
