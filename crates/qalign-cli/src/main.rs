@@ -57,18 +57,23 @@ enum Command {
 /// candle runs elementwise ops on a spin-waiting thread pool of its own, beside rayon's pool for
 /// matmuls; on a machine with two CPUs the two pools fight over the cores (docs/PERFORMANCE.md:
 /// "CPU threads"). Unless the user has chosen (`CANDLE_NUM_THREADS`), elementwise ops stay on the
-/// calling thread there; matmuls still use every core.
-fn tune_cpu_threads() {
+/// calling thread there; matmuls still use every core. Quantised matmuls run on candle's pool,
+/// so with `--quant` it keeps its default size.
+fn tune_cpu_threads(quantised: bool) {
     let small = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 2);
-    if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
+    if small && !quantised && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called in `main` after parsing the flags, before any other thread exists.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }
 
 fn main() -> ExitCode {
-    tune_cpu_threads();
     let cli = Cli::parse();
+    tune_cpu_threads(match &cli.command {
+        Command::Score(args) => args.model.quant.is_some(),
+        Command::Bench(args) => args.model.quant.is_some(),
+        _ => false,
+    });
     progress::set_quiet(cli.quiet);
     let writes_stdout = !matches!(cli.command, Command::Train(_) | Command::Merge(_));
     if writes_stdout && let Err(err) = output::ensure_stdout_open() {

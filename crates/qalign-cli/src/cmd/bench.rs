@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(value_name = "IMAGE")]
     images: Vec<String>,
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Build the network of --model's config.json with random weights instead of reading a
     /// checkpoint (the folder needs only config.json). For timing only: the scores mean nothing.
     #[arg(long)]

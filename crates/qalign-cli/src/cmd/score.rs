@@ -70,7 +70,7 @@ pub struct Args {
     #[arg(long, requires = "question", value_parser = flags::prompt_text)]
     answer_prefix: Option<String>,
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Images per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     batch_size: u64,
@@ -116,7 +116,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// Quantise the weights of the linear layers as they load: q8_0 or q4k (about 4× / 7× less
-    /// weight memory, faster on the CPU; f32 activations, so only with --dtype f32). Layers whose
+    /// weight memory; on an AVX2-only CPU not faster than f32, see docs/PERFORMANCE.md; f32
+    /// activations, so only with --dtype f32). Layers whose
     /// input size does not fit the format fall back to q8_0 or f32 (`qalign info --quant` lists
     /// them). See docs/PARITY.md for the score deviations.
     #[arg(long, value_name = "TYPE")]
