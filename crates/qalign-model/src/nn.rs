@@ -175,7 +175,7 @@ enum Kernel {
 
 /// `y = x·Wᵀ + b` over the last dimension; weights kept in PyTorch's `[out, in]` layout. Fine-tuning adds
 /// LoRA branches `scale·(dropout(x)·Aᵀ)·Bᵀ`, kept apart from `W`. Loaded with quantisation
-/// ([`Weights::with_quant`]), `W` is quantised once, right after it is read (adapters already merged
+/// (`Weights::with_quant`), `W` is quantised once, right after it is read (adapters already merged
 /// into it), and the dense tensor is dropped.
 #[derive(Debug, Clone)]
 pub struct Linear {
