@@ -52,6 +52,10 @@ enum Command {
     Merge(cmd::train::MergeArgs),
     /// Time each stage of scoring (load, preprocessing, encode, LLM, end to end, video) on a model.
     Bench(cmd::bench::Args),
+    /// Serve the scorer over HTTP: a batching JSON API, a web page, health and metrics.
+    Serve(cmd::serve::Args),
+    /// Load-test a running `qalign serve`: throughput and latency percentiles as JSON.
+    Loadtest(cmd::loadtest::Args),
 }
 
 /// candle runs elementwise ops on a spin-waiting thread pool of its own, beside rayon's pool for
@@ -72,10 +76,14 @@ fn main() -> ExitCode {
     tune_cpu_threads(match &cli.command {
         Command::Score(args) => args.model.quant.is_some(),
         Command::Bench(args) => args.model.quant.is_some(),
+        Command::Serve(args) => args.model.quant.is_some(),
         _ => false,
     });
     progress::set_quiet(cli.quiet);
-    let writes_stdout = !matches!(cli.command, Command::Train(_) | Command::Merge(_));
+    let writes_stdout = !matches!(
+        cli.command,
+        Command::Train(_) | Command::Merge(_) | Command::Serve(_)
+    );
     if writes_stdout && let Err(err) = output::ensure_stdout_open() {
         eprintln!("error: {err}");
         return ExitCode::from(cmd::EXIT_ERROR);
@@ -88,6 +96,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::Merge(args) => cmd::train::run_merge(args),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Loadtest(args) => cmd::loadtest::run(args),
     };
     match result {
         Ok(code) if code == ExitCode::SUCCESS && inputs::unreadable() > 0 => {

@@ -10,12 +10,16 @@ use crate::video_score::{ClipResult, VideoResult};
 
 /// One scored image or video for one task.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScoreRecord {
     pub path: String,
     pub task: String,
     /// `"image"` or `"video"`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "image"))]
     pub input: MediaKind,
     pub score: f64,
+    /// `"1-5"` or `"0-1"`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1-5"))]
     pub scale: Scale,
     /// The level words, best first: the order of `probs` and `logits`.
     pub levels: Vec<String>,
@@ -42,7 +46,9 @@ pub struct ScoreRecord {
 
 /// A warning in a report: a stable code and the sentence that explains it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WarningRecord {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub code: &'static str,
     pub message: String,
 }
@@ -58,6 +64,7 @@ impl From<&ScoreWarning> for WarningRecord {
 
 /// The score of one window of a long video.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WindowRecord {
     pub start_frame: usize,
     pub end_frame: usize,
@@ -67,6 +74,7 @@ pub struct WindowRecord {
 
 /// The score of one sampled frame scored alone (image prompt).
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FrameRecord {
     pub frame: usize,
     pub time_s: f64,

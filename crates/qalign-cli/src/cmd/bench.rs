@@ -264,7 +264,7 @@ impl Args {
 }
 
 /// Loads the scorer from the checkpoint, or builds it with random weights.
-fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<Scorer> {
+pub fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<Scorer> {
     if !random {
         return Scorer::load(dir, options)
             .with_context(|| format!("cannot load the model in {}", dir.display()));

@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod eval;
 pub mod info;
+pub mod loadtest;
 pub mod score;
+pub mod serve;
 pub mod syllabus;
 pub mod train;
 

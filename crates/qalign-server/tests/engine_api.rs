@@ -1,0 +1,664 @@
+//! The server with a fake backend on a real socket: batching, mixed tasks, per-item errors,
+//! panics, a full queue, disconnects, timeouts, auth, loading, limits and graceful shutdown.
+//! The fake's level logits come from the first byte of each file, so every answer can be checked
+//! against the file it belongs to.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qalign_core::{LevelDistribution, LevelSet, Scale};
+use qalign_model::{LevelScores, Query, ScoreError, ScoreOptions, Scored};
+use qalign_server::{Backend, EngineConfig, Limits, ServerConfig, ServerError};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// What the fake saw: per call, the file count and the query names.
+type Calls = Arc<Mutex<Vec<(usize, Vec<String>)>>>;
+
+struct Fake {
+    levels: LevelSet,
+    delay: Duration,
+    calls: Calls,
+}
+
+fn logits_of(byte: u8) -> Vec<f32> {
+    vec![byte as f32 / 64.0, 0.5, 0.0, -0.5, -1.0]
+}
+
+impl Backend for Fake {
+    fn score(
+        &self,
+        paths: &[PathBuf],
+        queries: &[Query],
+        _options: &ScoreOptions,
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        let names = queries.iter().map(|q| q.name().to_string()).collect();
+        self.calls.lock().unwrap().push((paths.len(), names));
+        std::thread::sleep(self.delay);
+        Ok(paths
+            .iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).unwrap();
+                match bytes.as_slice() {
+                    b"panic" => panic!("the fake was told to panic"),
+                    b"bad" | [] => Err(ScoreError::NoFrames),
+                    b"nan" => Err(ScoreError::NonFiniteOutput { value: f32::NAN }),
+                    _ => {
+                        let scores = queries
+                            .iter()
+                            .enumerate()
+                            .map(|(q, _)| {
+                                let logits = logits_of(bytes[0].wrapping_add(q as u8));
+                                LevelScores {
+                                    distribution: LevelDistribution::from_logits(&logits).unwrap(),
+                                    logits,
+                                }
+                            })
+                            .collect();
+                        Ok(Scored::Image(scores))
+                    }
+                }
+            })
+            .collect())
+    }
+
+    fn levels(&self) -> &LevelSet {
+        &self.levels
+    }
+}
+
+/// The 1-5 score the fake gives a file starting with `byte` for query `q`.
+fn expected_score(byte: u8, q: u8) -> f64 {
+    LevelDistribution::from_logits(&logits_of(byte.wrapping_add(q)))
+        .unwrap()
+        .score(Scale::OneToFive)
+        .value
+}
+
+struct Options {
+    delay: Duration,
+    load_delay: Duration,
+    fail_load: bool,
+    max_batch_size: usize,
+    max_wait: Duration,
+    max_concurrent: usize,
+    timeout: Duration,
+    api_key: Option<String>,
+    max_body: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            load_delay: Duration::ZERO,
+            fail_load: false,
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(5),
+            max_concurrent: 64,
+            timeout: Duration::from_secs(30),
+            api_key: None,
+            max_body: 1 << 20,
+        }
+    }
+}
+
+struct Server {
+    url: String,
+    calls: Calls,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl Server {
+    async fn start(options: Options) -> Self {
+        let calls: Calls = Arc::default();
+        let fake = Fake {
+            levels: LevelSet::itu(),
+            delay: options.delay,
+            calls: Arc::clone(&calls),
+        };
+        let config = ServerConfig {
+            engine: EngineConfig {
+                max_batch_size: options.max_batch_size,
+                max_wait: options.max_wait,
+                queue_capacity: options.max_concurrent,
+            },
+            limits: Limits {
+                max_concurrent_requests: options.max_concurrent,
+                max_client_batch_size: 4,
+                max_body_bytes: options.max_body,
+                request_timeout: options.timeout,
+            },
+            api_key: options.api_key,
+            shutdown_grace: Duration::from_secs(10),
+            model_info: serde_json::json!({"model": "fake"}),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (load_delay, fail_load) = (options.load_delay, options.fail_load);
+        let load = move || {
+            std::thread::sleep(load_delay);
+            if fail_load {
+                return Err("no weights here".to_string());
+            }
+            Ok(fake)
+        };
+        let done = tokio::spawn(qalign_server::run(
+            listener,
+            config,
+            load,
+            Arc::new(|_| {}),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let server = Self {
+            url,
+            calls,
+            stop: Some(stop),
+            done,
+        };
+        if options.load_delay.is_zero() && !options.fail_load {
+            server.wait_ready().await;
+        }
+        server
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if let Ok(r) = reqwest::get(format!("{}/health", self.url)).await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server never became healthy");
+    }
+
+    async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.done.await.unwrap()
+    }
+
+    fn post(&self) -> reqwest::RequestBuilder {
+        reqwest::Client::new().post(format!("{}/v1/score", self.url))
+    }
+}
+
+fn form(files: &[(&str, &[u8])], fields: &[(&str, &str)]) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new();
+    for (name, bytes) in files {
+        form = form.part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes.to_vec()).file_name(name.to_string()),
+        );
+    }
+    for (k, v) in fields {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    form
+}
+
+async fn send(
+    server: &Server,
+    files: &[(&str, &[u8])],
+    fields: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = server
+        .post()
+        .multipart(form(files, fields))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, response.json().await.unwrap(), headers)
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-12
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_batches_and_get_their_own_records() {
+    let server = Server::start(Options {
+        max_wait: Duration::from_millis(300),
+        delay: Duration::from_millis(20),
+        ..Options::default()
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let (url, byte) = (server.url.clone(), 10 + i);
+        tasks.push(tokio::spawn(async move {
+            let form = form(&[(&format!("img-{i}.png"), &[byte, 1, 2])], &[]);
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            (i, r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    for task in tasks {
+        let (i, status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0]["path"], format!("img-{i}.png"));
+        assert_eq!(results[0]["task"], "quality");
+        assert_eq!(results[0]["scale"], "1-5");
+        let score = results[0]["score"].as_f64().unwrap();
+        assert!(close(score, expected_score(10 + i, 0)), "{score}");
+    }
+    let calls = server.calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().map(|c| c.0).sum::<usize>(), 8);
+    assert!(
+        calls.iter().any(|c| c.0 > 1),
+        "no request shared a batch: {calls:?}"
+    );
+    assert!(calls.iter().all(|c| c.0 <= 8));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_tasks_ride_in_one_batch() {
+    let server = Server::start(Options {
+        max_wait: Duration::from_millis(400),
+        ..Options::default()
+    })
+    .await;
+    let (a, b) = tokio::join!(
+        send(&server, &[("a.png", &[40])], &[("task", "aesthetics")]),
+        send(
+            &server,
+            &[("b.png", &[50])],
+            &[("task", "all"), ("scale", "0-1")]
+        ),
+    );
+    assert_eq!((a.0, b.0), (200, 200));
+    let calls = server.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0, 2);
+    let a = a.1["results"].as_array().unwrap().clone();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0]["task"], "aesthetics");
+    let q = calls[0].1.iter().position(|n| n == "aesthetics").unwrap() as u8;
+    assert!(close(
+        a[0]["score"].as_f64().unwrap(),
+        expected_score(40, q)
+    ));
+    let b = b.1["results"].as_array().unwrap().clone();
+    let tasks: Vec<&str> = b.iter().map(|r| r["task"].as_str().unwrap()).collect();
+    assert_eq!(tasks, ["quality", "aesthetics"]);
+    assert!(b.iter().all(|r| r["scale"] == "0-1"));
+    let s01 = b[0]["score"].as_f64().unwrap();
+    let qq = calls[0].1.iter().position(|n| n == "quality").unwrap() as u8;
+    assert!(close(s01, (expected_score(50, qq) - 1.0) / 4.0), "{s01}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_gets_422_naming_the_part_and_the_rest_is_scored() {
+    let server = Server::start(Options::default()).await;
+    let (status, body, _) = send(
+        &server,
+        &[
+            ("good.png", &[7]),
+            ("broken.jpg", b"bad"),
+            ("empty.png", b""),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error_type"], "validation");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("part 2 (`broken.jpg`)"), "{error}");
+    assert!(error.contains("part 3 (`empty.png`)"), "{error}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(close(
+        results[0]["score"].as_f64().unwrap(),
+        expected_score(7, 0)
+    ));
+    assert_eq!(results[1]["path"], "broken.jpg");
+    assert!(results[1]["error"].as_str().unwrap().contains("no frames"));
+    // A model failure is not the client's fault.
+    let (status, body, _) = send(&server, &[("x.png", b"nan")], &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error_type"], "backend");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_its_batch_and_the_server_keeps_serving() {
+    let server = Server::start(Options::default()).await;
+    let (status, body, _) = send(&server, &[("p.png", b"panic")], &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error_type"], "backend");
+    assert!(
+        body["error"].as_str().unwrap().contains("panicked"),
+        "{body}"
+    );
+    let (status, body, _) = send(&server, &[("ok.png", &[3])], &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let health = reqwest::get(format!("{}/health", server.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_gets_503_with_retry_after() {
+    let server = Server::start(Options {
+        max_concurrent: 1,
+        delay: Duration::from_millis(600),
+        ..Options::default()
+    })
+    .await;
+    let first = {
+        let url = server.url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form(&[("a.png", &[1])], &[]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body, headers) = send(&server, &[("b.png", &[2])], &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error_type"], "overloaded");
+    assert_eq!(
+        qalign_server::api::retry_after(&headers),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_is_dropped_from_the_batch() {
+    let server = Server::start(Options {
+        delay: Duration::from_millis(500),
+        max_wait: Duration::ZERO,
+        ..Options::default()
+    })
+    .await;
+    let busy = {
+        let url = server.url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form(&[("busy.png", &[1])], &[]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Queued behind the busy batch, then given up on by its client.
+    let gone = server
+        .post()
+        .timeout(Duration::from_millis(100))
+        .multipart(form(&[("gone.png", &[2])], &[]))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    assert_eq!(busy.await.unwrap(), 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _, _) = send(&server, &[("after.png", &[3])], &[]).await;
+    assert_eq!(status, 200);
+    let calls = server.calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().map(|c| c.0).sum::<usize>(), 2, "{calls:?}");
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("qalign_dropped_jobs_total 1"), "{metrics}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_times_out_with_504() {
+    let server = Server::start(Options {
+        delay: Duration::from_millis(600),
+        timeout: Duration::from_millis(150),
+        ..Options::default()
+    })
+    .await;
+    let (status, body, _) = send(&server, &[("slow.png", &[1])], &[]).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error_type"], "timeout");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_guards_v1_only() {
+    let server = Server::start(Options {
+        api_key: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    let (status, body, headers) = send(&server, &[("a.png", &[1])], &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let wrong = server
+        .post()
+        .bearer_auth("s3cre7")
+        .multipart(form(&[("a.png", &[1])], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = server
+        .post()
+        .bearer_auth("s3cret")
+        .multipart(form(&[("a.png", &[1])], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    let info: Value = reqwest::get(format!("{}/info", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["limits"]["auth"], true);
+    assert_eq!(info["model"]["model"], "fake");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_while_loading_and_a_failed_load_stops_the_server() {
+    let server = Server::start(Options {
+        load_delay: Duration::from_millis(400),
+        ..Options::default()
+    })
+    .await;
+    let health = reqwest::get(format!("{}/health", server.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+    let (status, body, headers) = send(&server, &[("a.png", &[1])], &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error_type"], "unhealthy");
+    assert!(headers.contains_key("retry-after"));
+    server.wait_ready().await;
+    server.stop().await.unwrap();
+
+    let failing = Server::start(Options {
+        fail_load: true,
+        ..Options::default()
+    })
+    .await;
+    match failing.done.await.unwrap() {
+        Err(ServerError::Load(message)) => assert!(message.contains("no weights"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_4xx() {
+    let server = Server::start(Options {
+        max_body: 4096,
+        ..Options::default()
+    })
+    .await;
+    let big = vec![9u8; 10_000];
+    let (status, body, _) = send(&server, &[("big.png", &big)], &[]).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error_type"], "payload_too_large");
+    let (status, body, _) = send(&server, &[("a.png", &[1])], &[("colour", "red")]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("`colour`"));
+    let (status, body, _) = send(&server, &[("a.png", &[1])], &[("task", "beauty")]).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body, _) = send(&server, &[("a.png", &[1])], &[("fps", "-1")]).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body, _) = send(&server, &[], &[]).await;
+    assert_eq!(status, 400, "{body}");
+    let five: Vec<(&str, &[u8])> = vec![("a.png", &[1]); 5];
+    let (status, body, _) = send(&server, &five, &[]).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("limit is 4"));
+    let plain = server.post().body("hello").send().await.unwrap();
+    assert_eq!(plain.status(), 415);
+    let json = server
+        .post()
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json.status(), 400);
+    let missing = reqwest::get(format!("{}/nope", server.url)).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_take_base64_with_names_and_report_bad_base64_per_item() {
+    use base64::Engine as _;
+    let server = Server::start(Options::default()).await;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let body = serde_json::json!({
+        "images": [
+            b64(&[20, 1]),
+            {"name": "named.png", "data": format!("data:image/png;base64,{}", b64(&[30]))},
+            "***",
+        ],
+        "task": "quality",
+    });
+    let response = server.post().json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results[0]["path"], "image-0");
+    assert!(close(
+        results[0]["score"].as_f64().unwrap(),
+        expected_score(20, 0)
+    ));
+    assert_eq!(results[1]["path"], "named.png");
+    assert!(close(
+        results[1]["score"].as_f64().unwrap(),
+        expected_score(30, 0)
+    ));
+    assert_eq!(results[2]["path"], "image-2");
+    assert!(results[2]["error"].as_str().unwrap().contains("base64"));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_accepted_request() {
+    let server = Server::start(Options {
+        delay: Duration::from_millis(300),
+        max_batch_size: 1,
+        ..Options::default()
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..4u8 {
+        let url = server.url.clone();
+        tasks.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form(&[("a.png", &[i])], &[]))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let url = server.url.clone();
+    server.stop().await.unwrap();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 200);
+    }
+    // Nothing listens any more.
+    assert!(reqwest::get(format!("{url}/health")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_openapi_describe_the_server() {
+    let server = Server::start(Options::default()).await;
+    let (status, _, _) = send(&server, &[("a.png", &[1]), ("b.png", &[2])], &[]).await;
+    assert_eq!(status, 200);
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "qalign_requests_total{status=\"200\"} 1",
+        "qalign_images_scored_total 2",
+        "qalign_request_duration_seconds_count 1",
+        "qalign_batch_size_sum 2.0",
+        "qalign_queue_depth 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+    let doc: Value = reqwest::get(format!("{}/openapi.json", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let post = &doc["paths"]["/v1/score"]["post"];
+    assert!(post["requestBody"]["content"]["multipart/form-data"].is_object());
+    assert!(post["requestBody"]["content"]["application/json"].is_object());
+    for status in ["200", "413", "422", "503"] {
+        assert!(post["responses"][status].is_object(), "{status}");
+    }
+    let record = &doc["components"]["schemas"]["ScoreRecord"]["properties"];
+    for key in [
+        "path", "task", "input", "score", "scale", "levels", "probs", "std", "entropy",
+    ] {
+        assert!(record[key].is_object(), "{key}");
+    }
+    for page in ["/", "/docs"] {
+        let r = reqwest::get(format!("{}{page}", server.url)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().contains("<html"));
+    }
+    server.stop().await.unwrap();
+}
