@@ -150,6 +150,26 @@ fn answers_equal_qalign_score_for_images_and_video() {
     }
 }
 
+/// A valid PNG of 16384x16384 (above the pixel cap) in ~40 KB: 1-bit black rows.
+fn png_bomb() -> Vec<u8> {
+    use std::io::Write;
+    const SIDE: u32 = 16384;
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, SIDE, SIDE);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::One);
+    encoder.set_compression(png::Compression::High);
+    let mut writer = encoder.write_header().unwrap();
+    let mut stream = writer.stream_writer().unwrap();
+    let row = vec![0u8; SIDE as usize / 8];
+    for _ in 0..SIDE {
+        stream.write_all(&row).unwrap();
+    }
+    stream.finish().unwrap();
+    writer.finish().unwrap();
+    out
+}
+
 #[test]
 fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
     let server = ServeProcess::start(&["--max-body-mb", "1"]);
@@ -163,6 +183,7 @@ fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
         ("text.jpg".into(), b"this is not an image".to_vec()),
         ("empty.png".into(), Vec::new()),
         ("zeros.bin".into(), vec![0u8; 4096]),
+        ("bomb.png".into(), png_bomb()),
     ];
     let rt = runtime();
     let answers = rt.block_on(async {
@@ -171,7 +192,10 @@ fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
             let url = server.url.clone();
             let (kind, request): (&str, _) = match i % 8 {
                 0 => ("garbage", vec![garbage[(i / 8) % garbage.len()].clone()]),
-                1 => ("mixed", vec![files[i % 5].clone(), garbage[i % 4].clone()]),
+                1 => (
+                    "mixed",
+                    vec![files[i % 5].clone(), garbage[i % garbage.len()].clone()],
+                ),
                 2 => ("too-big", vec![("big.png".to_string(), vec![7u8; 2 << 20])]),
                 _ => ("valid", vec![files[i % 5].clone()]),
             };
@@ -211,6 +235,17 @@ fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
             }
             "garbage" => {
                 assert_eq!(status, 422, "{body}");
+                let error = body["error"].as_str().unwrap();
+                assert!(
+                    !error.contains("qalign-upload"),
+                    "server paths leak: {error}"
+                );
+                if request[0].0 == "bomb.png" {
+                    assert!(
+                        error.contains("16384x16384 exceeds the limit of 178956970 pixels"),
+                        "{error}"
+                    );
+                }
                 assert!(
                     body["error"].as_str().unwrap().contains(&request[0].0),
                     "{body}"

@@ -338,9 +338,11 @@ impl<B: Backend> Engine<B> {
         let scored = match outcome {
             Ok(scored) => scored,
             Err(err) => {
+                // Errors name the spool file: name the upload instead, and keep server paths private.
+                let spool = file.path.display().to_string();
                 return FileOutcome::Failed {
                     input_fault: !matches!(err, ScoreError::NonFiniteOutput { .. }),
-                    message: err.to_string(),
+                    message: err.to_string().replace(&spool, &file.name),
                 };
             }
         };

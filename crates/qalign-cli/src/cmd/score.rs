@@ -71,6 +71,10 @@ pub struct Args {
     answer_prefix: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Build the network of --model's config.json with random weights instead of reading a
+    /// checkpoint (the folder needs only config.json). For timing only: the scores mean nothing.
+    #[arg(long)]
+    random_weights: bool,
     /// Images per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     batch_size: u64,
@@ -251,8 +255,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let options = builder
         .scorer_options()
         .map_err(|e| args.model.adapter_context(e))?;
-    let scorer = Scorer::load(&dir, &options)
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    if args.random_weights && !std::path::Path::new(&args.model.model).is_dir() {
+        bail!(
+            "--random-weights needs --model to be a folder with config.json, not `{}`",
+            args.model.model
+        );
+    }
+    let scorer = crate::cmd::bench::load_scorer(&dir, &options, args.random_weights)?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
     if let Some(report) = scorer.model().quant_report() {
         let count = |format| report.layers.iter().filter(|l| l.format == format).count();
