@@ -50,6 +50,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Bake a LoRA adapter into its base model and write a plain checkpoint.
     Merge(cmd::train::MergeArgs),
+    /// Write a pre-quantised copy of a model (GGUF) that --model loads directly.
+    Quantize(cmd::quantize::Args),
     /// Time each stage of scoring (load, preprocessing, encode, LLM, end to end, video) on a model.
     Bench(cmd::bench::Args),
     /// Serve the scorer over HTTP: a batching JSON API, a web page, health and metrics.
@@ -74,15 +76,16 @@ fn tune_cpu_threads(quantised: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tune_cpu_threads(match &cli.command {
-        Command::Score(args) => args.model.quant.is_some(),
-        Command::Bench(args) => args.model.quant.is_some(),
-        Command::Serve(args) => args.model.quant.is_some(),
+        Command::Score(args) => args.model.loads_quantised(),
+        Command::Bench(args) => args.model.loads_quantised(),
+        Command::Serve(args) => args.model.loads_quantised(),
+        Command::Quantize(_) => true,
         _ => false,
     });
     progress::set_quiet(cli.quiet);
     let writes_stdout = !matches!(
         cli.command,
-        Command::Train(_) | Command::Merge(_) | Command::Serve(_)
+        Command::Train(_) | Command::Merge(_) | Command::Quantize(_) | Command::Serve(_)
     );
     if writes_stdout && let Err(err) = output::ensure_stdout_open() {
         eprintln!("error: {err}");
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::Merge(args) => cmd::train::run_merge(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Loadtest(args) => cmd::loadtest::run(args),
     };

@@ -38,6 +38,7 @@ pub mod config;
 mod cpu_kernels;
 mod device;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod llm;
 pub mod loader;
@@ -54,6 +55,7 @@ pub use adapt::{Adaptation, LoraPair, Param, Trainable};
 pub use adapter::{Adapter, AdapterConfig};
 pub use config::{ModelConfig, MplugOwl2Config};
 pub use error::{ModelError, Result};
+pub use gguf::{GGUF_FILE, GgufStore, GgufSummary};
 pub use llm::{DecoderOutput, TEXT_MODALITY, VISUAL_MODALITY};
 pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 pub use model::{

@@ -216,6 +216,10 @@ impl MultiwayAttention {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let kv_dim = cfg.num_kv_heads * hd;
         let fused = |m: usize| -> Result<Linear> {
+            let name = format!("{}.{{k,v}}_proj.multiway.{m}", w.prefix());
+            if let Some(stored) = Linear::from_store(w, &name, d, 2 * kv_dim, None)? {
+                return Ok(stored);
+            }
             let k_w = w.pp("k_proj").pp("multiway").pp(m);
             let v_w = w.pp("v_proj").pp("multiway").pp(m);
             let k = k_w.get(&[kv_dim, d], "weight")?;
@@ -226,7 +230,6 @@ impl MultiwayAttention {
             );
             linear.attach_branch(&k_w, d, kv_dim, 0)?;
             linear.attach_branch(&v_w, d, kv_dim, kv_dim)?;
-            let name = format!("{}.{{k,v}}_proj.multiway.{m}", w.prefix());
             linear.quantize_for(w, &name)
         };
         Ok(Self {

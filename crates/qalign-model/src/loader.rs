@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
+use crate::gguf::{GgufStore, StoredKernel};
 use crate::quant::QuantLog;
 
 mod pickle_guard;
@@ -420,6 +421,8 @@ impl WeightStore {
 #[derive(Clone, Debug)]
 enum WeightSource {
     Checkpoint(Arc<WeightStore>),
+    /// A pre-quantised `model.gguf` (`qalign quantize`).
+    Gguf(Arc<GgufStore>),
     /// Made up on request with the requested shape (see [`Weights::random`]).
     Random,
 }
@@ -450,6 +453,31 @@ impl Weights {
             device,
             adaptation: None,
             quant: None,
+        }
+    }
+
+    /// The root view of a pre-quantised checkpoint: linear layers take their stored kernels
+    /// ([`Weights::stored_kernel`]), everything else reads as from a checkpoint.
+    pub fn gguf(store: Arc<GgufStore>, dtype: DType, device: Device) -> Self {
+        Self {
+            source: WeightSource::Gguf(store),
+            ..Self::random(dtype, device)
+        }
+    }
+
+    /// The stored weight of linear layer `name` (`[out, in]`), when this view reads a
+    /// pre-quantised checkpoint; `None` for ordinary checkpoints and random weights.
+    pub(crate) fn stored_kernel(
+        &self,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<StoredKernel>> {
+        match &self.source {
+            WeightSource::Gguf(store) => {
+                Ok(Some(store.kernel(name, out_dim, in_dim, &self.device)?))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -544,6 +572,7 @@ impl Weights {
         }
         match &self.source {
             WeightSource::Checkpoint(store) => store.contains(&self.key(name)),
+            WeightSource::Gguf(store) => store.contains(&self.key(name)),
             WeightSource::Random => false,
         }
     }
@@ -552,6 +581,7 @@ impl Weights {
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         match &self.source {
             WeightSource::Checkpoint(store) => store.entry(&self.key(name)).map(|(_, dtype)| dtype),
+            WeightSource::Gguf(store) => store.contains(&self.key(name)).then_some(DType::F32),
             WeightSource::Random => None,
         }
     }
@@ -566,6 +596,7 @@ impl Weights {
         let key = self.key(name);
         let load = || match &self.source {
             WeightSource::Checkpoint(store) => store.load(&key, shape, dtype, &self.device),
+            WeightSource::Gguf(store) => store.dense(&key, shape, dtype, &self.device),
             WeightSource::Random => random_tensor(&key, name, shape, dtype, &self.device),
         };
         match &self.adaptation {

@@ -14,6 +14,7 @@ use crate::adapt::Adaptation;
 use crate::config::ModelConfig;
 use crate::device::Quant;
 use crate::error::{ModelError, Result};
+use crate::gguf::{self, GGUF_FILE, GgufStore, GgufSummary};
 use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
 use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 use crate::quant::{QuantLog, QuantReport};
@@ -91,14 +92,110 @@ pub struct OneAlignModel {
 
 impl OneAlignModel {
     /// Loads `config.json` and the weights of a Hugging Face model folder.
+    /// A folder written by `qalign quantize` (`model.gguf`) loads its stored kernels.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let gguf = dir.join(GGUF_FILE);
+        if opts.format == WeightFormat::Auto && gguf.is_file() {
+            return Self::load_gguf(dir, &gguf, opts);
+        }
         Self::check_options(opts)?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open_dir(dir, opts.format)?;
         let files = store.files().clone();
         let root = Weights::new(Arc::new(store), opts.dtype, opts.device.clone())
             .with_adaptation(opts.adaptation.clone());
-        Self::build(config, files, &root, opts)
+        let log = opts.quant.map(|q| Arc::new(QuantLog::new(q)));
+        Self::build(config, files, &root, opts, log)
+    }
+
+    fn load_gguf(dir: &Path, path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let store = GgufStore::open(path)?;
+        let stored = store.quant();
+        if let Some(asked) = opts.quant
+            && asked != stored
+        {
+            return Err(ModelError::Quant(format!(
+                "{} holds {stored} weights, not {asked}: leave out the quantisation, or quantise the original checkpoint to {asked}",
+                path.display()
+            )));
+        }
+        if opts.adaptation.is_some() {
+            return Err(ModelError::Quant(format!(
+                "{} is quantised; adapters are merged before quantising (`qalign quantize --lora`)",
+                path.display()
+            )));
+        }
+        let opts = LoadOptions {
+            quant: Some(stored),
+            ..opts.clone()
+        };
+        Self::check_options(&opts)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = CheckpointFiles {
+            format: WeightFormat::Safetensors,
+            index: None,
+            shards: vec![path.to_owned()],
+        };
+        let root = Weights::gguf(Arc::new(store), opts.dtype, opts.device.clone());
+        let log = Some(Arc::new(QuantLog::new(stored)));
+        Self::build(config, files, &root, &opts, log)
+    }
+
+    /// Quantises the checkpoint in `dir` to `quant` (merging `opts.adaptation` first) and writes
+    /// `model.gguf` into `out_dir`, which [`OneAlignModel::load`] then reads directly. Only the
+    /// weights are written; the caller copies the configuration and tokenizer files.
+    pub fn write_quantized(
+        dir: &Path,
+        opts: &LoadOptions,
+        quant: Quant,
+        out_dir: &Path,
+        source: &str,
+    ) -> Result<GgufSummary> {
+        let opts = LoadOptions {
+            quant: Some(quant),
+            dtype: DType::F32,
+            device: Device::Cpu,
+            ..opts.clone()
+        };
+        Self::check_options(&opts)?;
+        if dir.join(GGUF_FILE).is_file() {
+            return Err(ModelError::Quant(format!(
+                "{} is quantised already; quantise the original checkpoint",
+                dir.display()
+            )));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = Arc::new(WeightStore::open_dir(dir, opts.format)?);
+        let files = store.files().clone();
+        let root = Weights::new(store.clone(), DType::F32, opts.device.clone())
+            .with_adaptation(opts.adaptation.clone());
+        let log = Arc::new(QuantLog::capturing(quant));
+        let model = Self::build(config, files, &root, &opts, Some(log.clone()))?;
+        let Some(capture) = log.capture() else {
+            unreachable!("a capturing log captures")
+        };
+        let keys = store
+            .keys()
+            .into_iter()
+            .filter_map(|k| {
+                store
+                    .entry(k)
+                    .map(|(shape, _)| (k.to_owned(), shape.to_vec()))
+            })
+            .collect();
+        let read = |key: &str, shape: &[usize]| root.get_as(shape, key, DType::F32);
+        let summary = gguf::write(
+            out_dir,
+            gguf::Contents {
+                keys,
+                read: &read,
+                kernels: capture,
+                quant,
+                source: source.to_owned(),
+            },
+        )?;
+        drop(model);
+        Ok(summary)
     }
 
     /// A model of `config.json`'s shapes with random weights ([`Weights::random`], the same at
@@ -114,7 +211,8 @@ impl OneAlignModel {
         };
         let root = Weights::random(opts.dtype, opts.device.clone())
             .with_adaptation(opts.adaptation.clone());
-        Self::build(config, files, &root, opts)
+        let log = opts.quant.map(|q| Arc::new(QuantLog::new(q)));
+        Self::build(config, files, &root, opts, log)
     }
 
     fn check_options(opts: &LoadOptions) -> Result<()> {
@@ -144,8 +242,8 @@ impl OneAlignModel {
         files: CheckpointFiles,
         root: &Weights,
         opts: &LoadOptions,
+        log: Option<Arc<QuantLog>>,
     ) -> Result<Self> {
-        let log = opts.quant.map(|q| Arc::new(QuantLog::new(q)));
         let root = &root.clone().with_quant(log.clone());
         let model = root.pp("model");
         let built = Self {

@@ -17,7 +17,9 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Shape, Tensor
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::cpu_kernels;
+use crate::device::Quant;
 use crate::error::{ModelError, Result};
+use crate::gguf::StoredKernel;
 use crate::loader::Weights;
 use crate::quant::QuantLayer;
 
@@ -190,12 +192,21 @@ impl Linear {
     /// branch the model is being trained with for this module, if any, or quantises the weight when
     /// `w` asks for it.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias {
             Some(w.get(&[out_dim], "bias")?)
         } else {
             None
         };
+        if let Some(stored) = Self::from_store(
+            w,
+            w.prefix(),
+            in_dim,
+            out_dim,
+            bias.clone().map(Derived::fixed),
+        )? {
+            return Ok(stored);
+        }
+        let weight = w.get(&[out_dim, in_dim], "weight")?;
         let mut linear = Self::from_parts(weight, bias);
         linear.attach_branch(w, in_dim, out_dim, 0)?;
         linear.quantize_for(w, w.prefix())
@@ -215,6 +226,43 @@ impl Linear {
             branches: Vec::new(),
             adaptation: None,
         }
+    }
+
+    /// The layer `name` as a pre-quantised checkpoint stores it (its kernel as written by
+    /// `qalign quantize`, recorded in the quantisation report), or `None` when `w` reads an
+    /// ordinary checkpoint.
+    pub fn from_store(
+        w: &Weights,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Derived>,
+    ) -> Result<Option<Self>> {
+        let Some(stored) = w.stored_kernel(name, out_dim, in_dim)? else {
+            return Ok(None);
+        };
+        let (kernel, format) = match stored {
+            StoredKernel::Blocks(q) => {
+                let format = Quant::from_ggml(q.dtype());
+                let matmul = QMatMul::from_arc(q)?;
+                (Kernel::Quantized { matmul, out_dim }, format)
+            }
+            StoredKernel::Dense(t) => (Kernel::Dense(Derived::fixed(t.to_dtype(w.dtype())?)), None),
+        };
+        if let Some(log) = w.quant_log() {
+            log.record(QuantLayer {
+                name: name.to_owned(),
+                in_dim,
+                out_dim,
+                format,
+            });
+        }
+        Ok(Some(Self {
+            kernel,
+            bias,
+            branches: Vec::new(),
+            adaptation: None,
+        }))
     }
 
     /// Quantises the weight when `w` loads with quantisation (else returns the layer unchanged):
@@ -242,13 +290,19 @@ impl Linear {
             format,
         });
         let Some(format) = format else {
+            if let Some(capture) = log.capture() {
+                capture.push(name, StoredKernel::Dense(weight));
+            }
             return Ok(self);
         };
-        let qtensor = QTensor::quantize(&weight, format.ggml())?;
+        let qtensor = Arc::new(QTensor::quantize(&weight, format.ggml())?);
         drop(weight);
+        if let Some(capture) = log.capture() {
+            capture.push(name, StoredKernel::Blocks(qtensor.clone()));
+        }
         Ok(Self {
             kernel: Kernel::Quantized {
-                matmul: QMatMul::from_qtensor(qtensor)?,
+                matmul: QMatMul::from_arc(qtensor)?,
                 out_dim,
             },
             ..self

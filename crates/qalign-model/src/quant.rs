@@ -10,6 +10,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::ModelConfig;
 use crate::device::Quant;
+use crate::gguf::KernelCapture;
 
 impl Serialize for Quant {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -156,6 +157,8 @@ impl QuantReport {
 pub(crate) struct QuantLog {
     pub(crate) asked: Quant,
     layers: Mutex<Vec<QuantLayer>>,
+    /// The kernels themselves, kept when the load is for `qalign quantize`.
+    capture: Option<KernelCapture>,
 }
 
 impl QuantLog {
@@ -163,7 +166,20 @@ impl QuantLog {
         Self {
             asked,
             layers: Mutex::new(Vec::new()),
+            capture: None,
         }
+    }
+
+    /// A log that also keeps every layer's kernel, for writing them out.
+    pub(crate) fn capturing(asked: Quant) -> Self {
+        Self {
+            capture: Some(KernelCapture::default()),
+            ..Self::new(asked)
+        }
+    }
+
+    pub(crate) fn capture(&self) -> Option<&KernelCapture> {
+        self.capture.as_ref()
     }
 
     pub(crate) fn record(&self, layer: QuantLayer) {

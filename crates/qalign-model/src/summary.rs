@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::loader::{WeightFormat, WeightStore};
+use crate::gguf::{GGUF_FILE, GgufStore};
+use crate::loader::{CheckpointFiles, WeightFormat, WeightStore};
 
 /// Parameter count of one part of the network.
 #[derive(Debug, Clone, Serialize)]
@@ -24,7 +25,7 @@ pub struct PartCount {
 pub struct CheckpointSummary {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    /// `safetensors` or `pytorch-bin`.
+    /// `safetensors`, `pytorch-bin` or `gguf` (written by `qalign quantize`).
     pub format: &'static str,
     pub index: Option<PathBuf>,
     pub weight_files: Vec<PathBuf>,
@@ -54,11 +55,45 @@ fn is_buffer(key: &str) -> bool {
     key.ends_with(".q_pos_embed") || key.ends_with(".k_pos_embed")
 }
 
-/// Reads the config and the weight headers of `dir`.
+/// Reads the config and the weight headers of `dir` (a checkpoint, or a `model.gguf` written by
+/// `qalign quantize`, whose entries count the same parameters).
 pub fn summarize(dir: &Path, format: WeightFormat) -> Result<CheckpointSummary> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let gguf = dir.join(GGUF_FILE);
+    if format == WeightFormat::Auto && gguf.is_file() {
+        let store = GgufStore::open(&gguf)?;
+        let files = CheckpointFiles {
+            format: WeightFormat::Auto,
+            index: None,
+            shards: vec![gguf],
+        };
+        let entries = store.keys().into_iter().filter_map(|k| {
+            let (shape, dtype) = store.entry(k)?;
+            Some((k, shape.to_vec(), format!("{dtype:?}").to_lowercase()))
+        });
+        return Ok(tally(dir, config, "gguf", &files, entries));
+    }
     let store = WeightStore::open_dir(dir, format)?;
     let files = store.files().clone();
+    let name = match files.format {
+        WeightFormat::PytorchBin => "pytorch-bin",
+        _ => "safetensors",
+    };
+    let entries = store.keys().into_iter().filter_map(|k| {
+        let (shape, dtype) = store.entry(k)?;
+        Some((k, shape.to_vec(), format!("{dtype:?}").to_lowercase()))
+    });
+    Ok(tally(dir, config, name, &files, entries))
+}
+
+/// Counts stored tensors `(key, shape, dtype name)` per part and dtype.
+fn tally<'a>(
+    dir: &Path,
+    config: ModelConfig,
+    format: &'static str,
+    files: &CheckpointFiles,
+    entries: impl Iterator<Item = (&'a str, Vec<usize>, String)>,
+) -> CheckpointSummary {
     let mut parts: BTreeMap<&'static str, (usize, u64)> = ["vision", "abstractor", "llm"]
         .iter()
         .map(|p| (*p, (0, 0)))
@@ -66,14 +101,9 @@ pub fn summarize(dir: &Path, format: WeightFormat) -> Result<CheckpointSummary> 
     let mut buffers = (0usize, 0u64);
     let mut ignored = 0;
     let mut dtypes = BTreeMap::new();
-    for key in store.keys() {
-        let Some((shape, dtype)) = store.entry(key) else {
-            continue;
-        };
+    for (key, shape, dtype) in entries {
         let count: u64 = shape.iter().map(|&d| d as u64).product();
-        *dtypes
-            .entry(format!("{dtype:?}").to_lowercase())
-            .or_insert(0) += count;
+        *dtypes.entry(dtype).or_insert(0) += count;
         if key.ends_with(".rotary_emb.inv_freq") {
             ignored += 1;
         } else if is_buffer(key) {
@@ -103,13 +133,10 @@ pub fn summarize(dir: &Path, format: WeightFormat) -> Result<CheckpointSummary> 
         })
         .unwrap_or_default();
     other_files.sort();
-    Ok(CheckpointSummary {
+    CheckpointSummary {
         dir: dir.to_path_buf(),
         config,
-        format: match files.format {
-            WeightFormat::PytorchBin => "pytorch-bin",
-            _ => "safetensors",
-        },
+        format,
         index: files.index.clone(),
         weight_files: files.shards.clone(),
         other_files,
@@ -128,7 +155,7 @@ pub fn summarize(dir: &Path, format: WeightFormat) -> Result<CheckpointSummary> 
         },
         ignored,
         dtypes,
-    })
+    }
 }
 
 impl CheckpointSummary {

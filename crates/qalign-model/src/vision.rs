@@ -88,20 +88,27 @@ impl VisionAttention {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         let (d, h, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
         let qkv = w.pp("query_key_value");
-        let weight = Derived::new(vec![qkv.get(&[3 * d, d], "weight")?], move |t| {
-            t[0].reshape((h, 3, hd, d))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((3 * d, d))
-        })?;
         let bias = Derived::new(vec![qkv.get(&[3 * d], "bias")?], move |t| {
             t[0].reshape((h, 3, hd))?
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape(3 * d)
         })?;
+        // A pre-quantised checkpoint stores the weight regrouped already.
+        let qkv = match Linear::from_store(&qkv, qkv.prefix(), d, 3 * d, Some(bias.clone()))? {
+            Some(stored) => stored,
+            None => {
+                let weight = Derived::new(vec![qkv.get(&[3 * d, d], "weight")?], move |t| {
+                    t[0].reshape((h, 3, hd, d))?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .reshape((3 * d, d))
+                })?;
+                Linear::from_derived(weight, Some(bias)).quantize_for(&qkv, qkv.prefix())?
+            }
+        };
         Ok(Self {
-            qkv: Linear::from_derived(weight, Some(bias)).quantize_for(&qkv, qkv.prefix())?,
+            qkv,
             dense: Linear::load(&w.pp("dense"), d, d, true)?,
             num_heads: h,
             head_dim: hd,

@@ -41,6 +41,9 @@ pub enum TrainError {
     Target { target: String, known: String },
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// An output would replace an input.
+    #[error("{0}")]
+    Overwrite(String),
     #[error(transparent)]
     Model(#[from] qalign_model::ModelError),
     #[error(transparent)]

@@ -6,6 +6,7 @@ pub mod data;
 pub mod error;
 pub mod merge;
 pub mod optim;
+pub mod quantize;
 pub mod save;
 pub mod soft;
 pub mod torch_pickle;

@@ -162,7 +162,8 @@ pub fn write_checkpoint(
     save_safetensors(&dir.join("model.safetensors"), tensors)
 }
 
-fn copy_companions(from: &Path, to: &Path) -> Result<()> {
+/// Copies the base model's configuration, tokenizer and preprocessor files into `to`.
+pub fn copy_companions(from: &Path, to: &Path) -> Result<()> {
     for name in COMPANION_FILES {
         let src = from.join(name);
         if src.is_file() {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod info;
 pub mod loadtest;
+pub mod quantize;
 pub mod score;
 pub mod serve;
 pub mod syllabus;

@@ -159,6 +159,15 @@ impl From<DtypeArg> for Dtype {
 }
 
 impl ModelArgs {
+    /// Whether the model loads with quantised weights: `--quant`, or a folder written by
+    /// `qalign quantize`.
+    pub fn loads_quantised(&self) -> bool {
+        self.quant.is_some()
+            || std::path::Path::new(&self.model)
+                .join(qalign_model::GGUF_FILE)
+                .is_file()
+    }
+
     /// The library's scorer builder for these flags.
     pub fn builder(&self) -> ScorerBuilder {
         let mut builder = Scorer::builder()

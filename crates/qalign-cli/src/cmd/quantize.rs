@@ -1,0 +1,59 @@
+//! `qalign quantize`: writes a pre-quantised copy of a model (GGUF) that `--model` loads directly,
+//! so quantised scoring skips the quantisation at every start.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use qalign_model::Quant;
+use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
+    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
+    model: String,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// Block format of the linear layers: q8_0 or q4k (layers whose input size does not fit fall
+    /// back to q8_0 or f32, as with `score --quant`).
+    #[arg(long, value_name = "TYPE")]
+    quant: Quant,
+    /// A LoRA adapter folder, merged into the base before quantising.
+    #[arg(long, value_name = "DIR")]
+    lora: Option<PathBuf>,
+    /// Output folder: model.gguf with the base's config, tokenizer and preprocessor files
+    /// (replaced atomically; never the model folder itself).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let base = resolve_model(&args.model, args.offline || offline_from_env())?.dir;
+    let started = Instant::now();
+    eprintln!(
+        "quantising {} to {} (reading the checkpoint, then writing {})",
+        base.display(),
+        args.quant,
+        args.out.display()
+    );
+    let summary = qalign_train::quantize::quantize_dir(
+        &base,
+        &args.out,
+        args.quant,
+        args.lora.as_deref(),
+        &args.model,
+    )
+    .with_context(|| format!("cannot quantise {}", base.display()))?;
+    eprintln!(
+        "wrote {} ({} linear layers, {} other tensors, {:.1} MiB) in {:.1} s",
+        summary.path.display(),
+        summary.layers,
+        summary.dense,
+        summary.bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}

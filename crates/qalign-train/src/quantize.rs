@@ -1,0 +1,62 @@
+//! `qalign quantize`: quantises a checkpoint once (merging an adapter first) and writes a folder
+//! that `--model` loads directly, so that quantised scoring does not pay for quantisation at every
+//! start. The folder holds `model.gguf` (see [`qalign_model::gguf`]) beside the base's config,
+//! tokenizer and preprocessor files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qalign_model::adapter::Adapter;
+use qalign_model::{GGUF_FILE, GgufSummary, LoadOptions, OneAlignModel, Quant};
+
+use crate::error::{Result, TrainError};
+use crate::save;
+
+/// The folder `path` names once it exists: its canonical form, or its parent's plus its name.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
+}
+
+/// Quantises the checkpoint of `base_dir` to `quant` (with `adapter_dir` merged first) and writes
+/// `out` (replaced atomically: a failure leaves no half-written folder). `source` is recorded in
+/// the file's metadata (the model id or folder the user named).
+pub fn quantize_dir(
+    base_dir: &Path,
+    out: &Path,
+    quant: Quant,
+    adapter_dir: Option<&Path>,
+    source: &str,
+) -> Result<GgufSummary> {
+    if resolved(out).is_some_and(|o| Some(o) == resolved(base_dir)) {
+        return Err(TrainError::Overwrite(format!(
+            "the output folder {} is the model folder; write the quantised model elsewhere",
+            out.display()
+        )));
+    }
+    let adaptation = match adapter_dir {
+        Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
+        None => None,
+    };
+    let opts = LoadOptions {
+        adaptation,
+        ..LoadOptions::default()
+    };
+    let mut summary = None;
+    save::write_dir_atomic(out, |dir| {
+        save::copy_companions(base_dir, dir)?;
+        summary = Some(OneAlignModel::write_quantized(
+            base_dir, &opts, quant, dir, source,
+        )?);
+        Ok(())
+    })?;
+    let mut summary = summary.expect("write_dir_atomic ran the fill");
+    summary.path = out.join(GGUF_FILE);
+    Ok(summary)
+}
