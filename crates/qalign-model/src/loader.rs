@@ -457,7 +457,7 @@ impl Weights {
     }
 
     /// The root view of a pre-quantised checkpoint: linear layers take their stored kernels
-    /// ([`Weights::stored_kernel`]), everything else reads as from a checkpoint.
+    /// (`Weights::stored_kernel`), everything else reads as from a checkpoint.
     pub fn gguf(store: Arc<GgufStore>, dtype: DType, device: Device) -> Self {
         Self {
             source: WeightSource::Gguf(store),
