@@ -83,3 +83,23 @@ mod tests {
         assert!(prompt_text("Rate <|image|> this").is_err());
     }
 }
+
+/// The model a command starts from, for commands that read its checkpoint themselves (train, merge,
+/// quantize); scoring commands take `cmd::score::ModelArgs`, which adds the load options.
+#[derive(clap::Args)]
+pub struct BaseModel {
+    /// Base model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
+    #[arg(long, default_value = qalign_model::hub::DEFAULT_MODEL, env = "QALIGN_MODEL")]
+    pub model: String,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl BaseModel {
+    /// The model's folder (downloaded into the HF cache first for a hub id, unless offline).
+    pub fn resolve(&self) -> anyhow::Result<std::path::PathBuf> {
+        let offline = self.offline || qalign_model::hub::offline_from_env();
+        Ok(qalign_model::hub::resolve_model(&self.model, offline)?.dir)
+    }
+}

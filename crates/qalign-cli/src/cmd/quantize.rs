@@ -7,16 +7,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use qalign_model::Quant;
-use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+
+use crate::flags;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
-    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
-    model: String,
-    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    base: flags::BaseModel,
     /// Block format of the linear layers: q8_0 or q4k (layers whose input size does not fit fall
     /// back to q8_0 or f32, as with `score --quant`).
     #[arg(long, value_name = "TYPE")]
@@ -31,7 +28,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let base = resolve_model(&args.model, args.offline || offline_from_env())?.dir;
+    let base = args.base.resolve()?;
     let started = Instant::now();
     eprintln!(
         "quantising {} to {} (reading the checkpoint, then writing {})",
@@ -44,7 +41,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &args.out,
         args.quant,
         args.lora.as_deref(),
-        &args.model,
+        &args.base.model,
     )
     .with_context(|| format!("cannot quantise {}", base.display()))?;
     eprintln!(

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_model::candle::{DType, Device};
-use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use qalign_train::optim::Schedule;
 use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, Trainer};
 
@@ -34,12 +33,8 @@ enum LossArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model folder, or a Hugging Face hub id resolved through the HF cache.
-    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
-    model: String,
-    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    base: flags::BaseModel,
     /// Training data: the official SFT JSON (what `qalign syllabus` writes).
     #[arg(long, value_name = "JSON")]
     data: PathBuf,
@@ -142,9 +137,9 @@ impl Args {
             (TrainDtype::F16, _) => DType::F16,
         };
         let model_dir = if self.random_weights {
-            PathBuf::from(&self.model)
+            PathBuf::from(&self.base.model)
         } else {
-            resolve_model(&self.model, self.offline || offline_from_env())?.dir
+            self.base.resolve()?
         };
         let mode = if self.full {
             Mode::Full
@@ -176,7 +171,7 @@ impl Args {
             qalign_media::SamplingOptions::new(self.fps, self.max_frames.map(|m| m as usize))?;
         Ok(TrainConfig {
             model_dir,
-            model_name: self.model.clone(),
+            model_name: self.base.model.clone(),
             random_weights: self.random_weights,
             data: self.data.clone(),
             image_folder: self.image_folder.clone(),
@@ -253,11 +248,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
-    /// Base model folder or hub id.
-    #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
-    model: String,
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    base: flags::BaseModel,
     /// The LoRA adapter folder.
     #[arg(long, value_name = "DIR")]
     lora: PathBuf,
@@ -270,7 +262,7 @@ pub struct MergeArgs {
 }
 
 pub fn run_merge(args: MergeArgs) -> Result<ExitCode> {
-    let base = resolve_model(&args.model, args.offline || offline_from_env())?.dir;
+    let base = args.base.resolve()?;
     let dtype = args.dtype.map(|d| match d {
         DtypeArg::F32 => DType::F32,
         DtypeArg::F16 => DType::F16,
