@@ -1,0 +1,30 @@
+"""Type stubs of the Rust extension (crates/qalign-py); use the wrappers in `qalign`."""
+
+import os
+from typing import List, Optional, Tuple, Union
+
+__version__: str
+
+class QAlignError(Exception):
+    """An error from qalign, with the Rust message."""
+
+_Outcome = Tuple[Optional[List[str]], Optional[str]]
+
+class Scorer:
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "f32",
+        quant: Optional[str] = None,
+        lora: Optional[Union[str, os.PathLike[str]]] = None,
+        offline: bool = False,
+    ) -> None: ...
+    def score_paths(
+        self, paths: List[str], tasks: List[str], scale: str = "1-5", batch_size: int = 8
+    ) -> List[_Outcome]: ...
+    def score_bytes(self, data: bytes, name: str, tasks: List[str], scale: str = "1-5") -> _Outcome: ...
+    def score_rgb(
+        self, data: bytes, size: Tuple[int, int], name: str, tasks: List[str], scale: str = "1-5"
+    ) -> List[str]: ...
+    def levels(self) -> List[str]: ...

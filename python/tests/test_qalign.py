@@ -1,0 +1,143 @@
+"""The Python package against the golden fixtures (the official PyTorch code's scores on the tiny
+model), for every input kind; bad inputs; the pyiqa-style metric."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qalign
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+MODEL = FIXTURES / "tiny-onealign"
+IMAGES = sorted((FIXTURES / "images").iterdir())
+EXPECTED = json.loads((FIXTURES / "expected" / "expected.json").read_text())
+# The fixtures README's tolerances for the 1-5 score and the level logits (f32 on the CPU).
+SCORE_TOL = 8e-6
+LOGIT_TOL = 1e-5
+FIELDS = {"path", "task", "input", "score", "scale", "levels", "probs", "logits", "std", "entropy"}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return qalign.Scorer(MODEL)
+
+
+def expected(image: pathlib.Path, task: str) -> dict:
+    return EXPECTED["images"][image.name]["tasks"][task]
+
+
+def check(record: dict, image: pathlib.Path, task: str) -> None:
+    assert FIELDS <= set(record), record
+    assert record["task"] == task
+    assert record["input"] == "image"
+    want = expected(image, task)
+    assert abs(record["score"] - want["score15"]) <= SCORE_TOL, (record["score"], want["score15"])
+    for got, ref in zip(record["logits"], want["level_logits"]):
+        assert abs(got - ref) <= LOGIT_TOL
+    assert abs(sum(record["probs"]) - 1) < 1e-9
+
+
+def test_paths_match_the_fixtures_for_both_tasks(scorer):
+    records = scorer.score([str(p) for p in IMAGES], task="all")
+    assert len(records) == 2 * len(IMAGES)
+    for i, image in enumerate(IMAGES):
+        check(records[2 * i], image, "quality")
+        check(records[2 * i + 1], image, "aesthetics")
+        assert records[2 * i]["path"] == str(image)
+    # PathLike and a single input work too.
+    assert scorer.score(IMAGES[0])[0]["score"] == records[0]["score"]
+
+
+def test_bytes_pil_and_numpy_match_the_fixtures(scorer):
+    for image in IMAGES:
+        data = image.read_bytes()
+        [from_bytes] = scorer.score(data)
+        check(from_bytes, image, "quality")
+        assert from_bytes["path"] == "<bytes #0>"
+        # Decoded by Pillow (the official loader): the same pixels as qalign's own decoder.
+        pil = Image.open(image)
+        [from_pil] = scorer.score(pil)
+        check(from_pil, image, "quality")
+        array = np.asarray(Image.open(image).convert("RGB"))
+        [from_array] = scorer.score(array)
+        check(from_array, image, "quality")
+
+
+def test_scale_and_batching(scorer):
+    a = scorer.score([str(p) for p in IMAGES], batch_size=1)
+    b = scorer.score([str(p) for p in IMAGES], batch_size=8, scale="0-1")
+    for x, y in zip(a, b):
+        assert y["scale"] == "0-1"
+        assert abs((x["score"] - 1) / 4 - y["score"]) < 1e-9
+
+
+def test_bad_inputs_raise_clear_errors(scorer, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(qalign.QAlignError, match="broken.jpg"):
+        scorer.score([str(IMAGES[0]), str(bad)])
+    with pytest.raises(qalign.QAlignError):
+        scorer.score(str(tmp_path / "missing.png"))
+    with pytest.raises(qalign.QAlignError, match="<bytes #0>"):
+        scorer.score(b"garbage bytes")
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        scorer.score(np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="unknown task"):
+        scorer.score(str(IMAGES[0]), task="sharpness")
+    with pytest.raises(ValueError, match="scale"):
+        scorer.score(str(IMAGES[0]), scale="1-10")
+    with pytest.raises(TypeError, match="int"):
+        scorer.score([3])
+    with pytest.raises(ValueError, match="no inputs"):
+        scorer.score([])
+    with pytest.raises(qalign.QAlignError):
+        qalign.Scorer(tmp_path)
+    with pytest.raises(qalign.QAlignError, match="device"):
+        qalign.Scorer(MODEL, device="tpu")
+
+
+def test_errors_can_be_returned_per_item(scorer, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = scorer.score([str(IMAGES[0]), str(bad), b"nope", str(IMAGES[1])], errors="return")
+    assert [("error" in r) for r in out] == [False, True, True, False]
+    assert out[1]["path"] == str(bad) and "broken.png" in out[1]["error"]
+    check(out[0], IMAGES[0], "quality")
+    check(out[3], IMAGES[1], "quality")
+
+
+def test_pyiqa_style_metric():
+    metric = qalign.create_metric("qalign", model=MODEL)
+    assert metric.lower_better is False
+    assert metric.score_range == (1.0, 5.0)
+    one = metric(str(IMAGES[0]))
+    assert isinstance(one, float)
+    assert abs(one - expected(IMAGES[0], "quality")["score15"]) <= SCORE_TOL
+    many = metric([str(p) for p in IMAGES[:2]])
+    assert len(many) == 2 and many[0] == one
+    aesthetic = qalign.create_metric("qalign_aesthetic", model=MODEL)
+    assert abs(aesthetic(str(IMAGES[0])) - expected(IMAGES[0], "aesthetics")["score15"]) <= SCORE_TOL
+    with pytest.raises(ValueError):
+        qalign.create_metric("niqe")
+
+
+def test_records_equal_the_cli_json(scorer):
+    """The same records as `qalign score --format json`, field for field (when the binary is built)."""
+    import os
+    import subprocess
+
+    binary = pathlib.Path(os.environ.get("QALIGN_BIN", ROOT / "target" / "debug" / "qalign"))
+    if not binary.is_file():
+        pytest.skip(f"no qalign binary at {binary} (build it with cargo, or set QALIGN_BIN)")
+    paths = [str(p) for p in IMAGES]
+    cli = subprocess.run(
+        [str(binary), "-q", "score", "--model", str(MODEL), "--task", "all", "--format", "json", *paths],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert scorer.score(paths, task="all") == json.loads(cli.stdout)
