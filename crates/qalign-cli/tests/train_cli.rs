@@ -271,6 +271,34 @@ fn merged_checkpoint_scores_like_the_adapter() {
 }
 
 #[test]
+fn merge_never_writes_over_its_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let before = std::fs::read(base.join("model.safetensors")).unwrap();
+    let mut cmd = qalign();
+    cmd.arg("merge")
+        .arg("--model")
+        .arg(&base)
+        .arg("--lora")
+        .arg(lora_fixture())
+        .arg("--out")
+        .arg(base.join("."));
+    let r = run_expecting(&mut cmd, 1);
+    assert!(r.stderr.contains("is the model folder"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
 fn python_reads_our_pickle_as_torch_load_does() {
     let Ok(status) = std::process::Command::new("python3")
         .arg("--version")

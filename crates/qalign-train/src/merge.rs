@@ -29,6 +29,7 @@ pub fn merge_adapter(
     out: &Path,
     dtype: Option<DType>,
 ) -> Result<MergeSummary> {
+    save::refuse_replacing(out, base_dir, "the merged model")?;
     let adapter = Adapter::load(adapter_dir)?;
     let adaptation = Arc::new(adapter.merged_adaptation());
     let store = Arc::new(WeightStore::open_dir(base_dir, WeightFormat::Auto)?);

@@ -3,26 +3,14 @@
 //! start. The folder holds `model.gguf` (see [`qalign_model::gguf`]) beside the base's config,
 //! tokenizer and preprocessor files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use qalign_model::adapter::Adapter;
 use qalign_model::{GGUF_FILE, GgufSummary, LoadOptions, OneAlignModel, Quant};
 
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 use crate::save;
-
-/// The folder `path` names once it exists: its canonical form, or its parent's plus its name.
-fn resolved(path: &Path) -> Option<PathBuf> {
-    if let Ok(p) = path.canonicalize() {
-        return Some(p);
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    Some(parent.canonicalize().ok()?.join(path.file_name()?))
-}
 
 /// Quantises the checkpoint of `base_dir` to `quant` (with `adapter_dir` merged first) and writes
 /// `out` (replaced atomically: a failure leaves no half-written folder). `source` is recorded in
@@ -34,12 +22,7 @@ pub fn quantize_dir(
     adapter_dir: Option<&Path>,
     source: &str,
 ) -> Result<GgufSummary> {
-    if resolved(out).is_some_and(|o| Some(o) == resolved(base_dir)) {
-        return Err(TrainError::Overwrite(format!(
-            "the output folder {} is the model folder; write the quantised model elsewhere",
-            out.display()
-        )));
-    }
+    save::refuse_replacing(out, base_dir, "the quantised model")?;
     let adaptation = match adapter_dir {
         Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
         None => None,

@@ -177,6 +177,30 @@ pub fn copy_companions(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The folder `path` names once it exists: its canonical form, or its parent's plus its name.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
+}
+
+/// Refuses an output folder that is the input model folder (which [`write_dir_atomic`] would
+/// replace); `what` names the output in the message.
+pub fn refuse_replacing(out: &Path, model_dir: &Path, what: &str) -> Result<()> {
+    if resolved(out).is_some_and(|o| Some(o) == resolved(model_dir)) {
+        return Err(TrainError::Overwrite(format!(
+            "the output folder {} is the model folder; write {what} elsewhere",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Builds a folder under a temporary name next to `dest` with `fill`, then renames it to `dest`
 /// (replacing an older one).
 pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
