@@ -6,6 +6,7 @@ mod flags;
 mod inputs;
 mod output;
 mod progress;
+mod shard;
 mod stdin;
 
 use std::process::ExitCode;

@@ -20,7 +20,7 @@ use qalign_model::{
 
 use crate::cmd::{EXIT_PARTIAL, usage_error};
 use crate::progress;
-use crate::{flags, inputs, output, stdin};
+use crate::{flags, inputs, output, shard, stdin};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum TaskArg {
@@ -58,8 +58,20 @@ pub struct Args {
     /// twice is scored once, with a warning; a folder or link that cannot be read while searching
     /// is reported and skipped, and the exit code is then 3. `-` reads one image or video from
     /// stdin (at most 512 MiB); its records say `-`.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "manifest", value_name = "PATH")]
     paths: Vec<String>,
+    /// A file listing inputs, one path, directory or glob per line (blank lines and `#` comments
+    /// skipped), scored after the PATHs.
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// Score only part I of N (0-based) of the inputs: those whose position in the full list is
+    /// I mod N. With --out, N jobs score a list in parallel (docs/SCALE-OUT.md).
+    #[arg(long, value_name = "I/N", value_parser = shard::parse_shard)]
+    shard: Option<shard::Shard>,
+    /// Append the records as JSONL to FILE instead of printing them. A rerun skips the inputs FILE
+    /// already holds (and re-scores one whose records a crash cut off): it resumes.
+    #[arg(long, value_name = "FILE", conflicts_with = "format")]
+    out: Option<PathBuf>,
     /// What to rate.
     #[arg(long, value_enum, default_value = "quality")]
     task: TaskArg,
@@ -236,8 +248,16 @@ impl Args {
         };
         let sampling = SamplingOptions::new(self.fps, self.max_frames.map(|n| n as usize))
             .map_err(|e| anyhow::anyhow!("--fps/--max-frames: {e}"))?;
+        let mut entries = self.paths.clone();
+        if let Some(manifest) = &self.manifest {
+            entries.extend(shard::read_manifest(manifest)?);
+        }
+        let mut all = inputs::expand(&entries)?;
+        if let Some(shard) = self.shard {
+            all = shard.select(all);
+        }
         Ok(ScoreConfig {
-            inputs: inputs::expand(&self.paths)?,
+            inputs: all,
             queries,
             batch_size: self.batch_size as usize,
             scale: self.scale,
@@ -257,6 +277,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut config = args.validate()?;
     let spooled_stdin = stdin::substitute(&mut config.inputs)?;
     config.stdin_path = spooled_stdin.as_ref().map(|s| s.path().to_path_buf());
+    // `--out`: what an earlier run of this job wrote is skipped before the model loads.
+    let resumable = if let Some(path) = &args.out {
+        let tasks: Vec<&str> = config.queries.iter().map(Query::name).collect();
+        let file = shard::ResumableOut::open(path, &tasks)?;
+        let before = config.inputs.len();
+        config
+            .inputs
+            .retain(|p| !file.done.contains(&p.display().to_string()));
+        if config.inputs.len() < before {
+            eprintln!(
+                "{} of {before} input(s) already in {}: skipped",
+                before - config.inputs.len(),
+                path.display()
+            );
+        }
+        if config.inputs.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(file)
+    } else {
+        None
+    };
     let builder = args.model.builder().exif_orientation(args.exif_orientation);
     let dir = builder.resolve()?;
     let started = Instant::now();
@@ -294,6 +336,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         eprintln!("{line}");
     }
     let mut out = Output::new(config.format, config.scale);
+    out.file = resumable;
     let failures = match score_all(&scorer, &config, &mut out) {
         // Only a custom question can outgrow the context: that is a bad flag value.
         Err(err) if is_prompt_too_long(&err) => {
@@ -348,11 +391,9 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
                     scorer.levels(),
                     config.scale,
                 );
-                for record in records {
-                    if let Err(e) = out.emit(record) {
-                        write_error = Some(e);
-                        return ControlFlow::Break(());
-                    }
+                if let Err(e) = out.emit_input(records) {
+                    write_error = Some(e);
+                    return ControlFlow::Break(());
                 }
             }
             // Broken weights fail every input alike: stop the run and say whose fault it is.
@@ -400,6 +441,8 @@ struct Output {
     held: Vec<ScoreRecord>,
     /// Created with the first csv record, which also gives the header its level columns.
     csv: Option<csv::Writer<output::Stdout>>,
+    /// `--out`: JSONL appended to a file instead of stdout.
+    file: Option<shard::ResumableOut>,
 }
 
 impl Output {
@@ -409,7 +452,21 @@ impl Output {
             scale,
             held: Vec::new(),
             csv: None,
+            file: None,
         }
+    }
+
+    /// The records of one input; to a `--out` file in one write, so a crash cuts at most one line.
+    fn emit_input(&mut self, records: Vec<ScoreRecord>) -> Result<()> {
+        if let Some(file) = &mut self.file {
+            let mut lines = String::new();
+            for record in &records {
+                lines += &serde_json::to_string(record)?;
+                lines.push('\n');
+            }
+            return file.append(&lines);
+        }
+        records.into_iter().try_for_each(|r| self.emit(r))
     }
 
     fn emit(&mut self, record: ScoreRecord) -> Result<()> {
@@ -437,6 +494,9 @@ impl Output {
     }
 
     fn finish(self) -> Result<()> {
+        if self.file.is_some() {
+            return Ok(());
+        }
         let mut w = output::stdout();
         match self.format {
             Format::Json => writeln!(w, "{}", serde_json::to_string_pretty(&self.held)?)?,
