@@ -1,0 +1,105 @@
+"""Scoring a Ray Data dataset with qalign: ``ds.map_batches`` with a class-based UDF, so each actor
+loads the model once and scores many batches. The same code runs on a laptop (``ray.init()``) and on
+a KubeRay cluster. Needs the extra: ``pip install .[ray]``. See docs/SCALE-OUT.md."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Union
+
+from . import Scorer
+
+__all__ = ["score_dataset"]
+
+#: The columns ``score_dataset`` adds.
+COLUMNS = ("score", "probs", "std", "entropy", "level", "error")
+
+
+class _QAlignUDF:
+    """One actor: one loaded model."""
+
+    def __init__(self, model: str, column: str, task: str, batch_size: int, scorer_kwargs: Dict[str, Any]):
+        self.scorer = Scorer(model, **scorer_kwargs)
+        self.column = column
+        self.task = task
+        self.batch_size = batch_size
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        import numpy as np
+
+        if self.column not in batch:
+            raise KeyError(f"the dataset has no column {self.column!r} (it has {sorted(batch)})")
+        inputs: List[Union[str, bytes]] = []
+        for value in batch[self.column]:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                inputs.append(bytes(value))
+            elif isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1:
+                inputs.append(value.tobytes())
+            else:
+                inputs.append(os.fspath(str(value)))
+        records = self.scorer.score(inputs, task=self.task, batch_size=self.batch_size, errors="return")
+        out: Dict[str, list] = {name: [] for name in COLUMNS}
+        for record in records:
+            if "error" in record:
+                out["score"].append(math.nan)
+                out["probs"].append(None)
+                out["std"].append(math.nan)
+                out["entropy"].append(math.nan)
+                out["level"].append(None)
+                out["error"].append(record["error"])
+            else:
+                probs = record["probs"]
+                out["score"].append(record["score"])
+                out["probs"].append(probs)
+                out["std"].append(record["std"])
+                out["entropy"].append(record["entropy"])
+                out["level"].append(record["levels"][max(range(len(probs)), key=probs.__getitem__)])
+                out["error"].append(None)
+        result = dict(batch)
+        result["score"] = np.asarray(out["score"], dtype=np.float64)
+        result["std"] = np.asarray(out["std"], dtype=np.float64)
+        result["entropy"] = np.asarray(out["entropy"], dtype=np.float64)
+        for name in ("probs", "level", "error"):
+            column = np.empty(len(records), dtype=object)
+            column[:] = out[name]
+            result[name] = column
+        return result
+
+
+def score_dataset(
+    ds: Any,
+    model: Union[str, "os.PathLike[str]"],
+    column: str = "path",
+    task: str = "quality",
+    batch_size: int = 8,
+    concurrency: int = 1,
+    num_gpus: float = 0,
+    **scorer_kwargs: Any,
+) -> Any:
+    """Adds ``score``, ``probs``, ``std``, ``entropy``, ``level`` and ``error`` columns to ``ds``.
+
+    ``column`` holds paths (local or on a shared file system) or encoded bytes (e.g. the
+    ``bytes`` column of ``ray.data.read_binary_files``). ``concurrency`` actors each load the
+    model once (``num_gpus`` per actor; ``device="cuda"`` goes in ``scorer_kwargs``). A row that
+    cannot be scored gets its message in ``error`` (and NaN / None elsewhere) instead of failing
+    the job. Lazy, as Ray Data is: write or iterate the result to run it.
+    """
+    if task not in ("quality", "aesthetics", "aesthetic"):
+        raise ValueError(f"unknown task {task!r}: score_dataset takes one task, quality or aesthetics")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    return ds.map_batches(
+        _QAlignUDF,
+        fn_constructor_kwargs={
+            "model": os.fspath(model),
+            "column": column,
+            "task": task,
+            "batch_size": batch_size,
+            "scorer_kwargs": scorer_kwargs,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_gpus=num_gpus,
+    )
