@@ -210,13 +210,7 @@ fn refused_runs_write_nothing_and_leave_the_model_alone() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // The model folder itself is never the output.
     let copy = dir.path().join("model");
-    std::fs::create_dir(&copy).unwrap();
-    for entry in std::fs::read_dir(tiny_model()).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, copy.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_tiny_model(&copy);
     let before: Vec<_> = std::fs::read_dir(&copy)
         .unwrap()
         .map(|e| e.unwrap().file_name())

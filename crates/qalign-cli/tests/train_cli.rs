@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, json_records, num, qalign, run_expecting, tiny_model};
+use common::{
+    assert_close, copy_tiny_model, fixtures, json_records, num, qalign, run_expecting, tiny_model,
+};
 use serde_json::Value;
 
 fn read_json(path: &Path) -> Value {
@@ -274,13 +276,7 @@ fn merged_checkpoint_scores_like_the_adapter() {
 fn merge_never_writes_over_its_base() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    std::fs::create_dir(&base).unwrap();
-    for entry in std::fs::read_dir(tiny_model()).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_tiny_model(&base);
     let before = std::fs::read(base.join("model.safetensors")).unwrap();
     let mut cmd = qalign();
     cmd.arg("merge")

@@ -230,6 +230,17 @@ pub fn check_against_fixture(r: &Value, scale: &str) {
     );
 }
 
+/// A copy of the tiny model's files (not its subfolders) in a new folder `dest`.
+pub fn copy_tiny_model(dest: &Path) {
+    std::fs::create_dir(dest).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dest.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 /// Copies a file into `dir` under `name`.
 pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
     let dst = dir.join(name);
