@@ -20,13 +20,17 @@ const MIN_ROW_CHUNK_ELEMS: usize = 16 * 1024;
 /// gradient (a trainable norm weight on a frozen input still needs the composed form).
 /// `QALIGN_CPU_KERNELS=composed` turns the kernels off, to compare the two in one benchmark.
 pub fn applies(operands: &[&Tensor]) -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    let enabled = *ENABLED
-        .get_or_init(|| std::env::var("QALIGN_CPU_KERNELS").map_or(true, |v| v != "composed"));
-    enabled
+    enabled()
         && operands
             .iter()
             .all(|t| t.device().is_cpu() && !t.track_op())
+}
+
+/// Whether the fused kernels (and packed matmuls, `crate::cpu_matmul`) are on: they are unless
+/// `QALIGN_CPU_KERNELS=composed`.
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("QALIGN_CPU_KERNELS").map_or(true, |v| v != "composed"))
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·weight + bias`, with a centred

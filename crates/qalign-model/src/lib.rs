@@ -36,6 +36,7 @@ mod batch;
 mod builder;
 pub mod config;
 mod cpu_kernels;
+mod cpu_matmul;
 mod device;
 pub mod error;
 pub mod gguf;

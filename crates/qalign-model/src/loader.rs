@@ -531,6 +531,11 @@ impl Weights {
             .map(|branch| (branch, adaptation.clone())))
     }
 
+    /// Whether the model this view loads is being trained (its weights may need gradients).
+    pub(crate) fn trains(&self) -> bool {
+        self.adaptation.as_ref().is_some_and(|a| a.trains())
+    }
+
     /// Whether this view makes up its tensors ([`Weights::random`]).
     pub fn is_random(&self) -> bool {
         matches!(self.source, WeightSource::Random)

@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Shape, Tensor
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::cpu_kernels;
+use crate::cpu_matmul::PackedLinear;
 use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::gguf::StoredKernel;
@@ -168,11 +169,13 @@ struct PlacedBranch {
 }
 
 /// The weight of a [`Linear`]: a dense tensor in the compute dtype (possibly derived, possibly
-/// trainable), or ggml blocks for candle's quantised matmul (inference only).
+/// trainable), ggml blocks for candle's quantised matmul, or a frozen CPU weight packed for
+/// [`PackedLinear`]'s kernels (the last two for inference only).
 #[derive(Debug, Clone)]
 enum Kernel {
     Dense(Derived),
     Quantized { matmul: QMatMul, out_dim: usize },
+    Packed(Arc<PackedLinear>),
 }
 
 /// `y = x·Wᵀ + b` over the last dimension; weights kept in PyTorch's `[out, in]` layout. Fine-tuning adds
@@ -270,7 +273,7 @@ impl Linear {
     /// fallback of [`crate::Quant::for_in_dim`], recording the layer as `name` either way.
     pub fn quantize_for(self, w: &Weights, name: &str) -> Result<Self> {
         let Some(log) = w.quant_log() else {
-            return Ok(self);
+            return self.pack_for(w);
         };
         let Kernel::Dense(derived) = &self.kernel else {
             return Ok(self);
@@ -309,6 +312,33 @@ impl Linear {
         })
     }
 
+    /// Packs a frozen CPU weight for [`PackedLinear`] when the model only runs inference and a
+    /// packed kernel exists for its dtype on this CPU; otherwise returns the layer unchanged.
+    fn pack_for(self, w: &Weights) -> Result<Self> {
+        let Kernel::Dense(derived) = &self.kernel else {
+            return Ok(self);
+        };
+        let Some(weight) = &derived.fixed else {
+            return Ok(self);
+        };
+        if w.trains() || !self.branches.is_empty() || !w.device().is_cpu() {
+            return Ok(self);
+        }
+        let bias = match &self.bias {
+            None => None,
+            Some(Derived { fixed: Some(b), .. }) => Some(b),
+            Some(_) => return Ok(self),
+        };
+        match PackedLinear::pack(weight, bias)? {
+            Some(packed) => Ok(Self {
+                kernel: Kernel::Packed(Arc::new(packed)),
+                bias: None,
+                ..self
+            }),
+            None => Ok(self),
+        }
+    }
+
     /// Adds the training LoRA branch of module `w` (if the model is trained with one there) on output
     /// columns `offset..offset + out_dim`: fused layers host the branches of their parts.
     pub fn attach_branch(
@@ -334,6 +364,7 @@ impl Linear {
                 QMatMul::Tensor(t) => t.clone(),
                 QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
             }),
+            Kernel::Packed(packed) => Ok(packed.unpack()?),
         }
     }
 
@@ -355,6 +386,12 @@ impl Linear {
                 (project(&x2, &weight)?, weight.dim(0)?)
             }
             Kernel::Quantized { matmul, out_dim } => (matmul.forward(&x2)?, *out_dim),
+            // Packed only for inference; a gradient through it (never expected) takes the
+            // unpacked weight.
+            Kernel::Packed(packed) if x2.track_op() => {
+                (frozen_matmul(&x2, &packed.unpack()?)?, packed.out_dim())
+            }
+            Kernel::Packed(packed) => (packed.forward(&x2)?, packed.out_dim()),
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.get()?)?;
@@ -481,6 +518,12 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
+    if dtype != DType::F32 && cpu_kernels::applies(&[q, k, v]) {
+        // candle's CPU matmul has no half-precision kernel (it widens both operands on every
+        // call): run the whole attention in f32 and round its output once.
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(attention(&wide(q)?, &wide(k)?, &wide(v)?, scale, mask)?.to_dtype(dtype)?);
+    }
     let scores = if scale.log2().fract() == 0.0 {
         (q * scale)?.matmul(&k.t()?)?
     } else {

@@ -1,0 +1,751 @@
+//! Matrix products of the linear layers in CPU inference, with each weight laid out once, at load,
+//! the way its kernel reads it.
+//!
+//! candle's CPU matmul repacks the weight on every call (gemm packs its right-hand side each
+//! time), and has no bf16 kernel: it widens whole bf16 weights to f32 on every call. Inference
+//! weights never change, so here they are packed once:
+//! - f32, on AVX-512 CPUs: panels of 48 output columns, multiplied by an 8×48 FMA micro-kernel
+//!   (the same products and f32 sums as any f32 matmul, in a blocked order);
+//! - bf16, on CPUs with AMX-BF16: 16×32 tiles in AMX's pair-interleaved layout, multiplied by
+//!   `tdpbf16ps` with f32 accumulation over the whole row and one rounding to bf16 at the end.
+//!
+//! Elsewhere (f16, other CPUs, shapes the tiles do not fit) [`PackedLinear::pack`] returns `None`
+//! and the layer keeps candle's matmul. `QALIGN_CPU_KERNELS=composed` turns packing off, so both
+//! paths run from one binary.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per f32 panel: three AVX-512 vectors.
+const NR: usize = 48;
+/// Rows per f32 micro-kernel call.
+const MR: usize = 8;
+/// Depth of one f32 pass (a 48 KiB slice of a panel, reused for every row block).
+const KC: usize = 256;
+/// AMX tile: 16 rows of 64 bytes (16 f32 or 32 bf16).
+const TILE_ROWS: usize = 16;
+const TILE_K: usize = 32;
+const TILE_ELEMS: usize = TILE_ROWS * TILE_K;
+/// Rows (and columns) of one AMX block: 2×2 accumulator tiles.
+const AMX_BLOCK: usize = 2 * TILE_ROWS;
+
+/// A `[out, in]` weight, packed for one of the kernels above.
+pub struct PackedLinear {
+    out_dim: usize,
+    in_dim: usize,
+    weights: Packed,
+    /// Added in f32 before the output is stored (and rounded).
+    bias: Option<Vec<f32>>,
+}
+
+enum Packed {
+    /// `ceil(out/48)` panels of `in × 48` values, zero-padded past `out`.
+    F32(Vec<f32>),
+    /// `out/16 × in/32` tiles of 16 (pairs of k) × 16 (columns) × 2 bf16 bit patterns.
+    Bf16Tiles(Vec<u16>),
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.weights {
+            Packed::F32(_) => "f32 panels",
+            Packed::Bf16Tiles(_) => "bf16 AMX tiles",
+        };
+        f.debug_struct("PackedLinear")
+            .field("out_dim", &self.out_dim)
+            .field("in_dim", &self.in_dim)
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl PackedLinear {
+    /// Packs a CPU weight `[out, in]` (and its bias `[out]`, added in the kernel) for the kernel
+    /// its dtype has on this CPU, or `None` when there is none.
+    pub fn pack(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Option<Self>> {
+        if !weight.device().is_cpu() || !crate::cpu_kernels::enabled() {
+            return Ok(None);
+        }
+        let (out_dim, in_dim) = weight.dims2()?;
+        if out_dim == 0 || in_dim == 0 {
+            return Ok(None);
+        }
+        let weights = match weight.dtype() {
+            DType::F32 if has_avx512f() => {
+                let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                Packed::F32(pack_f32(&w, out_dim, in_dim))
+            }
+            DType::BF16 if out_dim % TILE_ROWS == 0 && in_dim % TILE_K == 0 && amx_bf16_ready() => {
+                let w = weight.contiguous()?.flatten_all()?.to_vec1::<bf16>()?;
+                Packed::Bf16Tiles(pack_bf16_tiles(&w, out_dim, in_dim))
+            }
+            _ => return Ok(None),
+        };
+        let bias = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.reshape(out_dim)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Some(Self {
+            out_dim,
+            in_dim,
+            weights,
+            bias,
+        }))
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.weights {
+            Packed::F32(_) => DType::F32,
+            Packed::Bf16Tiles(_) => DType::BF16,
+        }
+    }
+
+    /// `x·Wᵀ` for `x` `[rows, in]` in the weight's dtype, giving `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, in_dim) = x.dims2()?;
+        if in_dim != self.in_dim || x.dtype() != self.dtype() || !x.device().is_cpu() {
+            candle_core::bail!(
+                "packed linear [{}, {}] ({:?}) applied to {:?} ({:?})",
+                self.out_dim,
+                self.in_dim,
+                self.dtype(),
+                x.dims(),
+                x.dtype()
+            );
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("packed linear: input is not on the CPU");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed linear: input is not contiguous");
+        };
+        let a_range = start..end;
+        let bias = self.bias.as_deref();
+        let out =
+            match (&self.weights, cpu) {
+                (Packed::F32(panels), CpuStorage::F32(a)) => CpuStorage::F32(matmul_f32(
+                    &a[a_range],
+                    rows,
+                    self.in_dim,
+                    panels,
+                    self.out_dim,
+                    bias,
+                )),
+                (Packed::Bf16Tiles(tiles), CpuStorage::BF16(a)) => CpuStorage::BF16(
+                    matmul_bf16_amx(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
+                ),
+                _ => candle_core::bail!("packed linear: input storage does not match its dtype"),
+            };
+        drop(storage);
+        let out = match out {
+            CpuStorage::F32(v) => Tensor::from_vec(v, (rows, self.out_dim), &Device::Cpu)?,
+            CpuStorage::BF16(v) => Tensor::from_vec(v, (rows, self.out_dim), &Device::Cpu)?,
+            _ => unreachable!("only f32 and bf16 are produced"),
+        };
+        Ok(out)
+    }
+
+    /// The weight `[out, in]` as it was before packing.
+    pub fn unpack(&self) -> candle_core::Result<Tensor> {
+        let (n, k) = (self.out_dim, self.in_dim);
+        match &self.weights {
+            Packed::F32(panels) => {
+                let mut w = vec![0f32; n * k];
+                for (col, row) in w.chunks_mut(k).enumerate() {
+                    let (p, j) = (col / NR, col % NR);
+                    for (kk, v) in row.iter_mut().enumerate() {
+                        *v = panels[(p * k + kk) * NR + j];
+                    }
+                }
+                Tensor::from_vec(w, (n, k), &Device::Cpu)
+            }
+            Packed::Bf16Tiles(tiles) => {
+                let mut w = vec![bf16::ZERO; n * k];
+                for (col, row) in w.chunks_mut(k).enumerate() {
+                    for (kk, v) in row.iter_mut().enumerate() {
+                        *v = bf16::from_bits(tiles[tile_index(col, kk, k)]);
+                    }
+                }
+                Tensor::from_vec(w, (n, k), &Device::Cpu)
+            }
+        }
+    }
+}
+
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers
+/// (Linux asks each process to request them once).
+pub fn amx_bf16_ready() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+            let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+            if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain syscall with integer arguments; it only grants a permission.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
+}
+
+/// A raw output pointer that workers write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: every worker writes only its own columns (f32) or column pairs (AMX) of the output.
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// The element `offset` places in. (A method, so closures capture the whole wrapper.)
+    ///
+    /// # Safety
+    /// `offset` lies inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0f32; panels * k * NR];
+    out.par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + j) * k..][..k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * NR + j] = v;
+                }
+            }
+        });
+    out
+}
+
+fn matmul_f32(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panels: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let out = OutPtr(c.as_mut_ptr());
+    (0..n.div_ceil(NR)).into_par_iter().for_each(|p| {
+        let cols = NR.min(n - p * NR);
+        let panel = &panels[p * k * NR..][..k * NR];
+        for k0 in (0..k).step_by(KC) {
+            let depth = KC.min(k - k0);
+            let last = k0 + depth == k;
+            let bias = match bias {
+                Some(b) if last => b[p * NR..][..cols].as_ptr(),
+                _ => std::ptr::null(),
+            };
+            let mut m0 = 0;
+            while m0 < m {
+                let rows = MR.min(m - m0);
+                // SAFETY: rows m0..m0+rows of `a` have k values; the panel slice has depth·NR
+                // values from k0; the output block lies inside the m×n buffer, and this worker
+                // alone writes columns p·NR..p·NR+cols. The first pass (k0 = 0) writes every
+                // value of the block before any later pass reads it.
+                unsafe {
+                    kernel_f32(
+                        rows,
+                        depth,
+                        a.as_ptr().add(m0 * k + k0),
+                        k,
+                        panel.as_ptr().add(k0 * NR),
+                        out.at(m0 * n + p * NR),
+                        n,
+                        cols,
+                        k0 > 0,
+                        bias,
+                    );
+                }
+                m0 += rows;
+            }
+        }
+    });
+    // SAFETY: the workers above wrote all m·n values.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Dispatches to the micro-kernel for `rows` (1..=8) rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_f32(
+    rows: usize,
+    depth: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+    bias: *const f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller; `PackedLinear::pack` only builds f32 panels on AVX-512 CPUs.
+    unsafe {
+        use avx512::block;
+        match rows {
+            8 => block::<8>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            7 => block::<7>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            6 => block::<6>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            5 => block::<5>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            4 => block::<4>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            3 => block::<3>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            2 => block::<2>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+            _ => block::<1>(depth, a, lda, b, c, ldc, cols, accumulate, bias),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, depth, a, lda, b, c, ldc, cols, accumulate, bias);
+        unreachable!("f32 panels are only packed on x86-64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::NR;
+
+    /// `C[R×cols] (+)= A[R×depth]·B[depth×48] (+ bias)` with three 16-lane accumulators per row;
+    /// `bias` (null or `cols` values) is added on the last pass.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block<const R: usize>(
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+        bias: *const f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        // SAFETY (whole body): pointers and extents are guaranteed by `matmul_f32`.
+        unsafe {
+            for kk in 0..depth {
+                let bp = b.add(kk * NR);
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                let b2 = _mm512_loadu_ps(bp.add(32));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(av, b2, acc[2]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let row = c.add(r * ldc);
+                for (v, &sum) in acc.iter().enumerate() {
+                    let start = v * 16;
+                    if start >= cols {
+                        break;
+                    }
+                    let left = cols - start;
+                    let mask: __mmask16 = if left >= 16 { 0xffff } else { (1 << left) - 1 };
+                    let mut value = if accumulate {
+                        _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, row.add(start)))
+                    } else {
+                        sum
+                    };
+                    if !bias.is_null() {
+                        value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, bias.add(start)));
+                    }
+                    _mm512_mask_storeu_ps(row.add(start), mask, value);
+                }
+            }
+        }
+    }
+}
+
+/// Index in the tiled layout of weight element `[col, kk]` (`k` = input size).
+fn tile_index(col: usize, kk: usize, k: usize) -> usize {
+    let tiles_per_col_block = k / TILE_K;
+    let tile = (col / TILE_ROWS) * tiles_per_col_block + kk / TILE_K;
+    let (c, kin) = (col % TILE_ROWS, kk % TILE_K);
+    tile * TILE_ELEMS + (kin / 2) * TILE_K + 2 * c + kin % 2
+}
+
+fn pack_bf16_tiles(w: &[bf16], n: usize, k: usize) -> Vec<u16> {
+    let mut out = vec![0u16; n * k];
+    let block = TILE_ROWS * k;
+    out.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(bn, tiles)| {
+            for c in 0..TILE_ROWS {
+                let col = bn * TILE_ROWS + c;
+                for (kk, v) in w[col * k..][..k].iter().enumerate() {
+                    tiles[tile_index(col, kk, k) - bn * block] = v.to_bits();
+                }
+            }
+        });
+    out
+}
+
+fn matmul_bf16_amx(
+    a: &[bf16],
+    m: usize,
+    k: usize,
+    tiles: &[u16],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<bf16> {
+    let col_blocks = n / TILE_ROWS;
+    let k_tiles = k / TILE_K;
+    let mut c: Vec<bf16> = Vec::with_capacity(m * n);
+    let out = OutPtr(c.as_mut_ptr());
+    (0..col_blocks.div_ceil(2)).into_par_iter().for_each_init(
+        || (Vec::<bf16>::new(), vec![0f32; AMX_BLOCK * AMX_BLOCK]),
+        |(padded, sums), pair| {
+            let bn = 2 * pair;
+            let second = bn + 1 < col_blocks;
+            let cols = if second { 2 * TILE_ROWS } else { TILE_ROWS };
+            let b0 = tiles[bn * k_tiles * TILE_ELEMS..].as_ptr();
+            let b1 = if second {
+                tiles[(bn + 1) * k_tiles * TILE_ELEMS..].as_ptr()
+            } else {
+                b0
+            };
+            // SAFETY: this CPU has AMX-BF16 and the process may use it (checked when the
+            // weight was packed); the configuration describes the eight tiles used below.
+            unsafe { amx::configure() };
+            let mut m0 = 0;
+            while m0 < m {
+                let rows = AMX_BLOCK.min(m - m0);
+                let block_a = if rows == AMX_BLOCK {
+                    &a[m0 * k..][..AMX_BLOCK * k]
+                } else {
+                    padded.clear();
+                    padded.extend_from_slice(&a[m0 * k..][..rows * k]);
+                    padded.resize(AMX_BLOCK * k, bf16::ZERO);
+                    &padded[..]
+                };
+                // SAFETY: `block_a` holds 32 rows of k values, each weight block k_tiles
+                // tiles, `sums` 32×32 values.
+                unsafe { amx::block(block_a.as_ptr(), k, b0, b1, k_tiles, sums.as_mut_ptr()) };
+                for r in 0..rows {
+                    // SAFETY: row m0 + r, columns bn·16..bn·16+cols lie inside the m×n
+                    // output, and only this worker writes those columns.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out.at((m0 + r) * n + bn * TILE_ROWS), cols)
+                    };
+                    let sums = &sums[r * AMX_BLOCK..][..cols];
+                    match bias {
+                        Some(b) => {
+                            let b = &b[bn * TILE_ROWS..][..cols];
+                            for ((d, &s), &b) in dst.iter_mut().zip(sums).zip(b) {
+                                *d = bf16::from_f32(s + b);
+                            }
+                        }
+                        None => {
+                            for (d, &s) in dst.iter_mut().zip(sums) {
+                                *d = bf16::from_f32(s);
+                            }
+                        }
+                    }
+                }
+                m0 += rows;
+            }
+            // SAFETY: releases the tile state configured above.
+            unsafe { amx::release() };
+        },
+    );
+    // SAFETY: the workers above wrote all m·n values.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    use half::bf16;
+
+    use super::{AMX_BLOCK, TILE_ELEMS, TILE_K, TILE_ROWS};
+
+    /// Palette 1, tiles 0–7 all 16 rows × 64 bytes: 0–3 accumulate 16×16 f32, 4–5 hold 16×32 bf16
+    /// of the input rows, 6–7 hold 16 pairs × 16 columns of the weight.
+    pub(super) unsafe fn configure() {
+        let mut config = [0u8; 64];
+        config[0] = 1;
+        for tile in 0..8 {
+            config[16 + 2 * tile] = 64;
+            config[48 + tile] = TILE_ROWS as u8;
+        }
+        // SAFETY: a valid palette-1 configuration; the caller checked AMX is usable.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly)) };
+    }
+
+    pub(super) unsafe fn release() {
+        // SAFETY: tilerelease is always valid once tiles were configured.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `sums[32×32] = A[32×k]·[B0 B1]` where `a` holds 32 rows of `lda` bf16 and `b0`/`b1` point
+    /// at `k_tiles` consecutive weight tiles each.
+    pub(super) unsafe fn block(
+        a: *const bf16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k_tiles: usize,
+        sums: *mut f32,
+    ) {
+        let a_stride = lda * 2;
+        let b_stride = 64usize;
+        let c_stride = AMX_BLOCK * 4;
+        // SAFETY (whole body): the caller guarantees the extents; tiles were configured.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for t in 0..k_tiles {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a.add(t * TILE_K),
+                    a1 = in(reg) a.add(TILE_ROWS * lda + t * TILE_K),
+                    b0 = in(reg) b0.add(t * TILE_ELEMS),
+                    b1 = in(reg) b1.add(t * TILE_ELEMS),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) b_stride,
+                    options(nostack, readonly)
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c3} + {sc}*1], tmm3",
+                c0 = in(reg) sums,
+                c1 = in(reg) sums.add(TILE_ROWS),
+                c2 = in(reg) sums.add(TILE_ROWS * AMX_BLOCK),
+                c3 = in(reg) sums.add(TILE_ROWS * AMX_BLOCK + TILE_ROWS),
+                sc = in(reg) c_stride,
+                options(nostack)
+            );
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    use half::bf16;
+
+    pub(super) unsafe fn configure() {}
+    pub(super) unsafe fn release() {}
+    pub(super) unsafe fn block(
+        _: *const bf16,
+        _: usize,
+        _: *const u16,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+    ) {
+        unreachable!("AMX tiles are only packed on x86-64");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `x·Wᵀ` summed in f64, for reference.
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503));
+                (h >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(m: usize, k: usize, n: usize, dtype: DType, seed: u32) -> Option<()> {
+        let x = values(m * k, seed);
+        let w = values(n * k, seed + 1);
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let bias = values(n, seed + 2);
+        let bt = Tensor::from_vec(bias.clone(), n, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let with_bias = seed % 2 == 0;
+        let packed = PackedLinear::pack(&wt, with_bias.then_some(&bt)).unwrap()?;
+        assert_eq!(
+            packed
+                .unpack()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            wt.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+            "unpack gives the weight back"
+        );
+        let got = packed.forward(&xt).unwrap();
+        assert_eq!(got.dims(), &[m, n]);
+        assert_eq!(got.dtype(), dtype);
+        let got: Vec<f32> = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The reference multiplies the values the kernel saw (rounded to `dtype`).
+        let xr: Vec<f32> = xt
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let wr: Vec<f32> = wt
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = reference(&xr, &wr, m, k, n);
+        if with_bias {
+            let br: Vec<f32> = bt.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += br[i % n] as f64;
+            }
+        }
+        for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+            // Sums of k products of values in [-1, 1]: f32 rounding grows with √k at most k·ε;
+            // bf16 output rounding is 2⁻⁸ relative.
+            let tol = match dtype {
+                DType::F32 => 4.0 * f32::EPSILON as f64 * k as f64,
+                _ => r.abs() / 256.0 + 1e-5 * k as f64,
+            };
+            assert!(
+                (g as f64 - r).abs() <= tol,
+                "[{m}×{k}]·[{k}×{n}] {dtype:?} at {i}: {g} vs {r}"
+            );
+        }
+        Some(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn f32_panels_match_the_reference(m in 1usize..40, k in 1usize..600, n in 1usize..140, seed in 0u32..1000) {
+            check(m, k, n, DType::F32, seed);
+            check(m, k, n, DType::F32, seed + 1);
+        }
+
+        #[test]
+        fn bf16_tiles_match_the_reference(m in 1usize..80, kt in 1usize..12, nt in 1usize..7, seed in 0u32..1000) {
+            check(m, kt * TILE_K, nt * TILE_ROWS, DType::BF16, seed);
+        }
+    }
+
+    #[test]
+    fn kernels_exist_where_the_cpu_has_them() {
+        let f32_packed = check(9, 300, 50, DType::F32, 1).is_some();
+        assert_eq!(f32_packed, has_avx512f());
+        let bf16_packed = check(33, 64, 48, DType::BF16, 2).is_some();
+        assert_eq!(bf16_packed, amx_bf16_ready());
+        // Shapes the tiles do not fit keep candle's matmul.
+        assert!(check(4, 40, 48, DType::BF16, 3).is_none());
+        let f16 = Tensor::zeros((16, 32), DType::F16, &Device::Cpu).unwrap();
+        assert!(PackedLinear::pack(&f16, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn mismatched_inputs_are_errors() {
+        if !has_avx512f() {
+            return;
+        }
+        let w = Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap();
+        let packed = PackedLinear::pack(&w, None).unwrap().unwrap();
+        let wrong_width = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(packed.forward(&wrong_width).is_err());
+        let wrong_dtype = Tensor::zeros((2, 4), DType::BF16, &Device::Cpu).unwrap();
+        assert!(packed.forward(&wrong_dtype).is_err());
+        // Zero rows are fine.
+        let empty = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(packed.forward(&empty).unwrap().dims(), &[0, 8]);
+    }
+}
