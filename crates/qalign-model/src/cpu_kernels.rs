@@ -72,6 +72,16 @@ trait Element: WithDType + Copy + Send + Sync {
     fn load(self) -> f32;
     fn store(v: f32) -> Self;
     fn wrap(data: Vec<Self>) -> CpuStorage;
+    fn load_row(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.load();
+        }
+    }
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::store(s);
+        }
+    }
 }
 
 impl Element for f32 {
@@ -107,6 +117,12 @@ impl Element for bf16 {
     }
     fn wrap(data: Vec<Self>) -> CpuStorage {
         CpuStorage::BF16(data)
+    }
+    fn load_row(src: &[Self], dst: &mut [f32]) {
+        crate::cpu_simd::bf16_to_f32(src, dst);
+    }
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        crate::cpu_simd::f32_to_bf16(src, dst);
     }
 }
 
@@ -248,18 +264,15 @@ impl CustomOp1 for RmsNormalizeOp {
 
 struct QuickGeluOp;
 
-fn quick_gelu_f32(z: f32) -> f32 {
-    z / (1.0 + (-1.702 * z).exp())
-}
-
 impl QuickGeluOp {
     fn run<T: Element>(x: &[T], layout: &Layout) -> candle_core::Result<CpuStorage> {
         // Rows do not matter to an elementwise map; any chunking of the flat data will do.
         let chunk = last_dim(layout)?.max(1);
         map_rows(x, chunk, |x, out| {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = T::store(quick_gelu_f32(v.load()));
-            }
+            let mut row = vec![0f32; x.len()];
+            T::load_row(x, &mut row);
+            crate::cpu_simd::quick_gelu(&mut row);
+            T::store_row(&row, out);
         })
     }
 }

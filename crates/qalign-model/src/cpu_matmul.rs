@@ -6,8 +6,10 @@
 //! weights never change, so here they are packed once:
 //! - f32, on AVX-512 CPUs: panels of 48 output columns, multiplied by an 8×48 FMA micro-kernel
 //!   (the same products and f32 sums as any f32 matmul, in a blocked order);
-//! - bf16, on CPUs with AMX-BF16: 16×32 tiles in AMX's pair-interleaved layout, multiplied by
-//!   `tdpbf16ps` with f32 accumulation over the whole row and one rounding to bf16 at the end.
+//! - bf16, on CPUs with AMX-BF16 or AVX512-BF16: 16×32 tiles in AMX's pair-interleaved layout
+//!   (each 64-byte row is one k-pair of 16 columns, so a 16-column block is also a panel of
+//!   AVX-512 vectors), multiplied by `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, an 8×48
+//!   micro-kernel) with f32 accumulation and one rounding to bf16 at the end.
 //!
 //! Elsewhere (f16, other CPUs, shapes the tiles do not fit) [`PackedLinear::pack`] returns `None`
 //! and the layer keeps candle's matmul. `QALIGN_CPU_KERNELS=composed` turns packing off, so both
@@ -31,6 +33,8 @@ const TILE_K: usize = 32;
 const TILE_ELEMS: usize = TILE_ROWS * TILE_K;
 /// Rows (and columns) of one AMX block: 2×2 accumulator tiles.
 const AMX_BLOCK: usize = 2 * TILE_ROWS;
+/// k-pairs per `vdpbf16ps` pass: 128 pairs of three 16-column blocks are a 24 KiB slice.
+const DP_PAIRS: usize = 128;
 
 /// A `[out, in]` weight, packed for one of the kernels above.
 pub struct PackedLinear {
@@ -44,15 +48,17 @@ pub struct PackedLinear {
 enum Packed {
     /// `ceil(out/48)` panels of `in × 48` values, zero-padded past `out`.
     F32(Vec<f32>),
-    /// `out/16 × in/32` tiles of 16 (pairs of k) × 16 (columns) × 2 bf16 bit patterns.
-    Bf16Tiles(Vec<u16>),
+    /// `out/16 × in/32` tiles of 16 (pairs of k) × 16 (columns) × 2 bf16 bit patterns, for
+    /// the AMX kernel or the AVX512-BF16 one (`amx` says which).
+    Bf16Tiles { tiles: Vec<u16>, amx: bool },
 }
 
 impl std::fmt::Debug for PackedLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.weights {
             Packed::F32(_) => "f32 panels",
-            Packed::Bf16Tiles(_) => "bf16 AMX tiles",
+            Packed::Bf16Tiles { amx: true, .. } => "bf16 AMX tiles",
+            Packed::Bf16Tiles { amx: false, .. } => "bf16 AVX512-BF16 tiles",
         };
         f.debug_struct("PackedLinear")
             .field("out_dim", &self.out_dim)
@@ -78,9 +84,16 @@ impl PackedLinear {
                 let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 Packed::F32(pack_f32(&w, out_dim, in_dim))
             }
-            DType::BF16 if out_dim % TILE_ROWS == 0 && in_dim % TILE_K == 0 && amx_bf16_ready() => {
+            DType::BF16
+                if out_dim % TILE_ROWS == 0
+                    && in_dim % TILE_K == 0
+                    && (amx_bf16_ready() || has_avx512_bf16()) =>
+            {
                 let w = weight.contiguous()?.flatten_all()?.to_vec1::<bf16>()?;
-                Packed::Bf16Tiles(pack_bf16_tiles(&w, out_dim, in_dim))
+                Packed::Bf16Tiles {
+                    tiles: pack_bf16_tiles(&w, out_dim, in_dim),
+                    amx: amx_bf16_ready(),
+                }
             }
             _ => return Ok(None),
         };
@@ -103,7 +116,7 @@ impl PackedLinear {
     pub fn dtype(&self) -> DType {
         match self.weights {
             Packed::F32(_) => DType::F32,
-            Packed::Bf16Tiles(_) => DType::BF16,
+            Packed::Bf16Tiles { .. } => DType::BF16,
         }
     }
 
@@ -130,21 +143,23 @@ impl PackedLinear {
         };
         let a_range = start..end;
         let bias = self.bias.as_deref();
-        let out =
-            match (&self.weights, cpu) {
-                (Packed::F32(panels), CpuStorage::F32(a)) => CpuStorage::F32(matmul_f32(
-                    &a[a_range],
-                    rows,
-                    self.in_dim,
-                    panels,
-                    self.out_dim,
-                    bias,
-                )),
-                (Packed::Bf16Tiles(tiles), CpuStorage::BF16(a)) => CpuStorage::BF16(
-                    matmul_bf16_amx(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
-                ),
-                _ => candle_core::bail!("packed linear: input storage does not match its dtype"),
-            };
+        let out = match (&self.weights, cpu) {
+            (Packed::F32(panels), CpuStorage::F32(a)) => CpuStorage::F32(matmul_f32(
+                &a[a_range],
+                rows,
+                self.in_dim,
+                panels,
+                self.out_dim,
+                bias,
+            )),
+            (Packed::Bf16Tiles { tiles, amx: true }, CpuStorage::BF16(a)) => CpuStorage::BF16(
+                matmul_bf16_amx(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
+            ),
+            (Packed::Bf16Tiles { tiles, amx: false }, CpuStorage::BF16(a)) => CpuStorage::BF16(
+                matmul_bf16_dp(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
+            ),
+            _ => candle_core::bail!("packed linear: input storage does not match its dtype"),
+        };
         drop(storage);
         let out = match out {
             CpuStorage::F32(v) => Tensor::from_vec(v, (rows, self.out_dim), &Device::Cpu)?,
@@ -168,7 +183,7 @@ impl PackedLinear {
                 }
                 Tensor::from_vec(w, (n, k), &Device::Cpu)
             }
-            Packed::Bf16Tiles(tiles) => {
+            Packed::Bf16Tiles { tiles, .. } => {
                 let mut w = vec![bf16::ZERO; n * k];
                 for (col, row) in w.chunks_mut(k).enumerate() {
                     for (kk, v) in row.iter_mut().enumerate() {
@@ -181,10 +196,23 @@ impl PackedLinear {
     }
 }
 
-fn has_avx512f() -> bool {
+pub(crate) fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`).
+pub(crate) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -240,7 +268,21 @@ impl<T> OutPtr<T> {
     }
 }
 
-fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+/// Packs a weight given transposed, `wt` `[k, n]` (the `V` of `P·V`), like [`pack_f32`] packs `Wᵀ`.
+pub(crate) fn pack_f32_transposed(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0f32; panels * k * NR];
+    for (p, panel) in out.chunks_mut(k * NR).enumerate() {
+        let cols = NR.min(n - p * NR);
+        for (kk, dst) in panel.chunks_mut(NR).enumerate() {
+            dst[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
+        }
+    }
+    out
+}
+
+/// Packs `w` `[n, k]` into `ceil(n/48)` panels of `k × 48` values (zero-padded past `n`).
+pub(crate) fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
     let mut out = vec![0f32; panels * k * NR];
     out.par_chunks_mut(k * NR)
@@ -267,43 +309,83 @@ fn matmul_f32(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = OutPtr(c.as_mut_ptr());
     (0..n.div_ceil(NR)).into_par_iter().for_each(|p| {
-        let cols = NR.min(n - p * NR);
-        let panel = &panels[p * k * NR..][..k * NR];
-        for k0 in (0..k).step_by(KC) {
-            let depth = KC.min(k - k0);
-            let last = k0 + depth == k;
-            let bias = match bias {
-                Some(b) if last => b[p * NR..][..cols].as_ptr(),
-                _ => std::ptr::null(),
-            };
-            let mut m0 = 0;
-            while m0 < m {
-                let rows = MR.min(m - m0);
-                // SAFETY: rows m0..m0+rows of `a` have k values; the panel slice has depth·NR
-                // values from k0; the output block lies inside the m×n buffer, and this worker
-                // alone writes columns p·NR..p·NR+cols. The first pass (k0 = 0) writes every
-                // value of the block before any later pass reads it.
-                unsafe {
-                    kernel_f32(
-                        rows,
-                        depth,
-                        a.as_ptr().add(m0 * k + k0),
-                        k,
-                        panel.as_ptr().add(k0 * NR),
-                        out.at(m0 * n + p * NR),
-                        n,
-                        cols,
-                        k0 > 0,
-                        bias,
-                    );
-                }
-                m0 += rows;
-            }
-        }
+        // SAFETY: the buffer holds m·n values, and this worker alone writes panel p's columns.
+        unsafe { panel_product(a, m, k, panels, n, p, bias, out.at(0), n) };
     });
     // SAFETY: the workers above wrote all m·n values.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// `C = A·Wᵀ (+ bias)` on one thread, for `a` `[m, k]` and a weight `[n, k]` packed by
+/// [`pack_f32`] or [`pack_f32_transposed`]; `c` holds `m` rows of `ldc ≥ n` values.
+pub(crate) fn matmul_f32_serial(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panels: &[f32],
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= m * k && panels.len() >= n.div_ceil(NR) * k * NR && ldc >= n);
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n);
+    for p in 0..n.div_ceil(NR) {
+        // SAFETY: checked above: `c` holds the m×n block at stride ldc.
+        unsafe { panel_product(a, m, k, panels, n, p, None, c.as_mut_ptr(), ldc) };
+    }
+}
+
+/// Columns `p·48..` of `C = A·Wᵀ (+ bias)`, written at `c` with row stride `ldc`.
+///
+/// # Safety
+/// `c` points at `m` rows of `ldc ≥ n` writable values that nobody else touches in panel p's
+/// columns meanwhile; `a` has `m·k` values and `panels` the whole packed weight (checked by the
+/// callers), so the micro-kernel reads stay in bounds.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panels: &[f32],
+    n: usize,
+    p: usize,
+    bias: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let cols = NR.min(n - p * NR);
+    let panel = &panels[p * k * NR..][..k * NR];
+    for k0 in (0..k).step_by(KC) {
+        let depth = KC.min(k - k0);
+        let last = k0 + depth == k;
+        let bias = match bias {
+            Some(b) if last => b[p * NR..][..cols].as_ptr(),
+            _ => std::ptr::null(),
+        };
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = MR.min(m - m0);
+            // SAFETY: rows m0..m0+rows of `a` have k values; the panel slice has depth·NR
+            // values from k0; the output block lies inside the caller's buffer (see above). The
+            // first pass (k0 = 0) writes every value of the block before any later pass reads it.
+            unsafe {
+                kernel_f32(
+                    rows,
+                    depth,
+                    a.as_ptr().add(m0 * k + k0),
+                    k,
+                    panel.as_ptr().add(k0 * NR),
+                    c.add(m0 * ldc + p * NR),
+                    ldc,
+                    cols,
+                    k0 > 0,
+                    bias,
+                );
+            }
+            m0 += rows;
+        }
+    }
 }
 
 /// Dispatches to the micro-kernel for `rows` (1..=8) rows.
@@ -346,7 +428,51 @@ unsafe fn kernel_f32(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::NR;
+    use super::{NR, TILE_K};
+
+    /// `sums[R×48] (+)= A[R × 2·depth]·B` for bf16 `A` read as k-pairs (`a`: `R` rows of `lda`
+    /// pairs) and three 16-column blocks of pair-interleaved weights, `depth` vectors each.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn dp_block<const R: usize>(
+        depth: usize,
+        a: *const u32,
+        lda: usize,
+        b: [*const u16; 3],
+        sums: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        // SAFETY (whole body): pointers and extents are guaranteed by `matmul_bf16_dp`.
+        unsafe {
+            for pp in 0..depth {
+                let load = |p: *const u16| -> __m512bh {
+                    std::mem::transmute(_mm512_loadu_si512(p.add(pp * TILE_K).cast()))
+                };
+                let b0 = load(b[0]);
+                let b1 = load(b[1]);
+                let b2 = load(b[2]);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair = a.add(r * lda + pp).read_unaligned();
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                    acc[2] = _mm512_dpbf16_ps(acc[2], av, b2);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let row = sums.add(r * NR);
+                for (v, &sum) in acc.iter().enumerate() {
+                    let dst = row.add(16 * v);
+                    let value = if accumulate {
+                        _mm512_add_ps(sum, _mm512_loadu_ps(dst))
+                    } else {
+                        sum
+                    };
+                    _mm512_storeu_ps(dst, value);
+                }
+            }
+        }
+    }
 
     /// `C[R×cols] (+)= A[R×depth]·B[depth×48] (+ bias)` with three 16-lane accumulators per row;
     /// `bias` (null or `cols` values) is added on the last pass.
@@ -473,20 +599,8 @@ fn matmul_bf16_amx(
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(out.at((m0 + r) * n + bn * TILE_ROWS), cols)
                     };
-                    let sums = &sums[r * AMX_BLOCK..][..cols];
-                    match bias {
-                        Some(b) => {
-                            let b = &b[bn * TILE_ROWS..][..cols];
-                            for ((d, &s), &b) in dst.iter_mut().zip(sums).zip(b) {
-                                *d = bf16::from_f32(s + b);
-                            }
-                        }
-                        None => {
-                            for (d, &s) in dst.iter_mut().zip(sums) {
-                                *d = bf16::from_f32(s);
-                            }
-                        }
-                    }
+                    let sums = &mut sums[r * AMX_BLOCK..][..cols];
+                    store_bf16_row(sums, bias.map(|b| &b[bn * TILE_ROWS..][..cols]), dst);
                 }
                 m0 += rows;
             }
@@ -497,6 +611,111 @@ fn matmul_bf16_amx(
     // SAFETY: the workers above wrote all m·n values.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// Adds the bias to a row of f32 sums and rounds it, once, into the bf16 output.
+fn store_bf16_row(sums: &mut [f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
+    if let Some(bias) = bias {
+        for (s, &b) in sums.iter_mut().zip(bias) {
+            *s += b;
+        }
+    }
+    crate::cpu_simd::f32_to_bf16(sums, dst);
+}
+
+/// `C = A·Wᵀ (+ bias)` with `vdpbf16ps`: each worker takes three 16-column blocks, sums them
+/// over `DP_PAIRS`-deep slices into an f32 scratch of `m × 48`, then adds the bias and rounds once.
+fn matmul_bf16_dp(
+    a: &[bf16],
+    m: usize,
+    k: usize,
+    tiles: &[u16],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<bf16> {
+    let col_blocks = n / TILE_ROWS;
+    let pairs = k / 2;
+    let block_len = pairs * TILE_K;
+    let mut c: Vec<bf16> = Vec::with_capacity(m * n);
+    let out = OutPtr(c.as_mut_ptr());
+    (0..col_blocks.div_ceil(3))
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |sums, task| {
+            let bn = 3 * task;
+            let cols = TILE_ROWS * 3.min(col_blocks - bn);
+            // A missing third (or second) block reuses the first; its sums are never stored.
+            let block = |i: usize| {
+                let b = if bn + i < col_blocks { bn + i } else { bn };
+                tiles[b * block_len..][..block_len].as_ptr()
+            };
+            let b = [block(0), block(1), block(2)];
+            sums.clear();
+            sums.resize(m * NR, 0.0);
+            for p0 in (0..pairs).step_by(DP_PAIRS) {
+                let depth = DP_PAIRS.min(pairs - p0);
+                let mut m0 = 0;
+                while m0 < m {
+                    let rows = MR.min(m - m0);
+                    // SAFETY: rows m0.. of `a` hold k values (pairs p0..p0+depth in range), each
+                    // block holds `pairs` vectors, and `sums` holds m rows of 48.
+                    unsafe {
+                        kernel_bf16_dp(
+                            rows,
+                            depth,
+                            a.as_ptr().add(m0 * k + 2 * p0).cast::<u32>(),
+                            pairs,
+                            b.map(|p| p.add(p0 * TILE_K)),
+                            sums.as_mut_ptr().add(m0 * NR),
+                            p0 > 0,
+                        );
+                    }
+                    m0 += rows;
+                }
+            }
+            let bias = bias.map(|b| &b[bn * TILE_ROWS..][..cols]);
+            for (r, sums) in sums.chunks_exact_mut(NR).enumerate() {
+                // SAFETY: row r, columns bn·16..bn·16+cols lie inside the m×n output, and only
+                // this worker writes those columns.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.at(r * n + bn * TILE_ROWS), cols) };
+                store_bf16_row(&mut sums[..cols], bias, dst);
+            }
+        });
+    // SAFETY: the workers above wrote all m·n values.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Dispatches to the `vdpbf16ps` micro-kernel for `rows` (1..=8) rows.
+unsafe fn kernel_bf16_dp(
+    rows: usize,
+    depth: usize,
+    a: *const u32,
+    lda: usize,
+    b: [*const u16; 3],
+    sums: *mut f32,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller; bf16 tiles use this kernel only on AVX512-BF16 CPUs.
+    unsafe {
+        use avx512::dp_block;
+        match rows {
+            8 => dp_block::<8>(depth, a, lda, b, sums, accumulate),
+            7 => dp_block::<7>(depth, a, lda, b, sums, accumulate),
+            6 => dp_block::<6>(depth, a, lda, b, sums, accumulate),
+            5 => dp_block::<5>(depth, a, lda, b, sums, accumulate),
+            4 => dp_block::<4>(depth, a, lda, b, sums, accumulate),
+            3 => dp_block::<3>(depth, a, lda, b, sums, accumulate),
+            2 => dp_block::<2>(depth, a, lda, b, sums, accumulate),
+            _ => dp_block::<1>(depth, a, lda, b, sums, accumulate),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, depth, a, lda, b, sums, accumulate);
+        unreachable!("bf16 tiles are only packed on x86-64");
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -630,6 +849,15 @@ mod tests {
             .collect()
     }
 
+    fn f32_values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn check(m: usize, k: usize, n: usize, dtype: DType, seed: u32) -> Option<()> {
         let x = values(m * k, seed);
         let w = values(n * k, seed + 1);
@@ -646,7 +874,7 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let with_bias = seed % 2 == 0;
+        let with_bias = seed.is_multiple_of(2);
         let packed = PackedLinear::pack(&wt, with_bias.then_some(&bt)).unwrap()?;
         assert_eq!(
             packed
@@ -662,28 +890,10 @@ mod tests {
         let got = packed.forward(&xt).unwrap();
         assert_eq!(got.dims(), &[m, n]);
         assert_eq!(got.dtype(), dtype);
-        let got: Vec<f32> = got
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = f32_values(&got);
         // The reference multiplies the values the kernel saw (rounded to `dtype`).
-        let xr: Vec<f32> = xt
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let wr: Vec<f32> = wt
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let xr = f32_values(&xt);
+        let wr = f32_values(&wt);
         let mut want = reference(&xr, &wr, m, k, n);
         if with_bias {
             let br: Vec<f32> = bt.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
@@ -726,7 +936,7 @@ mod tests {
         let f32_packed = check(9, 300, 50, DType::F32, 1).is_some();
         assert_eq!(f32_packed, has_avx512f());
         let bf16_packed = check(33, 64, 48, DType::BF16, 2).is_some();
-        assert_eq!(bf16_packed, amx_bf16_ready());
+        assert_eq!(bf16_packed, amx_bf16_ready() || has_avx512_bf16());
         // Shapes the tiles do not fit keep candle's matmul.
         assert!(check(4, 40, 48, DType::BF16, 3).is_none());
         let f16 = Tensor::zeros((16, 32), DType::F16, &Device::Cpu).unwrap();

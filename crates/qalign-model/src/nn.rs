@@ -518,6 +518,11 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
+    if mask.is_none()
+        && let Some(context) = crate::cpu_attention::attention(q, k, v, scale)?
+    {
+        return Ok(context);
+    }
     if dtype != DType::F32 && cpu_kernels::applies(&[q, k, v]) {
         // candle's CPU matmul has no half-precision kernel (it widens both operands on every
         // call): run the whole attention in f32 and round its output once.
