@@ -5,18 +5,23 @@
 //! layer, 64 MiB at real width), then reads and rewrites it for the scale and the softmax, and
 //! reads it again for `P·V`: memory traffic, not arithmetic, set its pace. Here each worker takes
 //! one head and a block of query rows, keeps its score rows in cache, and goes straight from
-//! `Q·Kᵀ` through the softmax to `P·V`, with the f32 micro-kernel of [`crate::cpu_matmul`] and
-//! `K`, `Vᵀ` packed once per head.
+//! `Q·Kᵀ` through the softmax to `P·V`, with the micro-kernels of [`crate::cpu_matmul`] and `K`,
+//! `Vᵀ` packed once per head.
 //!
 //! The numbers are the composed form's: f32 scores, scaled, a max-shifted softmax in f32 and f32
-//! sums, with half-precision inputs widened and the output rounded once.
+//! sums, the output rounded once. bf16 inputs go through `vdpbf16ps` where the CPU has it (the
+//! probabilities rounded to bf16 before `P·V`, as the composed form rounds them), and are widened
+//! to f32 elsewhere.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu_matmul::{has_avx512f, matmul_f32_serial, pack_f32, pack_f32_transposed};
+use crate::cpu_matmul::{
+    has_avx512_bf16, has_avx512f, matmul_bf16_dp_serial, matmul_f32_serial, pack_bf16_pairs,
+    pack_bf16_pairs_transposed, pack_f32, pack_f32_transposed,
+};
 use crate::cpu_simd::{bf16_to_f32, divide, exp_shifted_sum, f32_to_bf16, scale_max};
 
 /// Query rows per task: 64 rows of 1025 scores stay in a core's L2.
@@ -83,6 +88,104 @@ fn widened<'a>(
     })
 }
 
+impl AttentionOp {
+    /// f32 throughout: `Q·Kᵀ` and `P·V` with the f32 micro-kernel, `K` and `Vᵀ` packed per head.
+    fn f32_products(&self, q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5]) -> Vec<f32> {
+        let [heads, tq, tk, d, dv] = dims;
+        let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
+            .into_par_iter()
+            .map(|i| {
+                (
+                    pack_f32(&k[i * tk * d..][..tk * d], tk, d),
+                    pack_f32_transposed(&v[i * tk * dv..][..tk * dv], tk, dv),
+                )
+            })
+            .collect();
+        let mut out = vec![0f32; heads * tq * dv];
+        query_blocks(&mut out, tq, dv).for_each_init(Vec::new, |scores, (i, blk, o)| {
+            let rows = o.len() / dv;
+            let q_rows = &q[(i * tq + blk * QUERY_BLOCK) * d..][..rows * d];
+            scores.resize(rows * tk, 0f32);
+            let (k_packed, v_packed) = &packed[i];
+            matmul_f32_serial(q_rows, rows, d, k_packed, tk, scores, tk);
+            for row in scores.chunks_mut(tk) {
+                softmax_scaled(row, self.scale);
+            }
+            matmul_f32_serial(scores, rows, tk, v_packed, dv, o, dv);
+        });
+        out
+    }
+
+    /// bf16 inputs with `vdpbf16ps`: f32 scores and softmax, the probabilities rounded to bf16
+    /// before `P·V` (as the composed form's `probs.to_dtype(bf16)` does), f32 sums.
+    fn bf16_products(&self, q: &[bf16], k: &[bf16], v: &[bf16], dims: [usize; 5]) -> Vec<f32> {
+        let [heads, tq, tk, d, dv] = dims;
+        // P's rows padded to whole k-pairs (the padding multiplies V's zero padding).
+        let tk_even = tk.next_multiple_of(2);
+        let packed: Vec<(Vec<u16>, Vec<u16>)> = (0..heads)
+            .into_par_iter()
+            .map(|i| {
+                (
+                    pack_bf16_pairs(&k[i * tk * d..][..tk * d], tk, d),
+                    pack_bf16_pairs_transposed(&v[i * tk * dv..][..tk * dv], tk, dv),
+                )
+            })
+            .collect();
+        let mut out = vec![0f32; heads * tq * dv];
+        query_blocks(&mut out, tq, dv).for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(scores, probs, scratch), (i, blk, o)| {
+                let rows = o.len() / dv;
+                let q_rows = &q[(i * tq + blk * QUERY_BLOCK) * d..][..rows * d];
+                scores.resize(rows * tk, 0f32);
+                probs.resize(rows * tk_even, bf16::ZERO);
+                let (k_packed, v_packed) = &packed[i];
+                matmul_bf16_dp_serial(q_rows, rows, d, d / 2, k_packed, tk, scores, tk, scratch);
+                for (row, p) in scores.chunks_mut(tk).zip(probs.chunks_mut(tk_even)) {
+                    softmax_scaled(row, self.scale);
+                    f32_to_bf16(row, &mut p[..tk]);
+                }
+                matmul_bf16_dp_serial(
+                    probs,
+                    rows,
+                    tk_even,
+                    tk_even / 2,
+                    v_packed,
+                    dv,
+                    o,
+                    dv,
+                    scratch,
+                );
+            },
+        );
+        out
+    }
+}
+
+/// The output split into (head, query block, rows of that block) tasks.
+fn query_blocks(
+    out: &mut [f32],
+    tq: usize,
+    dv: usize,
+) -> impl ParallelIterator<Item = (usize, usize, &mut [f32])> {
+    out.par_chunks_mut(tq * dv)
+        .enumerate()
+        .flat_map(move |(i, head_out)| {
+            head_out
+                .par_chunks_mut(QUERY_BLOCK * dv)
+                .enumerate()
+                .map(move |(blk, o)| (i, blk, o))
+        })
+}
+
+/// The values of a contiguous bf16 tensor.
+fn bf16_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [bf16]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused attention: input is not contiguous");
+    };
+    Ok(&storage.as_slice::<bf16>()?[start..end])
+}
+
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "qalign-attention"
@@ -102,41 +205,21 @@ impl CustomOp3 for AttentionOp {
         let (_, _, _, dv) = v_layout.shape().dims4()?;
         let heads = b * h;
         let dtype = q.dtype();
-        let (q, k, v) = (
-            widened(q, q_layout)?,
-            widened(k, k_layout)?,
-            widened(v, v_layout)?,
-        );
-        // K as the weight of Q·Kᵀ ([Tk, d]) and V as the transposed weight of P·V ([Tk, dv]).
-        let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
-            .into_par_iter()
-            .map(|i| {
-                (
-                    pack_f32(&k[i * tk * d..][..tk * d], tk, d),
-                    pack_f32_transposed(&v[i * tk * dv..][..tk * dv], tk, dv),
-                )
-            })
-            .collect();
-        let mut out = vec![0f32; heads * tq * dv];
-        out.par_chunks_mut(tq * dv)
-            .enumerate()
-            .flat_map(|(i, head_out)| {
-                head_out
-                    .par_chunks_mut(QUERY_BLOCK * dv)
-                    .enumerate()
-                    .map(move |(blk, o)| (i, blk, o))
-            })
-            .for_each_init(Vec::new, |scores, (i, blk, o)| {
-                let rows = o.len() / dv;
-                let q_rows = &q[(i * tq + blk * QUERY_BLOCK) * d..][..rows * d];
-                scores.resize(rows * tk, 0f32);
-                let (k_packed, v_packed) = &packed[i];
-                matmul_f32_serial(q_rows, rows, d, k_packed, tk, scores, tk);
-                for row in scores.chunks_mut(tk) {
-                    softmax_scaled(row, self.scale);
-                }
-                matmul_f32_serial(scores, rows, tk, v_packed, dv, o, dv);
-            });
+        let out = if dtype == DType::BF16 && d % 2 == 0 && has_avx512_bf16() {
+            self.bf16_products(
+                bf16_slice(q, q_layout)?,
+                bf16_slice(k, k_layout)?,
+                bf16_slice(v, v_layout)?,
+                [heads, tq, tk, d, dv],
+            )
+        } else {
+            let (q, k, v) = (
+                widened(q, q_layout)?,
+                widened(k, k_layout)?,
+                widened(v, v_layout)?,
+            );
+            self.f32_products(&q, &k, &v, [heads, tq, tk, d, dv])
+        };
         let storage = match dtype {
             DType::BF16 => {
                 let mut narrow = vec![bf16::ZERO; out.len()];
@@ -266,10 +349,12 @@ mod tests {
             for (i, &w) in want.iter().enumerate() {
                 let g = got[head * tq * dv + i] as f64;
                 // Outputs are convex combinations of values in [-1, 1]; f32 scores and sums are
-                // good to a few ulps of the largest terms, bf16 output rounding is 2⁻⁸ relative.
+                // good to a few ulps of the largest terms. In bf16 the output rounding is 2⁻⁸
+                // relative, and the probabilities rounded to bf16 before P·V (as in the composed
+                // form) move a combination of |v| ≤ 1 by up to 2⁻⁹.
                 let tol = match dtype {
                     DType::F32 => 1e-5 * (d as f64).sqrt().max(1.0) + 1e-6 * (tk as f64).sqrt(),
-                    _ => w.abs() / 256.0 + 1e-5 * (d as f64).sqrt(),
+                    _ => w.abs() / 256.0 + 1.0 / 512.0 + 1e-5 * (d as f64).sqrt(),
                 };
                 assert!(
                     (g - w).abs() <= tol,
@@ -295,6 +380,7 @@ mod tests {
     #[test]
     fn a_vit_sized_head_matches_the_reference() {
         check(1, 2, 1025, 1025, 64, 64, DType::F32, 7);
+        check(1, 1, 1025, 1025, 64, 64, DType::BF16, 8);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -53,6 +55,13 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 /// QuickGELU, `z·sigmoid(1.702·z)`, elementwise.
 pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&QuickGeluOp)
+}
+
+/// `silu(gate)·up` elementwise, `silu(z) = z / (1 + exp(−z))` (the LLaMA MLP's gate); in half
+/// precision `silu(gate)` is rounded before the product, as the composed form rounds it.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMulOp)
 }
 
 /// The contiguous slice of `storage` that `layout` describes.
@@ -290,5 +299,66 @@ impl CustomOp1 for QuickGeluOp {
             other => candle_core::bail!("quick gelu: unsupported dtype {other:?}"),
         };
         Ok((out, layout.shape().clone()))
+    }
+}
+
+struct SiluMulOp;
+
+impl SiluMulOp {
+    fn run<T: Element>(gate: &[T], up: &[T]) -> CpuStorage {
+        let mut out = vec![T::store(0.0); gate.len()];
+        out.par_chunks_mut(MIN_ROW_CHUNK_ELEMS)
+            .zip(gate.par_chunks(MIN_ROW_CHUNK_ELEMS))
+            .zip(up.par_chunks(MIN_ROW_CHUNK_ELEMS))
+            .for_each(|((out, gate), up)| {
+                let mut silu = vec![0f32; gate.len()];
+                let mut up_wide = vec![0f32; up.len()];
+                T::load_row(gate, &mut silu);
+                T::load_row(up, &mut up_wide);
+                crate::cpu_simd::silu(&mut silu);
+                for (s, &u) in silu.iter_mut().zip(&up_wide) {
+                    *s = T::store(*s).load() * u;
+                }
+                T::store_row(&silu, out);
+            });
+        T::wrap(out)
+    }
+}
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "qalign-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if gate_layout.shape() != up_layout.shape() {
+            candle_core::bail!(
+                "silu·mul: gate {:?} and up {:?} differ in shape",
+                gate_layout.shape(),
+                up_layout.shape()
+            );
+        }
+        let out = match (gate.dtype(), up.dtype()) {
+            (DType::F32, DType::F32) => Self::run(
+                slice::<f32>(gate, gate_layout)?,
+                slice::<f32>(up, up_layout)?,
+            ),
+            (DType::F16, DType::F16) => Self::run(
+                slice::<f16>(gate, gate_layout)?,
+                slice::<f16>(up, up_layout)?,
+            ),
+            (DType::BF16, DType::BF16) => Self::run(
+                slice::<bf16>(gate, gate_layout)?,
+                slice::<bf16>(up, up_layout)?,
+            ),
+            (g, u) => candle_core::bail!("silu·mul: unsupported dtypes {g:?} and {u:?}"),
+        };
+        Ok((out, gate_layout.shape().clone()))
     }
 }

@@ -91,7 +91,7 @@ impl PackedLinear {
             {
                 let w = weight.contiguous()?.flatten_all()?.to_vec1::<bf16>()?;
                 Packed::Bf16Tiles {
-                    tiles: pack_bf16_tiles(&w, out_dim, in_dim),
+                    tiles: pack_bf16_pairs(&w, out_dim, in_dim),
                     amx: amx_bf16_ready(),
                 }
             }
@@ -187,7 +187,7 @@ impl PackedLinear {
                 let mut w = vec![bf16::ZERO; n * k];
                 for (col, row) in w.chunks_mut(k).enumerate() {
                     for (kk, v) in row.iter_mut().enumerate() {
-                        *v = bf16::from_bits(tiles[tile_index(col, kk, k)]);
+                        *v = bf16::from_bits(tiles[pair_index(col, kk, k.div_ceil(2))]);
                     }
                 }
                 Tensor::from_vec(w, (n, k), &Device::Cpu)
@@ -528,30 +528,6 @@ mod avx512 {
     }
 }
 
-/// Index in the tiled layout of weight element `[col, kk]` (`k` = input size).
-fn tile_index(col: usize, kk: usize, k: usize) -> usize {
-    let tiles_per_col_block = k / TILE_K;
-    let tile = (col / TILE_ROWS) * tiles_per_col_block + kk / TILE_K;
-    let (c, kin) = (col % TILE_ROWS, kk % TILE_K);
-    tile * TILE_ELEMS + (kin / 2) * TILE_K + 2 * c + kin % 2
-}
-
-fn pack_bf16_tiles(w: &[bf16], n: usize, k: usize) -> Vec<u16> {
-    let mut out = vec![0u16; n * k];
-    let block = TILE_ROWS * k;
-    out.par_chunks_mut(block)
-        .enumerate()
-        .for_each(|(bn, tiles)| {
-            for c in 0..TILE_ROWS {
-                let col = bn * TILE_ROWS + c;
-                for (kk, v) in w[col * k..][..k].iter().enumerate() {
-                    tiles[tile_index(col, kk, k) - bn * block] = v.to_bits();
-                }
-            }
-        });
-    out
-}
-
 fn matmul_bf16_amx(
     a: &[bf16],
     m: usize,
@@ -624,7 +600,7 @@ fn store_bf16_row(sums: &mut [f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
 }
 
 /// `C = A·Wᵀ (+ bias)` with `vdpbf16ps`: each worker takes three 16-column blocks, sums them
-/// over `DP_PAIRS`-deep slices into an f32 scratch of `m × 48`, then adds the bias and rounds once.
+/// into an f32 scratch of `m × 48` ([`dp_task`]), then adds the bias and rounds once.
 fn matmul_bf16_dp(
     a: &[bf16],
     m: usize,
@@ -634,44 +610,13 @@ fn matmul_bf16_dp(
     bias: Option<&[f32]>,
 ) -> Vec<bf16> {
     let col_blocks = n / TILE_ROWS;
-    let pairs = k / 2;
-    let block_len = pairs * TILE_K;
     let mut c: Vec<bf16> = Vec::with_capacity(m * n);
     let out = OutPtr(c.as_mut_ptr());
     (0..col_blocks.div_ceil(3))
         .into_par_iter()
         .for_each_init(Vec::<f32>::new, |sums, task| {
+            let cols = dp_task(a, m, k, k / 2, tiles, col_blocks, task, sums);
             let bn = 3 * task;
-            let cols = TILE_ROWS * 3.min(col_blocks - bn);
-            // A missing third (or second) block reuses the first; its sums are never stored.
-            let block = |i: usize| {
-                let b = if bn + i < col_blocks { bn + i } else { bn };
-                tiles[b * block_len..][..block_len].as_ptr()
-            };
-            let b = [block(0), block(1), block(2)];
-            sums.clear();
-            sums.resize(m * NR, 0.0);
-            for p0 in (0..pairs).step_by(DP_PAIRS) {
-                let depth = DP_PAIRS.min(pairs - p0);
-                let mut m0 = 0;
-                while m0 < m {
-                    let rows = MR.min(m - m0);
-                    // SAFETY: rows m0.. of `a` hold k values (pairs p0..p0+depth in range), each
-                    // block holds `pairs` vectors, and `sums` holds m rows of 48.
-                    unsafe {
-                        kernel_bf16_dp(
-                            rows,
-                            depth,
-                            a.as_ptr().add(m0 * k + 2 * p0).cast::<u32>(),
-                            pairs,
-                            b.map(|p| p.add(p0 * TILE_K)),
-                            sums.as_mut_ptr().add(m0 * NR),
-                            p0 > 0,
-                        );
-                    }
-                    m0 += rows;
-                }
-            }
             let bias = bias.map(|b| &b[bn * TILE_ROWS..][..cols]);
             for (r, sums) in sums.chunks_exact_mut(NR).enumerate() {
                 // SAFETY: row r, columns bn·16..bn·16+cols lie inside the m×n output, and only
@@ -684,6 +629,118 @@ fn matmul_bf16_dp(
     // SAFETY: the workers above wrote all m·n values.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// `C = A·Wᵀ` in f32 on one thread, for bf16 `a` (`m` rows of `lda` values, `lda` even) and a weight
+/// of `n` columns and `pairs` k-pairs packed by [`pack_bf16_pairs`] or
+/// [`pack_bf16_pairs_transposed`]; `c` holds `m` rows of `ldc ≥ n` values. Needs AVX512-BF16.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16_dp_serial(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    pairs: usize,
+    packed: &[u16],
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let col_blocks = n.div_ceil(TILE_ROWS);
+    assert!(has_avx512_bf16() && lda.is_multiple_of(2) && 2 * pairs <= lda && ldc >= n);
+    assert!(packed.len() >= col_blocks * pairs * TILE_K);
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + 2 * pairs && c.len() >= (m - 1) * ldc + n));
+    for task in 0..col_blocks.div_ceil(3) {
+        let cols = dp_task(a, m, lda, pairs, packed, col_blocks, task, scratch);
+        let c0 = 3 * task * TILE_ROWS;
+        let cols = cols.min(n - c0);
+        for (r, sums) in scratch.chunks_exact(NR).enumerate() {
+            c[r * ldc + c0..][..cols].copy_from_slice(&sums[..cols]);
+        }
+    }
+}
+
+/// `sums` (`m × 48`, f32) `= A·[B₀ B₁ B₂]` for column blocks `3·task..` of a pair-packed weight
+/// (`col_blocks` blocks of `pairs` vectors), over `DP_PAIRS`-deep slices. Returns how many of the
+/// 48 columns are real (a missing second or third block reuses the first, and is not stored).
+#[allow(clippy::too_many_arguments)]
+fn dp_task(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    pairs: usize,
+    packed: &[u16],
+    col_blocks: usize,
+    task: usize,
+    sums: &mut Vec<f32>,
+) -> usize {
+    let bn = 3 * task;
+    let block_len = pairs * TILE_K;
+    let block = |i: usize| {
+        let b = if bn + i < col_blocks { bn + i } else { bn };
+        packed[b * block_len..][..block_len].as_ptr()
+    };
+    let b = [block(0), block(1), block(2)];
+    sums.clear();
+    sums.resize(m * NR, 0.0);
+    for p0 in (0..pairs).step_by(DP_PAIRS) {
+        let depth = DP_PAIRS.min(pairs - p0);
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = MR.min(m - m0);
+            // SAFETY: rows m0.. of `a` hold 2·pairs values at stride lda (even, checked by the
+            // callers), each block holds `pairs` vectors, and `sums` holds m rows of 48.
+            unsafe {
+                kernel_bf16_dp(
+                    rows,
+                    depth,
+                    a.as_ptr().add(m0 * lda + 2 * p0).cast::<u32>(),
+                    lda / 2,
+                    b.map(|p| p.add(p0 * TILE_K)),
+                    sums.as_mut_ptr().add(m0 * NR),
+                    p0 > 0,
+                );
+            }
+            m0 += rows;
+        }
+    }
+    TILE_ROWS * 3.min(col_blocks - bn)
+}
+
+/// Index of weight element `[col, kk]` in the pair layout of [`pack_bf16_pairs`]: `ceil(n/16)`
+/// blocks of `pairs` k-pairs × 16 columns × 2 values. With 16 | n and 32 | k it is also AMX's
+/// tile layout: each block is `k/32` consecutive tiles of 16 pairs.
+fn pair_index(col: usize, kk: usize, pairs: usize) -> usize {
+    ((col / TILE_ROWS) * pairs + kk / 2) * TILE_K + 2 * (col % TILE_ROWS) + kk % 2
+}
+
+/// Packs `w` `[n, k]` into the pair layout (zero-padded to whole blocks and pairs).
+pub(crate) fn pack_bf16_pairs(w: &[bf16], n: usize, k: usize) -> Vec<u16> {
+    let pairs = k.div_ceil(2);
+    let block_len = pairs * TILE_K;
+    let mut out = vec![0u16; n.div_ceil(TILE_ROWS) * block_len];
+    out.par_chunks_mut(block_len)
+        .enumerate()
+        .for_each(|(bn, block)| {
+            for col in bn * TILE_ROWS..n.min((bn + 1) * TILE_ROWS) {
+                for (kk, v) in w[col * k..][..k].iter().enumerate() {
+                    block[pair_index(col, kk, pairs) - bn * block_len] = v.to_bits();
+                }
+            }
+        });
+    out
+}
+
+/// Like [`pack_bf16_pairs`] for a weight given transposed, `wt` `[k, n]` (the `V` of `P·V`).
+pub(crate) fn pack_bf16_pairs_transposed(wt: &[bf16], k: usize, n: usize) -> Vec<u16> {
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0u16; n.div_ceil(TILE_ROWS) * pairs * TILE_K];
+    for (kk, row) in wt.chunks_exact(n).take(k).enumerate() {
+        for (col, v) in row.iter().enumerate() {
+            out[pair_index(col, kk, pairs)] = v.to_bits();
+        }
+    }
+    out
 }
 
 /// Dispatches to the `vdpbf16ps` micro-kernel for `rows` (1..=8) rows.

@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LlmConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::nn::{Derived, Linear, attention, merge_heads, project, rms_normalize, split_heads};
+use crate::nn::{
+    Derived, Linear, attention, merge_heads, project, rms_normalize, silu_mul, split_heads,
+};
 
 /// Modality indicator of text tokens (and padding).
 pub const TEXT_MODALITY: u8 = 0;
@@ -300,7 +302,7 @@ impl LlamaMlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        let gated = silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
     }
 }

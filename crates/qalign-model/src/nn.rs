@@ -492,6 +492,14 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
+/// `silu(gate)·up`, the gated activation of the LLaMA MLP.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(&[gate, up]) && gate.dims() == up.dims() && gate.dtype() == up.dtype() {
+        return Ok(cpu_kernels::silu_mul(gate, up)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
 /// Splits `[B, T, heads·head_dim]` into contiguous heads `[B, heads, T, head_dim]`.
 pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
@@ -604,7 +612,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
         #[test]
-        fn fused_norms_and_quick_gelu_match_their_compositions(
+        fn fused_norms_and_activations_match_their_compositions(
             values in prop::collection::vec(-8.0f32..8.0, 8..600),
             dim in 1usize..70,
             offset in -50.0f32..50.0,
@@ -641,6 +649,15 @@ mod tests {
             // The composition rounds 1.702·z and the sigmoid to `dtype` before multiplying.
             let tol = if dtype == DType::F32 { 1e-5 * magnitude } else { 3.0 * bound(dtype, magnitude) };
             prop_assert!(max_abs_diff(&fused, &composed) <= tol, "quick gelu {dtype:?}");
+
+            let up = (x.affine(0.5, 1.0).unwrap()).to_dtype(dtype).unwrap();
+            let fused = silu_mul(&x, &up).unwrap();
+            prop_assert_eq!(fused.dtype(), dtype);
+            let composed = silu_mul(&tracked(&x), &up).unwrap();
+            // |silu(z)·(z/2 + 1)| ≤ m·(m/2 + 1); half precision rounds silu(z) and the product.
+            let product = magnitude * (magnitude / 2.0 + 1.0);
+            let tol = if dtype == DType::F32 { 1e-5 * product } else { 3.0 * bound(dtype, product) };
+            prop_assert!(max_abs_diff(&fused, &composed) <= tol, "silu·mul {dtype:?}");
         }
     }
 
