@@ -91,6 +91,12 @@ trait Element: WithDType + Copy + Send + Sync {
             *d = Self::store(s);
         }
     }
+    /// Rounds f32 values to this type's precision (and back), in place.
+    fn round_row(row: &mut [f32]) {
+        for v in row.iter_mut() {
+            *v = Self::store(*v).load();
+        }
+    }
 }
 
 impl Element for f32 {
@@ -103,6 +109,7 @@ impl Element for f32 {
     fn wrap(data: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(data)
     }
+    fn round_row(_: &mut [f32]) {}
 }
 
 impl Element for f16 {
@@ -132,6 +139,14 @@ impl Element for bf16 {
     }
     fn store_row(src: &[f32], dst: &mut [Self]) {
         crate::cpu_simd::f32_to_bf16(src, dst);
+    }
+    fn round_row(row: &mut [f32]) {
+        let mut narrow = [bf16::ZERO; BLOCK];
+        for part in row.chunks_mut(BLOCK) {
+            let narrow = &mut narrow[..part.len()];
+            crate::cpu_simd::f32_to_bf16(part, narrow);
+            crate::cpu_simd::bf16_to_f32(narrow, part);
+        }
     }
 }
 
@@ -189,9 +204,12 @@ impl LayerNormOp {
                 / n;
             let inv_std = (1.0 / (var + self.eps).sqrt()) as f32;
             let mean = mean as f32;
-            for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
-                *o = T::store((v.load() - mean) * inv_std * w + b);
+            let mut row = vec![0f32; x.len()];
+            T::load_row(x, &mut row);
+            for ((v, &w), &b) in row.iter_mut().zip(weight).zip(bias) {
+                *v = (*v - mean) * inv_std * w + b;
             }
+            T::store_row(&row, out);
         })
     }
 }
@@ -247,9 +265,12 @@ impl RmsNormalizeOp {
                 .sum::<f64>()
                 / n;
             let inv_rms = (1.0 / (mean_sq + self.eps).sqrt()) as f32;
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = T::store(v.load() * inv_rms);
+            let mut row = vec![0f32; x.len()];
+            T::load_row(x, &mut row);
+            for v in row.iter_mut() {
+                *v *= inv_rms;
             }
+            T::store_row(&row, out);
         })
     }
 }
@@ -304,24 +325,91 @@ impl CustomOp1 for QuickGeluOp {
 
 struct SiluMulOp;
 
+/// Values per stack block of the elementwise kernels.
+const BLOCK: usize = 512;
+
+/// `out = f(a, b)` elementwise through f32 blocks on the stack, in parallel over chunks; `f` gets
+/// a block of `a` to overwrite and the matching block of `b`.
+fn zip_map<T: Element>(a: &[T], b: &[T], f: impl Fn(&mut [f32], &[f32]) + Sync) -> CpuStorage {
+    let mut out = vec![T::store(0.0); a.len()];
+    out.par_chunks_mut(MIN_ROW_CHUNK_ELEMS)
+        .zip(a.par_chunks(MIN_ROW_CHUNK_ELEMS))
+        .zip(b.par_chunks(MIN_ROW_CHUNK_ELEMS))
+        .for_each(|((out, a), b)| {
+            let (mut wa, mut wb) = ([0f32; BLOCK], [0f32; BLOCK]);
+            for ((out, a), b) in out
+                .chunks_mut(BLOCK)
+                .zip(a.chunks(BLOCK))
+                .zip(b.chunks(BLOCK))
+            {
+                let (wa, wb) = (&mut wa[..a.len()], &mut wb[..b.len()]);
+                T::load_row(a, wa);
+                T::load_row(b, wb);
+                f(wa, wb);
+                T::store_row(wa, out);
+            }
+        });
+    T::wrap(out)
+}
+
 impl SiluMulOp {
     fn run<T: Element>(gate: &[T], up: &[T]) -> CpuStorage {
-        let mut out = vec![T::store(0.0); gate.len()];
-        out.par_chunks_mut(MIN_ROW_CHUNK_ELEMS)
-            .zip(gate.par_chunks(MIN_ROW_CHUNK_ELEMS))
-            .zip(up.par_chunks(MIN_ROW_CHUNK_ELEMS))
-            .for_each(|((out, gate), up)| {
-                let mut silu = vec![0f32; gate.len()];
-                let mut up_wide = vec![0f32; up.len()];
-                T::load_row(gate, &mut silu);
-                T::load_row(up, &mut up_wide);
-                crate::cpu_simd::silu(&mut silu);
-                for (s, &u) in silu.iter_mut().zip(&up_wide) {
-                    *s = T::store(*s).load() * u;
-                }
-                T::store_row(&silu, out);
-            });
-        T::wrap(out)
+        zip_map(gate, up, |silu, up| {
+            crate::cpu_simd::silu(silu);
+            T::round_row(silu);
+            for (s, &u) in silu.iter_mut().zip(up) {
+                *s *= u;
+            }
+        })
+    }
+}
+
+/// `a + b` elementwise (same shape), summed in f32 and rounded once, as candle's add does.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddOp)
+}
+
+struct AddOp;
+
+impl CustomOp2 for AddOp {
+    fn name(&self) -> &'static str {
+        "qalign-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if a_layout.shape() != b_layout.shape() {
+            candle_core::bail!(
+                "add: {:?} and {:?} differ in shape",
+                a_layout.shape(),
+                b_layout.shape()
+            );
+        }
+        fn sum(a: &mut [f32], b: &[f32]) {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        let out = match (a.dtype(), b.dtype()) {
+            (DType::F32, DType::F32) => {
+                zip_map(slice::<f32>(a, a_layout)?, slice::<f32>(b, b_layout)?, sum)
+            }
+            (DType::F16, DType::F16) => {
+                zip_map(slice::<f16>(a, a_layout)?, slice::<f16>(b, b_layout)?, sum)
+            }
+            (DType::BF16, DType::BF16) => zip_map(
+                slice::<bf16>(a, a_layout)?,
+                slice::<bf16>(b, b_layout)?,
+                sum,
+            ),
+            (x, y) => candle_core::bail!("add: unsupported dtypes {x:?} and {y:?}"),
+        };
+        Ok((out, a_layout.shape().clone()))
     }
 }
 

@@ -575,7 +575,7 @@ fn matmul_bf16_amx(
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(out.at((m0 + r) * n + bn * TILE_ROWS), cols)
                     };
-                    let sums = &mut sums[r * AMX_BLOCK..][..cols];
+                    let sums = &sums[r * AMX_BLOCK..][..cols];
                     store_bf16_row(sums, bias.map(|b| &b[bn * TILE_ROWS..][..cols]), dst);
                 }
                 m0 += rows;
@@ -590,13 +590,8 @@ fn matmul_bf16_amx(
 }
 
 /// Adds the bias to a row of f32 sums and rounds it, once, into the bf16 output.
-fn store_bf16_row(sums: &mut [f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
-    if let Some(bias) = bias {
-        for (s, &b) in sums.iter_mut().zip(bias) {
-            *s += b;
-        }
-    }
-    crate::cpu_simd::f32_to_bf16(sums, dst);
+fn store_bf16_row(sums: &[f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
+    crate::cpu_simd::f32_plus_to_bf16(sums, bias, dst);
 }
 
 /// `C = A·Wᵀ (+ bias)` with `vdpbf16ps`: each worker takes three 16-column blocks, sums them
@@ -618,12 +613,12 @@ fn matmul_bf16_dp(
             let cols = dp_task(a, m, k, k / 2, tiles, col_blocks, task, sums);
             let bn = 3 * task;
             let bias = bias.map(|b| &b[bn * TILE_ROWS..][..cols]);
-            for (r, sums) in sums.chunks_exact_mut(NR).enumerate() {
+            for (r, sums) in sums.chunks_exact(NR).enumerate() {
                 // SAFETY: row r, columns bn·16..bn·16+cols lie inside the m×n output, and only
                 // this worker writes those columns.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.at(r * n + bn * TILE_ROWS), cols) };
-                store_bf16_row(&mut sums[..cols], bias, dst);
+                store_bf16_row(&sums[..cols], bias, dst);
             }
         });
     // SAFETY: the workers above wrote all m·n values.
@@ -681,8 +676,11 @@ fn dp_task(
         packed[b * block_len..][..block_len].as_ptr()
     };
     let b = [block(0), block(1), block(2)];
-    sums.clear();
+    // The first pass writes every sum, so only an empty product needs zeros.
     sums.resize(m * NR, 0.0);
+    if pairs == 0 {
+        sums.fill(0.0);
+    }
     for p0 in (0..pairs).step_by(DP_PAIRS) {
         let depth = DP_PAIRS.min(pairs - p0);
         let mut m0 = 0;

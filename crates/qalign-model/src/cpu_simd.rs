@@ -45,7 +45,11 @@ pub(crate) fn scale_max(row: &mut [f32], scale: f32) -> f32 {
 
 /// `row[i] ← row[i] / divisor` (a true division, as candle's softmax does).
 pub(crate) fn divide(row: &mut [f32], divisor: f32) {
-    // A plain loop: the compiler vectorises it at the baseline width, which is enough here.
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::divide(row, divisor) };
+    }
     for x in row.iter_mut() {
         *x /= divisor;
     }
@@ -90,14 +94,23 @@ pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
 
 /// `dst[i] = src[i]` rounded to nearest-even, bit for bit as `bf16::from_f32` (NaN stays NaN).
 pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    f32_plus_to_bf16(src, None, dst);
+}
+
+/// `dst[i] = src[i] + bias[i]` (f32 sum) rounded as [`f32_to_bf16`] rounds.
+pub(crate) fn f32_plus_to_bf16(src: &[f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
     assert_eq!(src.len(), dst.len(), "f32 → bf16: lengths differ");
+    assert!(
+        bias.is_none_or(|b| b.len() == src.len()),
+        "f32 → bf16: bias length differs"
+    );
     #[cfg(target_arch = "x86_64")]
     if has_avx512f() {
         // SAFETY: the CPU has AVX-512F; the lengths match.
-        return unsafe { avx512::f32_to_bf16(src, dst) };
+        return unsafe { avx512::f32_plus_to_bf16(src, bias, dst) };
     }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_f32(*s);
+    for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+        *d = bf16::from_f32(s + bias.map_or(0.0, |b| b[i]));
     }
 }
 
@@ -168,6 +181,23 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn divide(row: &mut [f32], divisor: f32) {
+        let len = row.len();
+        let ptr = row.as_mut_ptr();
+        let divisor = _mm512_set1_ps(divisor);
+        let mut i = 0;
+        while i < len {
+            let mask = tail_mask(len, i);
+            // SAFETY: the mask keeps every access inside the row.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, ptr.add(i));
+                _mm512_mask_storeu_ps(ptr.add(i), mask, _mm512_div_ps(x, divisor));
+            }
+            i += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scale_max(row: &mut [f32], scale: f32) -> f32 {
         let len = row.len();
         let ptr = row.as_mut_ptr();
@@ -227,28 +257,33 @@ mod avx512 {
     /// Full vectors only (a masked narrowing store is slow on some CPUs); the tail goes through
     /// `bf16::from_f32`, which rounds the same way.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    pub(super) unsafe fn f32_plus_to_bf16(src: &[f32], bias: Option<&[f32]>, dst: &mut [bf16]) {
         let whole = src.len() / 16 * 16;
         let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
         let one = _mm512_set1_epi32(1);
-        let bias = _mm512_set1_epi32(0x7fff);
+        let half_ulp = _mm512_set1_epi32(0x7fff);
         let quiet = _mm512_set1_epi32(0x40);
         for i in (0..whole).step_by(16) {
             // SAFETY: 16 values from i lie inside both slices (of equal length).
             unsafe {
-                let v = _mm512_loadu_ps(s.add(i));
+                let mut v = _mm512_loadu_ps(s.add(i));
+                if let Some(b) = bias {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(b.as_ptr().add(i)));
+                }
                 let bits = _mm512_castps_si512(v);
                 let high = _mm512_srli_epi32::<16>(bits);
                 let lsb = _mm512_and_si512(high, one);
-                let rounded =
-                    _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb)));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                    bits,
+                    _mm512_add_epi32(half_ulp, lsb),
+                ));
                 let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let out = _mm512_mask_or_epi32(rounded, nan, high, quiet);
                 _mm256_storeu_si256(d.add(i).cast(), _mm512_cvtepi32_epi16(out));
             }
         }
-        for (d, &s) in dst[whole..].iter_mut().zip(&src[whole..]) {
-            *d = bf16::from_f32(s);
+        for i in whole..src.len() {
+            dst[i] = bf16::from_f32(src[i] + bias.map_or(0.0, |b| b[i]));
         }
     }
 }
@@ -289,6 +324,12 @@ mod tests {
             for (&v, n) in values.iter().zip(&narrow) {
                 prop_assert_eq!(n.to_bits(), bf16::from_f32(v).to_bits(), "{}", v);
             }
+            let bias: Vec<f32> = (0..values.len()).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let mut biased = vec![bf16::ZERO; values.len()];
+            f32_plus_to_bf16(&values, Some(&bias), &mut biased);
+            for ((&v, &b), n) in values.iter().zip(&bias).zip(&biased) {
+                prop_assert_eq!(n.to_bits(), bf16::from_f32(v + b).to_bits(), "{} + {}", v, b);
+            }
             let mut wide = vec![0f32; narrow.len()];
             bf16_to_f32(&narrow, &mut wide);
             for (n, w) in narrow.iter().zip(&wide) {
@@ -303,6 +344,10 @@ mod tests {
             let want: Vec<f32> = values.iter().map(|v| v * scale).collect();
             prop_assert_eq!(&row, &want);
             prop_assert_eq!(max, want.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let mut divided = values.clone();
+            divide(&mut divided, scale);
+            let want: Vec<f32> = values.iter().map(|v| v / scale).collect();
+            prop_assert_eq!(&divided, &want);
             let mut gelu = values.clone();
             quick_gelu(&mut gelu);
             for (&z, &g) in values.iter().zip(&gelu) {

@@ -11,7 +11,8 @@ use crate::config::{LlmConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 use crate::nn::{
-    Derived, Linear, attention, merge_heads, project, rms_normalize, silu_mul, split_heads,
+    Derived, Linear, attention, merge_heads, project, residual_add, rms_normalize, silu_mul,
+    split_heads,
 };
 
 /// Modality indicator of text tokens (and padding).
@@ -344,11 +345,11 @@ impl DecoderLayer {
             rope,
             mask,
         )?;
-        let h = (x + attn)?;
+        let h = residual_add(x, &attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h, routing)?)?;
-        Ok((h + mlp)?)
+        residual_add(&h, &mlp)
     }
 }
 

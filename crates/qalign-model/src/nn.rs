@@ -492,6 +492,14 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
+/// `a + b` for two tensors of one shape and dtype (the residual connections).
+pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(&[a, b]) && a.dims() == b.dims() && a.dtype() == b.dtype() {
+        return Ok(cpu_kernels::add(a, b)?);
+    }
+    Ok((a + b)?)
+}
+
 /// `silu(gate)·up`, the gated activation of the LLaMA MLP.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if cpu_kernels::applies(&[gate, up]) && gate.dims() == up.dims() && gate.dtype() == up.dtype() {
@@ -658,6 +666,11 @@ mod tests {
             let product = magnitude * (magnitude / 2.0 + 1.0);
             let tol = if dtype == DType::F32 { 1e-5 * product } else { 3.0 * bound(dtype, product) };
             prop_assert!(max_abs_diff(&fused, &composed) <= tol, "silu·mul {dtype:?}");
+
+            // The sum is rounded once either way: bit for bit.
+            let fused = residual_add(&x, &up).unwrap();
+            let composed = residual_add(&tracked(&x), &up).unwrap();
+            prop_assert_eq!(max_abs_diff(&fused, &composed), 0.0, "add {:?}", dtype);
         }
     }
 

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
-use crate::nn::{Derived, LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads};
+use crate::nn::{
+    Derived, LayerNorm, Linear, attention, merge_heads, quick_gelu, residual_add, split_heads,
+};
 
 /// Conv2d(kernel = stride = patch, no bias) computed as one matmul over flattened patches.
 #[derive(Debug, Clone)]
@@ -168,12 +170,16 @@ impl VisionEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?)?)?;
-        let out = (&h
-            + self
+        let h = residual_add(
+            x,
+            &self.self_attn.forward(&self.input_layernorm.forward(x)?)?,
+        )?;
+        residual_add(
+            &h,
+            &self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
-        Ok(out)
+                .forward(&self.post_attention_layernorm.forward(&h)?)?,
+        )
     }
 }
 
