@@ -326,14 +326,7 @@ mod tests {
         };
         assert_eq!(got.dims(), &[b, h, tq, dv]);
         assert_eq!(got.dtype(), dtype);
-        let flat = |t: &Tensor| -> Vec<f32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let flat = crate::cpu_matmul::tests::f32_values;
         let (got, q, k, v) = (flat(&got), flat(&q), flat(&k), flat(&v));
         for head in 0..b * h {
             let want = reference(

@@ -875,7 +875,7 @@ mod amx {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -904,7 +904,8 @@ mod tests {
             .collect()
     }
 
-    fn f32_values(t: &Tensor) -> Vec<f32> {
+    /// The values of any float tensor, as f32 (shared with the attention tests).
+    pub(crate) fn f32_values(t: &Tensor) -> Vec<f32> {
         t.to_dtype(DType::F32)
             .unwrap()
             .flatten_all()
