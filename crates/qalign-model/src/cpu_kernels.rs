@@ -28,11 +28,32 @@ pub fn applies(operands: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && !t.track_op())
 }
 
+/// Which CPU kernels run, from `QALIGN_CPU_KERNELS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelMode {
+    /// The fastest kernels this CPU has (the default).
+    Best,
+    /// `avx2`: only the kernels a CPU with AVX2 and FMA but no AVX-512 has, to measure that
+    /// fallback on a newer CPU (candle's own ops still use whatever the CPU has).
+    Avx2,
+    /// `composed`: none; candle's composed ops and matmuls, to compare against in one benchmark.
+    Composed,
+}
+
+/// The [`KernelMode`] `QALIGN_CPU_KERNELS` asks for, read once.
+pub fn mode() -> KernelMode {
+    static MODE: OnceLock<KernelMode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("QALIGN_CPU_KERNELS").as_deref() {
+        Ok("composed") => KernelMode::Composed,
+        Ok("avx2") => KernelMode::Avx2,
+        _ => KernelMode::Best,
+    })
+}
+
 /// Whether the fused kernels (and packed matmuls, `crate::cpu_matmul`) are on: they are unless
 /// `QALIGN_CPU_KERNELS=composed`.
 pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("QALIGN_CPU_KERNELS").map_or(true, |v| v != "composed"))
+    mode() != KernelMode::Composed
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·weight + bias`, with a centred

@@ -9,11 +9,15 @@
 //! - bf16, on CPUs with AMX-BF16 or AVX512-BF16: 16×32 tiles in AMX's pair-interleaved layout
 //!   (each 64-byte row is one k-pair of 16 columns, so a 16-column block is also a panel of
 //!   AVX-512 vectors), multiplied by `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, an 8×48
-//!   micro-kernel) with f32 accumulation and one rounding to bf16 at the end.
+//!   micro-kernel) with f32 accumulation and one rounding to bf16 at the end;
+//! - bf16 on CPUs with AVX2 and FMA only: the same tiles, each 128-pair slice of a 16-column block
+//!   widened to f32 (exactly: a shift or a mask) into an L1 scratch once and reused for every row,
+//!   by a 6×16 FMA micro-kernel (the products and f32 sums of candle's widening matmul, without
+//!   widening the whole weight on every call).
 //!
 //! Elsewhere (f16, other CPUs, shapes the tiles do not fit) [`PackedLinear::pack`] returns `None`
 //! and the layer keeps candle's matmul. `QALIGN_CPU_KERNELS=composed` turns packing off, so both
-//! paths run from one binary.
+//! paths run from one binary, and `QALIGN_CPU_KERNELS=avx2` picks what an AVX2-only CPU would.
 
 use std::sync::OnceLock;
 
@@ -22,19 +26,21 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Output columns per f32 panel: three AVX-512 vectors.
-const NR: usize = 48;
+pub(crate) const NR: usize = 48;
 /// Rows per f32 micro-kernel call.
-const MR: usize = 8;
+pub(crate) const MR: usize = 8;
 /// Depth of one f32 pass (a 48 KiB slice of a panel, reused for every row block).
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 /// AMX tile: 16 rows of 64 bytes (16 f32 or 32 bf16).
-const TILE_ROWS: usize = 16;
+pub(crate) const TILE_ROWS: usize = 16;
 const TILE_K: usize = 32;
 const TILE_ELEMS: usize = TILE_ROWS * TILE_K;
 /// Rows (and columns) of one AMX block: 2×2 accumulator tiles.
 const AMX_BLOCK: usize = 2 * TILE_ROWS;
 /// k-pairs per `vdpbf16ps` pass: 128 pairs of three 16-column blocks are a 24 KiB slice.
 const DP_PAIRS: usize = 128;
+/// Rows per AVX2 micro-kernel call (12 accumulators of the 16 ymm registers).
+pub(crate) const MR_AVX2: usize = 6;
 
 /// A `[out, in]` weight, packed for one of the kernels above.
 pub struct PackedLinear {
@@ -49,16 +55,49 @@ enum Packed {
     /// `ceil(out/48)` panels of `in × 48` values, zero-padded past `out`.
     F32(Vec<f32>),
     /// `out/16 × in/32` tiles of 16 (pairs of k) × 16 (columns) × 2 bf16 bit patterns, for
-    /// the AMX kernel or the AVX512-BF16 one (`amx` says which).
-    Bf16Tiles { tiles: Vec<u16>, amx: bool },
+    /// `kernel`.
+    Bf16Tiles { tiles: Vec<u16>, kernel: Bf16Kernel },
+}
+
+/// The kernels that multiply bf16 tiles, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Kernel {
+    /// AMX `tdpbf16ps`, 32×32 blocks.
+    Amx,
+    /// AVX512-BF16 `vdpbf16ps`, 8×48 blocks.
+    DotProduct,
+    /// AVX2 FMA on weights widened slice by slice, 6×16 blocks.
+    Avx2,
+}
+
+impl Bf16Kernel {
+    /// The fastest one this CPU has (within `QALIGN_CPU_KERNELS`), if any.
+    pub(crate) fn detect() -> Option<Self> {
+        if amx_bf16_ready() {
+            Some(Self::Amx)
+        } else if has_avx512_bf16() {
+            Some(Self::DotProduct)
+        } else if has_avx2_fma() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Amx => "bf16 AMX tiles",
+            Self::DotProduct => "bf16 AVX512-BF16 tiles",
+            Self::Avx2 => "bf16 tiles widened for AVX2",
+        }
+    }
 }
 
 impl std::fmt::Debug for PackedLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.weights {
             Packed::F32(_) => "f32 panels",
-            Packed::Bf16Tiles { amx: true, .. } => "bf16 AMX tiles",
-            Packed::Bf16Tiles { amx: false, .. } => "bf16 AVX512-BF16 tiles",
+            Packed::Bf16Tiles { kernel, .. } => kernel.name(),
         };
         f.debug_struct("PackedLinear")
             .field("out_dim", &self.out_dim)
@@ -72,6 +111,15 @@ impl PackedLinear {
     /// Packs a CPU weight `[out, in]` (and its bias `[out]`, added in the kernel) for the kernel
     /// its dtype has on this CPU, or `None` when there is none.
     pub fn pack(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Option<Self>> {
+        Self::pack_for(weight, bias, Bf16Kernel::detect())
+    }
+
+    /// [`Self::pack`] with bf16 weights packed for `bf16_kernel` (which the CPU must have).
+    fn pack_for(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        bf16_kernel: Option<Bf16Kernel>,
+    ) -> candle_core::Result<Option<Self>> {
         if !weight.device().is_cpu() || !crate::cpu_kernels::enabled() {
             return Ok(None);
         }
@@ -84,15 +132,14 @@ impl PackedLinear {
                 let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 Packed::F32(pack_f32(&w, out_dim, in_dim))
             }
-            DType::BF16
-                if out_dim % TILE_ROWS == 0
-                    && in_dim % TILE_K == 0
-                    && (amx_bf16_ready() || has_avx512_bf16()) =>
-            {
+            DType::BF16 if out_dim % TILE_ROWS == 0 && in_dim % TILE_K == 0 => {
+                let Some(kernel) = bf16_kernel else {
+                    return Ok(None);
+                };
                 let w = weight.contiguous()?.flatten_all()?.to_vec1::<bf16>()?;
                 Packed::Bf16Tiles {
                     tiles: pack_bf16_pairs(&w, out_dim, in_dim),
-                    amx: amx_bf16_ready(),
+                    kernel,
                 }
             }
             _ => return Ok(None),
@@ -152,12 +199,21 @@ impl PackedLinear {
                 self.out_dim,
                 bias,
             )),
-            (Packed::Bf16Tiles { tiles, amx: true }, CpuStorage::BF16(a)) => CpuStorage::BF16(
-                matmul_bf16_amx(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
-            ),
-            (Packed::Bf16Tiles { tiles, amx: false }, CpuStorage::BF16(a)) => CpuStorage::BF16(
-                matmul_bf16_dp(&a[a_range], rows, self.in_dim, tiles, self.out_dim, bias),
-            ),
+            (Packed::Bf16Tiles { tiles, kernel }, CpuStorage::BF16(a)) => {
+                let matmul = match kernel {
+                    Bf16Kernel::Amx => matmul_bf16_amx,
+                    Bf16Kernel::DotProduct => matmul_bf16_dp,
+                    Bf16Kernel::Avx2 => matmul_bf16_avx2,
+                };
+                CpuStorage::BF16(matmul(
+                    &a[a_range],
+                    rows,
+                    self.in_dim,
+                    tiles,
+                    self.out_dim,
+                    bias,
+                ))
+            }
             _ => candle_core::bail!("packed linear: input storage does not match its dtype"),
         };
         drop(storage);
@@ -196,10 +252,11 @@ impl PackedLinear {
     }
 }
 
+/// Whether the AVX-512 kernels may run: the CPU has AVX-512F and `QALIGN_CPU_KERNELS` is not `avx2`.
 pub(crate) fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        best_kernels() && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -207,12 +264,11 @@ pub(crate) fn has_avx512f() -> bool {
     }
 }
 
-/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`).
+/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), and it may be used (as [`has_avx512f`]).
 pub(crate) fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        has_avx512f() && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -220,39 +276,57 @@ pub(crate) fn has_avx512_bf16() -> bool {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA (the floor of the bf16 kernels).
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether kernels beyond AVX2 may run (`QALIGN_CPU_KERNELS` is not `avx2`).
+fn best_kernels() -> bool {
+    crate::cpu_kernels::mode() == crate::cpu_kernels::KernelMode::Best
+}
+
 /// Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers
-/// (Linux asks each process to request them once).
+/// (Linux asks each process to request them once), and they may be used (as [`has_avx512f`]).
 pub fn amx_bf16_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        {
-            // CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
-            let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-            if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
-                return false;
+    best_kernels()
+        && *READY.get_or_init(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                // CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+                let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+                if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+                    return false;
+                }
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                // SAFETY: a plain syscall with integer arguments; it only grants a permission.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    ) == 0
+                }
             }
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: a plain syscall with integer arguments; it only grants a permission.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                ) == 0
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            {
+                false
             }
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        {
-            false
-        }
-    })
+        })
 }
 
 /// A raw output pointer that workers write disjoint parts of.
 #[derive(Clone, Copy)]
-struct OutPtr<T>(*mut T);
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
 // SAFETY: every worker writes only its own columns (f32) or column pairs (AMX) of the output.
 unsafe impl<T> Send for OutPtr<T> {}
 unsafe impl<T> Sync for OutPtr<T> {}
@@ -262,7 +336,7 @@ impl<T> OutPtr<T> {
     ///
     /// # Safety
     /// `offset` lies inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut T {
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut T {
         // SAFETY: forwarded to the caller.
         unsafe { self.0.add(offset) }
     }
@@ -388,9 +462,13 @@ unsafe fn panel_product(
     }
 }
 
-/// Dispatches to the micro-kernel for `rows` (1..=8) rows.
+/// Dispatches to the AVX-512 micro-kernel for `rows` (1..=8) rows: `C[rows×cols] (+)= A·B (+ bias)`
+/// for f32 `a` (`rows` rows of `lda`), a panel `b` of `depth` rows of 48, and `c` rows `ldc` apart.
+///
+/// # Safety
+/// The CPU has AVX-512F, and the pointers cover those extents (`bias`: null or `cols` values).
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_f32(
+pub(crate) unsafe fn kernel_f32(
     rows: usize,
     depth: usize,
     a: *const f32,
@@ -626,6 +704,95 @@ fn matmul_bf16_dp(
     c
 }
 
+/// `C = A·Wᵀ (+ bias)` with AVX2 FMA: `A` is widened to f32 once; each worker takes one 16-column
+/// block and, `DP_PAIRS` k-pairs at a time, widens that slice of it into an f32 panel it then reuses
+/// for every row, sums into an f32 scratch of `m × 16`, and adds the bias and rounds once.
+fn matmul_bf16_avx2(
+    a: &[bf16],
+    m: usize,
+    k: usize,
+    tiles: &[u16],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<bf16> {
+    if m == 0 {
+        return Vec::new();
+    }
+    const ROWS_PER_TASK: usize = 16;
+    let mut wide_a = vec![0f32; m * k];
+    wide_a
+        .par_chunks_mut(ROWS_PER_TASK * k)
+        .zip(a.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(dst, src)| crate::cpu_simd::bf16_to_f32(src, dst));
+    let col_blocks = n / TILE_ROWS;
+    let pairs = k / 2;
+    let block_len = pairs * TILE_K;
+    let mut c: Vec<bf16> = Vec::with_capacity(m * n);
+    let out = OutPtr(c.as_mut_ptr());
+    (0..col_blocks).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; 2 * DP_PAIRS * TILE_ROWS],
+                vec![0f32; m * TILE_ROWS],
+            )
+        },
+        |(panel, sums), bn| {
+            let block = &tiles[bn * block_len..][..block_len];
+            for p0 in (0..pairs).step_by(DP_PAIRS) {
+                let depth = DP_PAIRS.min(pairs - p0);
+                widen_pairs(&block[p0 * TILE_K..][..depth * TILE_K], panel);
+                let mut m0 = 0;
+                while m0 < m {
+                    let rows = MR_AVX2.min(m - m0);
+                    // SAFETY: rows m0.. of `wide_a` hold k values from column 2·p0 on, the panel
+                    // holds 2·depth rows of 16, and `sums` m rows of 16. The first slice (p0 = 0)
+                    // writes every sum before a later one adds to it.
+                    unsafe {
+                        kernel_avx2(
+                            rows,
+                            2 * depth,
+                            wide_a.as_ptr().add(m0 * k + 2 * p0),
+                            k,
+                            panel.as_ptr(),
+                            sums.as_mut_ptr().add(m0 * TILE_ROWS),
+                            TILE_ROWS,
+                            p0 > 0,
+                        );
+                    }
+                    m0 += rows;
+                }
+            }
+            let bias = bias.map(|b| &b[bn * TILE_ROWS..][..TILE_ROWS]);
+            for (r, sums) in sums.chunks_exact(TILE_ROWS).enumerate() {
+                // SAFETY: row r, columns bn·16..bn·16+16 lie inside the m×n output, and only this
+                // worker writes those columns.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out.at(r * n + bn * TILE_ROWS), TILE_ROWS)
+                };
+                store_bf16_row(sums, bias, dst);
+            }
+        },
+    );
+    // SAFETY: the workers above wrote all m·n values.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Widens a slice of a pair-packed 16-column block (each k-pair 16 × two bf16) into `panel`, f32
+/// `[2·pairs, 16]`: the even k of each pair, then the odd one. Widening bf16 is exact.
+fn widen_pairs(block: &[u16], panel: &mut [f32]) {
+    for (pair, dst) in block
+        .chunks_exact(TILE_K)
+        .zip(panel.chunks_exact_mut(2 * TILE_ROWS))
+    {
+        let (even, odd) = dst.split_at_mut(TILE_ROWS);
+        for col in 0..TILE_ROWS {
+            even[col] = bf16::from_bits(pair[2 * col]).to_f32();
+            odd[col] = bf16::from_bits(pair[2 * col + 1]).to_f32();
+        }
+    }
+}
+
 /// `C = A·Wᵀ` in f32 on one thread, for bf16 `a` (`m` rows of `lda` values, `lda` even) and a weight
 /// of `n` columns and `pairs` k-pairs packed by [`pack_bf16_pairs`] or
 /// [`pack_bf16_pairs_transposed`]; `c` holds `m` rows of `ldc ≥ n` values. Needs AVX512-BF16.
@@ -773,6 +940,88 @@ unsafe fn kernel_bf16_dp(
     }
 }
 
+/// Dispatches to the AVX2 micro-kernel for `rows` (1..=6) rows: `sums[rows × 16] (+)= A·B` for f32
+/// `a` (`rows` rows of `lda`), an f32 panel `b` of `depth` rows of 16, and `sums` rows `ldc` apart.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the pointers cover those extents.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_avx2(
+    rows: usize,
+    depth: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    sums: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        use avx2::block;
+        match rows {
+            6 => block::<6>(depth, a, lda, b, sums, ldc, accumulate),
+            5 => block::<5>(depth, a, lda, b, sums, ldc, accumulate),
+            4 => block::<4>(depth, a, lda, b, sums, ldc, accumulate),
+            3 => block::<3>(depth, a, lda, b, sums, ldc, accumulate),
+            2 => block::<2>(depth, a, lda, b, sums, ldc, accumulate),
+            _ => block::<1>(depth, a, lda, b, sums, ldc, accumulate),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, depth, a, lda, b, sums, ldc, accumulate);
+        unreachable!("bf16 tiles are only packed on x86-64");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::TILE_ROWS;
+
+    /// `sums[R×16] (+)= A[R×depth]·B[depth×16]` with two 8-lane accumulators per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block<const R: usize>(
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        sums: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY (whole body): pointers and extents are guaranteed by `matmul_bf16_avx2`.
+        unsafe {
+            for kk in 0..depth {
+                let bp = b.add(kk * TILE_ROWS);
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
+                    acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let row = sums.add(r * ldc);
+                for (v, &sum) in acc.iter().enumerate() {
+                    let dst = row.add(8 * v);
+                    let value = if accumulate {
+                        _mm256_add_ps(sum, _mm256_loadu_ps(dst))
+                    } else {
+                        sum
+                    };
+                    _mm256_storeu_ps(dst, value);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use std::arch::asm;
@@ -915,6 +1164,17 @@ pub(crate) mod tests {
     }
 
     fn check(m: usize, k: usize, n: usize, dtype: DType, seed: u32) -> Option<()> {
+        check_with(m, k, n, dtype, seed, Bf16Kernel::detect())
+    }
+
+    fn check_with(
+        m: usize,
+        k: usize,
+        n: usize,
+        dtype: DType,
+        seed: u32,
+        bf16_kernel: Option<Bf16Kernel>,
+    ) -> Option<()> {
         let x = values(m * k, seed);
         let w = values(n * k, seed + 1);
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)
@@ -931,7 +1191,7 @@ pub(crate) mod tests {
             .to_dtype(dtype)
             .unwrap();
         let with_bias = seed.is_multiple_of(2);
-        let packed = PackedLinear::pack(&wt, with_bias.then_some(&bt)).unwrap()?;
+        let packed = PackedLinear::pack_for(&wt, with_bias.then_some(&bt), bf16_kernel).unwrap()?;
         assert_eq!(
             packed
                 .unpack()
@@ -985,6 +1245,28 @@ pub(crate) mod tests {
         fn bf16_tiles_match_the_reference(m in 1usize..80, kt in 1usize..12, nt in 1usize..7, seed in 0u32..1000) {
             check(m, kt * TILE_K, nt * TILE_ROWS, DType::BF16, seed);
         }
+
+        #[test]
+        fn avx2_bf16_tiles_match_the_reference(m in 1usize..80, kt in 1usize..12, nt in 1usize..7, seed in 0u32..1000) {
+            if has_avx2_fma() {
+                check_with(m, kt * TILE_K, nt * TILE_ROWS, DType::BF16, seed, Some(Bf16Kernel::Avx2)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_bf16_handles_slices_past_the_first_and_zero_rows() {
+        if !has_avx2_fma() {
+            return;
+        }
+        // k = 320 is 160 pairs: one full 128-pair slice and a partial one.
+        check_with(13, 320, 32, DType::BF16, 4, Some(Bf16Kernel::Avx2)).unwrap();
+        let w = Tensor::zeros((16, 32), DType::BF16, &Device::Cpu).unwrap();
+        let packed = PackedLinear::pack_for(&w, None, Some(Bf16Kernel::Avx2))
+            .unwrap()
+            .unwrap();
+        let empty = Tensor::zeros((0, 32), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(packed.forward(&empty).unwrap().dims(), &[0, 16]);
     }
 
     #[test]
@@ -992,7 +1274,7 @@ pub(crate) mod tests {
         let f32_packed = check(9, 300, 50, DType::F32, 1).is_some();
         assert_eq!(f32_packed, has_avx512f());
         let bf16_packed = check(33, 64, 48, DType::BF16, 2).is_some();
-        assert_eq!(bf16_packed, amx_bf16_ready() || has_avx512_bf16());
+        assert_eq!(bf16_packed, Bf16Kernel::detect().is_some());
         // Shapes the tiles do not fit keep candle's matmul.
         assert!(check(4, 40, 48, DType::BF16, 3).is_none());
         let f16 = Tensor::zeros((16, 32), DType::F16, &Device::Cpu).unwrap();

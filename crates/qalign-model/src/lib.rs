@@ -38,6 +38,7 @@ pub mod config;
 mod cpu_attention;
 mod cpu_kernels;
 mod cpu_matmul;
+mod cpu_quant;
 mod cpu_simd;
 mod device;
 pub mod error;

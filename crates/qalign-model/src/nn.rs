@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::cpu_kernels;
@@ -385,7 +385,9 @@ impl Linear {
                 let weight = weight.get()?;
                 (project(&x2, &weight)?, weight.dim(0)?)
             }
-            Kernel::Quantized { matmul, out_dim } => (matmul.forward(&x2)?, *out_dim),
+            Kernel::Quantized { matmul, out_dim } => {
+                (crate::cpu_quant::forward(matmul, &x2)?, *out_dim)
+            }
             // Packed only for inference; a gradient through it (never expected) takes the
             // unpacked weight.
             Kernel::Packed(packed) if x2.track_op() => {

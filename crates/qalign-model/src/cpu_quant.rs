@@ -1,0 +1,438 @@
+//! Matrix products with quantised (Q8_0 / Q4K) weights in CPU inference that keep only the
+//! blocks in memory.
+//!
+//! candle's CPU kernels for these formats repack every weight, on its first product, into tiles
+//! they keep beside the original blocks (6 bits per weight for Q4K next to its 4.5), so the real
+//! OneAlign in Q4K needs over 15 GiB. Here each worker decodes a 256-deep slice of its weight rows
+//! (ggml's block layouts, vectorised) into an f32 buffer in cache and multiplies it with the
+//! activations through the f32 micro-kernels of [`crate::cpu_matmul`] (AVX-512 8×48 or AVX2 6×16).
+//! The activations stay f32, so the only error is the weights' quantisation (candle's kernels also
+//! round the activations to 8 bits). `QALIGN_CPU_KERNELS=composed` keeps candle's kernels.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::cpu_matmul::{
+    KC, MR, MR_AVX2, NR, OutPtr, TILE_ROWS, has_avx2_fma, has_avx512f, kernel_avx2, kernel_f32,
+};
+
+/// `x·Wᵀ` for a quantised layer and `x` `[rows, in]`: through [`matmul`] where it applies (an f32
+/// CPU input, a Q8_0 or Q4K weight, an AVX2 or AVX-512 CPU, kernels on), else candle's.
+pub(crate) fn forward(layer: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let QMatMul::QTensor(q) = layer
+        && let Some(y) = matmul(q, x)?
+    {
+        return Ok(y);
+    }
+    layer.forward(x)
+}
+
+/// The CPU's f32 micro-kernel, if it has one: AVX-512 (48 columns per panel) or AVX2 (16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tier {
+    Avx512,
+    Avx2,
+}
+
+impl Tier {
+    fn detect() -> Option<Self> {
+        if !crate::cpu_kernels::enabled() {
+            None
+        } else if has_avx512f() {
+            Some(Self::Avx512)
+        } else if has_avx2_fma() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            Self::Avx512 => NR,
+            Self::Avx2 => TILE_ROWS,
+        }
+    }
+}
+
+/// `x·Wᵀ` `[rows, out]` for a Q8_0/Q4K weight `[out, in]` on the CPU and f32 `x` `[rows, in]`, or
+/// `None` where this path does not apply.
+pub(crate) fn matmul(q: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    matmul_on(q, x, Tier::detect())
+}
+
+fn matmul_on(q: &QTensor, x: &Tensor, tier: Option<Tier>) -> candle_core::Result<Option<Tensor>> {
+    let Some(tier) = tier else {
+        return Ok(None);
+    };
+    if !q.device().is_cpu() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, k) = q.shape().dims2()?;
+    let (m, in_dim) = x.dims2()?;
+    if in_dim != k {
+        candle_core::bail!("quantised linear [{n}, {k}] applied to {:?}", x.dims());
+    }
+    let Some(format) = Format::of(q.dtype()) else {
+        return Ok(None);
+    };
+    let data = q.data()?;
+    let Cow::Borrowed(bytes) = data else {
+        return Ok(None);
+    };
+    if !k.is_multiple_of(format.values())
+        || bytes.len() != n * (k / format.values()) * format.bytes()
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let a = x.flatten_all()?.to_vec1::<f32>()?;
+    let c = run(&a, m, k, format, bytes, n, tier);
+    Ok(Some(Tensor::from_vec(c, (m, n), &Device::Cpu)?))
+}
+
+/// The block formats decoded here (ggml's layouts, as candle stores them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// 34 bytes per 32 values: an f16 scale `d`, then 32 `i8`; value = `d·q`.
+    Q8_0,
+    /// 144 bytes per 256 values: f16 `d` and `dmin`, 12 bytes of eight 6-bit (scale, min) pairs, then
+    /// 128 bytes of 4-bit `q`; value = `d·scale·q − dmin·min` per 32-value sub-block.
+    Q4K,
+}
+
+impl Format {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            _ => None,
+        }
+    }
+
+    /// Values per block.
+    fn values(self) -> usize {
+        match self {
+            Self::Q8_0 => 32,
+            Self::Q4K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    fn bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+        }
+    }
+
+    /// Decodes whole blocks `bytes` into `out` (`values()` per block).
+    fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.decode_avx2(bytes, out) };
+        }
+        self.decode_portable(bytes, out)
+    }
+
+    /// [`Self::decode_portable`] compiled for AVX2, which vectorises its loops.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode_avx2(self, bytes: &[u8], out: &mut [f32]) {
+        self.decode_portable(bytes, out)
+    }
+
+    #[inline(always)]
+    fn decode_portable(self, bytes: &[u8], out: &mut [f32]) {
+        let scale = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self {
+            Self::Q8_0 => {
+                for (block, out) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                    let d = scale(block);
+                    for (o, &q) in out.iter_mut().zip(&block[2..34]) {
+                        *o = (q as i8) as f32 * d;
+                    }
+                }
+            }
+            Self::Q4K => {
+                for (block, out) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+                    let (d, dmin) = (scale(block), scale(&block[2..]));
+                    let scales: &[u8; 12] = block[4..16].try_into().expect("12 bytes");
+                    for (c, (q, out)) in block[16..144]
+                        .chunks_exact(32)
+                        .zip(out.chunks_exact_mut(64))
+                        .enumerate()
+                    {
+                        let (s1, m1) = scale_min(2 * c, scales);
+                        let (s2, m2) = scale_min(2 * c + 1, scales);
+                        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                        let (low, high) = out.split_at_mut(32);
+                        for ((&q, lo), hi) in q.iter().zip(low).zip(high) {
+                            *lo = d1 * (q & 0xF) as f32 - m1;
+                            *hi = d2 * (q >> 4) as f32 - m2;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit (scale, min) of Q4K sub-block `j` (0..8), packed in 12 bytes as ggml does.
+fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Weight rows per worker: a multiple of both micro-kernels' row counts (8 and 6).
+const GROUP: usize = 48;
+
+/// `C = A·Wᵀ` for `a` `[m, k]` and `blocks` of `W` `[n, k]`, computed as `Cᵀ = W·Aᵀ` so that the
+/// dequantised weight rows, which come out of the blocks along `k`, are the micro-kernel's
+/// broadcast operand and need no transposing: `A` is packed once into panels of `Aᵀ`
+/// (`tier.width()` rows of `A` each); each worker owns `GROUP` weight rows and walks `k` in slices
+/// of `KC`, dequantising each slice once and multiplying it with every panel into a `Cᵀ` scratch,
+/// which it finally writes into its columns of `C`.
+fn run(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    format: Format,
+    blocks: &[u8],
+    n: usize,
+    tier: Tier,
+) -> Vec<f32> {
+    if m == 0 {
+        return Vec::new();
+    }
+    let width = tier.width();
+    let panels = m.div_ceil(width);
+    let m_pad = panels * width;
+    let at = pack_rows(a, m, k, width);
+    let row_bytes = k / format.values() * format.bytes();
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let out = OutPtr(c.as_mut_ptr());
+    (0..n.div_ceil(GROUP)).into_par_iter().for_each_init(
+        || (vec![0f32; GROUP * KC], vec![0f32; GROUP * m_pad]),
+        |(w, ct), task| {
+            let j0 = task * GROUP;
+            let rows = GROUP.min(n - j0);
+            for k0 in (0..k).step_by(KC) {
+                let depth = KC.min(k - k0);
+                let slice_bytes = depth / format.values() * format.bytes();
+                for (j, dst) in w.chunks_exact_mut(depth).take(rows).enumerate() {
+                    let first = (j0 + j) * row_bytes + k0 / format.values() * format.bytes();
+                    format.decode(&blocks[first..][..slice_bytes], dst);
+                }
+                for p in 0..panels {
+                    let panel = &at[(p * k + k0) * width..][..depth * width];
+                    let mut j = 0;
+                    while j < rows {
+                        // SAFETY: the tier's instructions were detected; `w` holds `rows` rows of
+                        // `depth` values, the panel depth rows of `width`, and `ct` GROUP rows of
+                        // m_pad (panel p's columns p·width.. lie inside). The first slice writes
+                        // every value before a later one adds to it.
+                        unsafe {
+                            let (wp, cp) = (
+                                w.as_ptr().add(j * depth),
+                                ct.as_mut_ptr().add(j * m_pad + p * width),
+                            );
+                            j += match tier {
+                                Tier::Avx512 => {
+                                    let r = MR.min(rows - j);
+                                    kernel_f32(
+                                        r,
+                                        depth,
+                                        wp,
+                                        depth,
+                                        panel.as_ptr(),
+                                        cp,
+                                        m_pad,
+                                        width,
+                                        k0 > 0,
+                                        std::ptr::null(),
+                                    );
+                                    r
+                                }
+                                Tier::Avx2 => {
+                                    let r = MR_AVX2.min(rows - j);
+                                    kernel_avx2(
+                                        r,
+                                        depth,
+                                        wp,
+                                        depth,
+                                        panel.as_ptr(),
+                                        cp,
+                                        m_pad,
+                                        k0 > 0,
+                                    );
+                                    r
+                                }
+                            };
+                        }
+                    }
+                }
+            }
+            for r in 0..m {
+                // SAFETY: row r, columns j0..j0+rows lie inside the m×n output, and only this
+                // worker writes them.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + j0), rows) };
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = ct[j * m_pad + r];
+                }
+            }
+        },
+    );
+    // SAFETY: the workers above wrote all m·n values.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// `a` `[m, k]` as `ceil(m/width)` panels of `Aᵀ`, each `k` rows of `width` values (zero past `m`).
+fn pack_rows(a: &[f32], m: usize, k: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m.div_ceil(width) * k * width];
+    out.par_chunks_mut(k * width)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for i in 0..width.min(m - p * width) {
+                for (kk, &v) in a[(p * width + i) * k..][..k].iter().enumerate() {
+                    panel[kk * width + i] = v;
+                }
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503));
+                (h >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Compares the product with the dequantised weight's, summed in f64.
+    fn check(m: usize, k: usize, n: usize, format: GgmlDType, tier: Tier, seed: u32) {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, format).unwrap();
+        let wd: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xv = values(m * k, seed + 7);
+        let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu).unwrap();
+        let got = matmul_on(&q, &x, Some(tier))
+            .unwrap()
+            .expect("the path applies");
+        assert_eq!(got.dims(), &[m, n]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|kk| xv[i * k + kk] as f64 * wd[j * k + kk] as f64)
+                    .sum();
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - want).abs() <= 4.0 * f32::EPSILON as f64 * k as f64,
+                    "{format:?} {tier:?} [{m}×{k}]·[{k}×{n}] at ({i}, {j}): {g} vs {want}"
+                );
+            }
+        }
+    }
+
+    fn tiers() -> Vec<Tier> {
+        let mut tiers = Vec::new();
+        if has_avx512f() {
+            tiers.push(Tier::Avx512);
+        }
+        if has_avx2_fma() {
+            tiers.push(Tier::Avx2);
+        }
+        tiers
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        #[test]
+        fn q8_0_products_match_the_dequantised_weight(m in 1usize..20, kb in 1usize..20, n in 1usize..70, seed in 0u32..1000) {
+            for tier in tiers() {
+                check(m, kb * 32, n, GgmlDType::Q8_0, tier, seed);
+            }
+        }
+
+        #[test]
+        fn q4k_products_match_the_dequantised_weight(m in 1usize..20, kb in 1usize..4, n in 1usize..70, seed in 0u32..1000) {
+            for tier in tiers() {
+                check(m, kb * 256, n, GgmlDType::Q4K, tier, seed);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn decoding_matches_candle_bit_for_bit(blocks in 1usize..5, seed in 0u32..10_000, amplitude in 0.001f32..100.0) {
+            for (format, dtype) in [(Format::Q8_0, GgmlDType::Q8_0), (Format::Q4K, GgmlDType::Q4K)] {
+                let len = blocks * format.values();
+                let v: Vec<f32> = values(len, seed).iter().map(|x| x * amplitude).collect();
+                let q = QTensor::quantize(&Tensor::from_vec(v, (1, len), &Device::Cpu).unwrap(), dtype).unwrap();
+                let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let bytes = q.data().unwrap();
+                let mut got = vec![0f32; len];
+                format.decode(&bytes, &mut got);
+                let mut portable = vec![0f32; len];
+                format.decode_portable(&bytes, &mut portable);
+                for i in 0..len {
+                    prop_assert_eq!(got[i].to_bits(), want[i].to_bits(), "{:?} at {}", format, i);
+                    prop_assert_eq!(portable[i].to_bits(), want[i].to_bits(), "{:?} at {}", format, i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_inputs_are_left_to_candle() {
+        let w = Tensor::from_vec(values(32 * 64, 1), (32, 64), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let half = Tensor::zeros((2, 64), DType::F16, &Device::Cpu).unwrap();
+        assert!(matmul_on(&q, &half, Some(Tier::Avx2)).unwrap().is_none());
+        let x = Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap();
+        assert!(matmul_on(&q, &x, None).unwrap().is_none());
+        let q4_0 = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+        assert!(matmul_on(&q4_0, &x, Some(Tier::Avx2)).unwrap().is_none());
+        let wrong = Tensor::zeros((2, 65), DType::F32, &Device::Cpu).unwrap();
+        assert!(matmul_on(&q, &wrong, Some(Tier::Avx2)).is_err());
+        // Zero rows are fine.
+        let empty = Tensor::zeros((0, 64), DType::F32, &Device::Cpu).unwrap();
+        if has_avx2_fma() {
+            let y = matmul_on(&q, &empty, Some(Tier::Avx2)).unwrap().unwrap();
+            assert_eq!(y.dims(), &[0, 32]);
+        }
+    }
+}
