@@ -357,15 +357,19 @@ pub(crate) fn pack_f32_transposed(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
 
 /// Packs `w` `[n, k]` into `ceil(n/48)` panels of `k × 48` values (zero-padded past `n`).
 pub(crate) fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0f32; panels * k * NR];
-    out.par_chunks_mut(k * NR)
+    pack_panels(w, n, k, NR)
+}
+
+/// Packs `w` `[n, k]` into `ceil(n/width)` panels of `k × width` values (zero-padded past `n`).
+pub(crate) fn pack_panels(w: &[f32], n: usize, k: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n.div_ceil(width) * k * width];
+    out.par_chunks_mut(k * width)
         .enumerate()
         .for_each(|(p, panel)| {
-            for j in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + j) * k..][..k];
+            for j in 0..width.min(n - p * width) {
+                let row = &w[(p * width + j) * k..][..k];
                 for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * NR + j] = v;
+                    panel[kk * width + j] = v;
                 }
             }
         });
@@ -1142,7 +1146,8 @@ pub(crate) mod tests {
         out
     }
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (shared with the quantised-matmul tests).
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32)

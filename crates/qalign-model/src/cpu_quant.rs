@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::cpu_matmul::{
     KC, MR, MR_AVX2, NR, OutPtr, TILE_ROWS, has_avx2_fma, has_avx512f, kernel_avx2, kernel_f32,
+    pack_panels,
 };
 
 /// `x·Wᵀ` for a quantised layer and `x` `[rows, in]`: through [`matmul`] where it applies (an f32
@@ -220,7 +221,8 @@ fn run(
     let width = tier.width();
     let panels = m.div_ceil(width);
     let m_pad = panels * width;
-    let at = pack_rows(a, m, k, width);
+    // Panels of `Aᵀ`: `width` rows of `A` each, k-major.
+    let at = pack_panels(a, m, k, width);
     let row_bytes = k / format.values() * format.bytes();
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = OutPtr(c.as_mut_ptr());
@@ -300,37 +302,12 @@ fn run(
     c
 }
 
-/// `a` `[m, k]` as `ceil(m/width)` panels of `Aᵀ`, each `k` rows of `width` values (zero past `m`).
-fn pack_rows(a: &[f32], m: usize, k: usize, width: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m.div_ceil(width) * k * width];
-    out.par_chunks_mut(k * width)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for i in 0..width.min(m - p * width) {
-                for (kk, &v) in a[(p * width + i) * k..][..k].iter().enumerate() {
-                    panel[kk * width + i] = v;
-                }
-            }
-        });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed.wrapping_mul(40_503));
-                (h >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu_matmul::tests::values;
 
     /// Compares the product with the dequantised weight's, summed in f64.
     fn check(m: usize, k: usize, n: usize, format: GgmlDType, tier: Tier, seed: u32) {
