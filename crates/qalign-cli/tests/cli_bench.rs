@@ -80,12 +80,14 @@ fn bench_tiny_model_reports_every_stage() {
         ("vision", Some(1)),
         ("abstractor", Some(1)),
         ("llm", Some(1)),
+        ("llm_whole_prompt", Some(1)),
         ("score_1q", Some(1)),
         ("score_2q", Some(1)),
         ("encode", Some(2)),
         ("vision", Some(2)),
         ("abstractor", Some(2)),
         ("llm", Some(2)),
+        ("llm_whole_prompt", Some(2)),
         ("score_1q", Some(2)),
         ("score_2q", Some(2)),
         ("video_llm", None),
@@ -97,7 +99,7 @@ fn bench_tiny_model_reports_every_stage() {
     assert_eq!(stages(&report), expected);
     check_rows(&report);
     // The video prompt has 27 text tokens besides `<|image|>`; each frame adds 64 queries + 1.
-    let video = &report["rows"][14];
+    let video = &report["rows"][16];
     assert_eq!(video["positions"], 27 + 2 * 65);
     assert_eq!(video["items"], 2);
     let ratio_names: Vec<&str> = report["ratios"]
@@ -108,6 +110,7 @@ fn bench_tiny_model_reports_every_stage() {
         .collect();
     assert!(ratio_names.contains(&"encode_per_image_b1_over_b2"));
     assert!(ratio_names.contains(&"score_2q_over_1q_b2"));
+    assert!(ratio_names.contains(&"llm_whole_prompt_over_llm_b1"));
 }
 
 #[test]

@@ -60,11 +60,11 @@ pub use adapter::{Adapter, AdapterConfig};
 pub use config::{ModelConfig, MplugOwl2Config};
 pub use error::{ModelError, Result};
 pub use gguf::{GGUF_FILE, GgufStore, GgufSummary};
-pub use llm::{DecoderOutput, TEXT_MODALITY, VISUAL_MODALITY};
+pub use llm::{DecoderOutput, PrefixKv, TEXT_MODALITY, VISUAL_MODALITY};
 pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 pub use model::{
     IGNORE_LABEL, IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel, TrainingLoss,
-    TrainingSample, TrainingTarget,
+    TrainingSample, TrainingTarget, split_prompt,
 };
 
 pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};

@@ -4,6 +4,10 @@
 //! tokens, chosen per token; Q, O, the MLP, the final norm, the embeddings and `lm_head` are shared.
 //! Half-split ("rotate half") RoPE with f32 angles, causal attention with an f32 softmax, and a key
 //! padding mask for right-padded batches. Key prefixes: `model.` and `lm_head.`.
+//!
+//! Scoring prompts share their text before `<|image|>`; with causal attention its K/V depend on
+//! nothing after it, so [`MultiwayLlama::prefix_kv`] computes them once and
+//! [`MultiwayLlama::forward_after`] runs only the rest of each sample against them.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -153,12 +157,18 @@ impl RotaryEmbedding {
         }
     }
 
-    /// `(cos, sin)`, each `[len, head_dim/2]`, for positions 0..len, in `dtype`.
-    fn tables(&self, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// `(cos, sin)`, each `[len, head_dim/2]`, for positions `start..start + len`, in `dtype`.
+    fn tables(
+        &self,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for p in 0..len {
+        for p in start..start + len {
             let t = p as f32 / self.position_scale;
             for &f in &self.inv_freq {
                 let angle = t * f;
@@ -172,12 +182,19 @@ impl RotaryEmbedding {
     }
 }
 
-/// Additive f32 mask `[B, 1, L, L]`: 0 where key j ≤ query i and j is a real token of its sample, −∞ elsewhere.
-fn causal_padding_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor> {
-    let mut mask = vec![0f32; lengths.len() * len * len];
+/// Additive f32 mask `[B, 1, L, P + L]` for `L` new rows after `P` shared prefix keys: 0 where the
+/// key is in the prefix, or is new key j ≤ query i and a real token of its sample; −∞ elsewhere.
+fn causal_padding_mask(
+    lengths: &[usize],
+    len: usize,
+    prefix: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let keys = prefix + len;
+    let mut mask = vec![0f32; lengths.len() * len * keys];
     for (b, &real) in lengths.iter().enumerate() {
         for i in 0..len {
-            let row = &mut mask[(b * len + i) * len..(b * len + i + 1) * len];
+            let row = &mut mask[(b * len + i) * keys + prefix..(b * len + i + 1) * keys];
             for (j, m) in row.iter_mut().enumerate() {
                 if j > i || j >= real {
                     *m = f32::NEG_INFINITY;
@@ -187,9 +204,34 @@ fn causal_padding_mask(lengths: &[usize], len: usize, device: &Device) -> Result
     }
     Ok(Tensor::from_vec(
         mask,
-        (lengths.len(), 1, len, len),
+        (lengths.len(), 1, len, keys),
         device,
     )?)
+}
+
+/// The K/V of a text prefix that every sample of a batch shares (a prompt's text before
+/// `<|image|>`), computed once by [`MultiwayLlama::prefix_kv`].
+#[derive(Debug, Clone)]
+pub struct PrefixKv {
+    ids: Vec<u32>,
+    /// Per layer, K and V after RoPE and before the grouped heads are repeated: `[1, kv_heads, P, head_dim]`.
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl PrefixKv {
+    /// The prefix's token ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Its length in tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// Rotate-half RoPE on `[B, H, L, head_dim]`: candle's fused kernel, or under autograd (it has no
@@ -257,14 +299,16 @@ impl MultiwayAttention {
             .reshape((b, kvh * groups, l, d))?)
     }
 
-    /// `a` `[B, L, D]` (already normed) → `[B, L, D]`.
+    /// `a` `[B, L, D]` (already normed) → `[B, L, D]`, attending to the shared `prefix` K/V
+    /// (`[1, kv_heads, P, head_dim]`) before its own; also returns its own K/V for a prefix to keep.
     fn forward(
         &self,
         a: &Tensor,
         routing: &Routing,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
-    ) -> Result<Tensor> {
+        prefix: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, l, d) = a.dims3()?;
         let (hd, kv_dim) = (self.head_dim, self.num_kv_heads * self.head_dim);
         let q = split_heads(&self.q_proj.forward(a)?, self.num_heads, hd)?;
@@ -278,9 +322,22 @@ impl MultiwayAttention {
         let (cos, sin) = rope;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-        let context = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(mask))?;
-        self.o_proj.forward(&merge_heads(&context)?)
+        let (k_all, v_all) = match prefix {
+            Some((pk, pv)) => {
+                let shared = |t: &Tensor| -> Result<Tensor> {
+                    let (_, kvh, p, _) = t.dims4()?;
+                    Ok(t.broadcast_as((b, kvh, p, hd))?.contiguous()?)
+                };
+                (
+                    Tensor::cat(&[&shared(pk)?, &k], 2)?,
+                    Tensor::cat(&[&shared(pv)?, &v], 2)?,
+                )
+            }
+            None => (k.clone(), v.clone()),
+        };
+        let (k_all, v_all) = (self.repeat_kv(k_all)?, self.repeat_kv(v_all)?);
+        let context = attention(&q, &k_all, &v_all, 1.0 / (hd as f64).sqrt(), Some(mask))?;
+        Ok((self.o_proj.forward(&merge_heads(&context)?)?, (k, v)))
     }
 }
 
@@ -332,24 +389,27 @@ impl DecoderLayer {
         })
     }
 
+    /// `x` `[B, L, D]` → `[B, L, D]` and this layer's K/V of `x` (see [`MultiwayAttention::forward`]).
     fn forward(
         &self,
         x: &Tensor,
         routing: &Routing,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
-    ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(
+        prefix: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (attn, kv) = self.self_attn.forward(
             &self.input_layernorm.forward(x, routing)?,
             routing,
             rope,
             mask,
+            prefix,
         )?;
         let h = residual_add(x, &attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h, routing)?)?;
-        residual_add(&h, &mlp)
+        Ok((residual_add(&h, &mlp)?, kv))
     }
 }
 
@@ -418,6 +478,50 @@ impl MultiwayLlama {
         modality: &[u8],
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
+        self.forward_after(None, embeds, lengths, modality, keep_layer_outputs)
+    }
+
+    /// The K/V of text `ids` that will open every sample of later batches: the decoder run over them
+    /// alone, once. Causal attention makes them the same as inside any longer sequence.
+    pub fn prefix_kv(&self, ids: &[u32]) -> Result<PrefixKv> {
+        if ids.is_empty() {
+            return Err(ModelError::input("empty prefix"));
+        }
+        let embeds = self.embed(ids)?.unsqueeze(0)?;
+        let modality = vec![TEXT_MODALITY; ids.len()];
+        let (_, layers) = self.run(None, &embeds, &[ids.len()], &modality, false, true)?;
+        Ok(PrefixKv {
+            ids: ids.to_vec(),
+            layers,
+        })
+    }
+
+    /// [`forward`](Self::forward) for samples that all continue `prefix`: `embeds`, `lengths` and
+    /// `modality` describe only what follows it, at positions `P..`; outputs cover those rows only.
+    pub fn forward_after(
+        &self,
+        prefix: Option<&PrefixKv>,
+        embeds: &Tensor,
+        lengths: &[usize],
+        modality: &[u8],
+        keep_layer_outputs: bool,
+    ) -> Result<DecoderOutput> {
+        Ok(self
+            .run(prefix, embeds, lengths, modality, keep_layer_outputs, false)?
+            .0)
+    }
+
+    /// The decoder stack; with `keep_kv`, also each layer's K/V of `embeds`.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        prefix: Option<&PrefixKv>,
+        embeds: &Tensor,
+        lengths: &[usize],
+        modality: &[u8],
+        keep_layer_outputs: bool,
+        keep_kv: bool,
+    ) -> Result<(DecoderOutput, Vec<(Tensor, Tensor)>)> {
         let (b, l, _) = embeds.dims3()?;
         if lengths.len() != b || modality.len() != b * l {
             return Err(ModelError::input(format!(
@@ -431,22 +535,41 @@ impl MultiwayLlama {
                 "sample length {bad} outside 1..={l}"
             )));
         }
+        let past = prefix.map_or(0, PrefixKv::len);
+        if let Some(prefix) = prefix
+            && prefix.layers.len() != self.layers.len()
+        {
+            return Err(ModelError::input(format!(
+                "prefix K/V for {} layers, decoder has {}",
+                prefix.layers.len(),
+                self.layers.len()
+            )));
+        }
         let device = embeds.device();
         let routing = Routing::new(modality, device)?;
-        let rope = self.rotary.tables(l, embeds.dtype(), device)?;
-        let mask = causal_padding_mask(lengths, l, device)?;
+        let rope = self.rotary.tables(past, l, embeds.dtype(), device)?;
+        let mask = causal_padding_mask(lengths, l, past, device)?;
         let mut x = embeds.clone();
         let mut layer_outputs = Vec::new();
-        for layer in &self.layers {
-            x = layer.forward(&x, &routing, &rope, &mask)?;
+        let mut kvs = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let shared = prefix.map(|p| &p.layers[i]);
+            let (out, kv) = layer.forward(&x, &routing, &rope, &mask, shared)?;
+            x = out;
+            if keep_kv {
+                kvs.push(kv);
+            }
             if keep_layer_outputs {
                 layer_outputs.push(x.clone());
             }
         }
-        Ok(DecoderOutput {
-            last_hidden_state: x,
-            layer_outputs,
-        })
+        Ok((
+            DecoderOutput {
+                last_hidden_state: x,
+                layer_outputs,
+            },
+            kvs,
+        ))
     }
 
     /// `model.norm` (shared RMSNorm) over any `[..., D]`.
@@ -511,7 +634,7 @@ mod tests {
 
     #[test]
     fn mask_is_causal_and_hides_padding_keys() {
-        let mask = causal_padding_mask(&[2, 3], 3, &Device::Cpu).unwrap();
+        let mask = causal_padding_mask(&[2, 3], 3, 0, &Device::Cpu).unwrap();
         assert_eq!(mask.dims(), &[2, 1, 3, 3]);
         let m: Vec<Vec<Vec<f32>>> = (0..2)
             .map(|b| {
@@ -542,6 +665,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn mask_lets_every_row_see_the_whole_shared_prefix() {
+        let mask = causal_padding_mask(&[1, 2], 2, 2, &Device::Cpu).unwrap();
+        assert_eq!(mask.dims(), &[2, 1, 2, 4]);
+        let inf = f32::NEG_INFINITY;
+        let rows = |b: usize| {
+            mask.get(b)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        assert_eq!(
+            rows(0),
+            vec![vec![0.0, 0.0, 0.0, inf], vec![0.0, 0.0, 0.0, inf]]
+        );
+        assert_eq!(
+            rows(1),
+            vec![vec![0.0, 0.0, 0.0, inf], vec![0.0, 0.0, 0.0, 0.0]]
+        );
+    }
+
     fn llm_config(rope_scaling: RopeScaling) -> LlmConfig {
         LlmConfig {
             vocab_size: 10,
@@ -563,14 +709,16 @@ mod tests {
     fn rope_tables_follow_the_llama_formula() {
         let rope = RotaryEmbedding::new(&llm_config(RopeScaling::None));
         assert_eq!(rope.inv_freq, vec![1.0, 0.01]);
-        let (cos, sin) = rope.tables(3, DType::F32, &Device::Cpu).unwrap();
+        let (cos, sin) = rope.tables(0, 3, DType::F32, &Device::Cpu).unwrap();
         let cos = cos.to_vec2::<f32>().unwrap();
         let sin = sin.to_vec2::<f32>().unwrap();
         assert_eq!(cos[2], vec![2f32.cos(), 0.02f32.cos()]);
         assert_eq!(sin[1], vec![1f32.sin(), 0.01f32.sin()]);
         let linear = RotaryEmbedding::new(&llm_config(RopeScaling::Linear { factor: 2.0 }));
-        let (cos2, _) = linear.tables(5, DType::F32, &Device::Cpu).unwrap();
+        let (cos2, _) = linear.tables(0, 5, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(cos2.to_vec2::<f32>().unwrap()[4], cos[2]);
+        let (later, _) = rope.tables(2, 1, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(later.to_vec2::<f32>().unwrap()[0], cos[2]);
     }
 
     #[test]

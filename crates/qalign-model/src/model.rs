@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::gguf::{self, GGUF_FILE, GgufStore, GgufSummary};
-use crate::llm::{DecoderOutput, MultiwayLlama, TEXT_MODALITY, VISUAL_MODALITY};
+use crate::llm::{DecoderOutput, MultiwayLlama, PrefixKv, TEXT_MODALITY, VISUAL_MODALITY};
 use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 use crate::quant::{QuantLog, QuantReport};
 use crate::vision::VisionTransformer;
@@ -447,9 +447,22 @@ impl OneAlignModel {
         self.llm.final_norm(hidden)
     }
 
-    /// Normed hidden state at each sample's last real token: `[B, D]`.
-    fn last_token_normed(&self, merged: &MergedInputs) -> Result<Tensor> {
-        let hidden = self.forward_decoder(merged, false)?.last_hidden_state;
+    /// Normed hidden state at each sample's last real token: `[B, D]`; `merged` continues `prefix`.
+    fn last_token_normed(
+        &self,
+        prefix: Option<&PrefixKv>,
+        merged: &MergedInputs,
+    ) -> Result<Tensor> {
+        let hidden = self
+            .llm
+            .forward_after(
+                prefix,
+                &merged.inputs_embeds,
+                &merged.lengths,
+                &merged.modality,
+                false,
+            )?
+            .last_hidden_state;
         let (b, l, d) = hidden.dims3()?;
         let rows: Vec<u32> = merged
             .lengths
@@ -466,7 +479,18 @@ impl OneAlignModel {
     /// Logits of the given token ids (e.g. the five level words) at each sample's last real token:
     /// `[B, level_ids.len()]`, f32.
     pub fn level_logits(&self, merged: &MergedInputs, level_ids: &[u32]) -> Result<Tensor> {
-        let normed = self.last_token_normed(merged)?;
+        self.level_logits_after(None, merged, level_ids)
+    }
+
+    /// [`level_logits`](Self::level_logits) for inputs that all continue a shared `prefix`
+    /// (`merged` holds only what follows it).
+    pub fn level_logits_after(
+        &self,
+        prefix: Option<&PrefixKv>,
+        merged: &MergedInputs,
+        level_ids: &[u32],
+    ) -> Result<Tensor> {
+        let normed = self.last_token_normed(prefix, merged)?;
         Ok(self
             .llm
             .logits_for_ids(&normed, level_ids)?
@@ -475,7 +499,7 @@ impl OneAlignModel {
 
     /// Full-vocabulary logits at each sample's last real token: `[B, vocab]`, f32.
     pub fn last_token_logits(&self, merged: &MergedInputs) -> Result<Tensor> {
-        let normed = self.last_token_normed(merged)?;
+        let normed = self.last_token_normed(None, merged)?;
         Ok(self.llm.logits(&normed)?.to_dtype(DType::F32)?)
     }
 
@@ -491,8 +515,45 @@ impl OneAlignModel {
         let blocks = (0..n)
             .map(|i| visual.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let prompts = vec![input_ids; n];
-        self.level_logits(&self.merge_inputs(&prompts, &blocks)?, level_ids)
+        let prefix = self.prompt_prefix(input_ids)?;
+        self.shared_prompt_level_logits(input_ids, prefix.as_ref(), &blocks, level_ids)
+    }
+
+    /// The K/V of a prompt's text before its first `-200`, which every image scored with it
+    /// shares; `None` when the prompt opens with the placeholder or has none.
+    pub fn prompt_prefix(&self, input_ids: &[i64]) -> Result<Option<PrefixKv>> {
+        let (text, _) = split_prompt(input_ids);
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.llm.prefix_kv(&text_ids(text)?)?))
+    }
+
+    /// Level logits of N samples that all use `input_ids` (a single `-200`), the placeholder of
+    /// sample i filled by `blocks[i]`: `[N, level_ids.len()]`, f32. With `prefix` (from
+    /// [`prompt_prefix`](Self::prompt_prefix) of the same ids) the text before the placeholder is
+    /// not run again.
+    pub fn shared_prompt_level_logits(
+        &self,
+        input_ids: &[i64],
+        prefix: Option<&PrefixKv>,
+        blocks: &[Tensor],
+        level_ids: &[u32],
+    ) -> Result<Tensor> {
+        let rest = match prefix {
+            None => input_ids,
+            Some(prefix) => {
+                let (text, rest) = split_prompt(input_ids);
+                if text_ids(text)? != prefix.ids() {
+                    return Err(ModelError::input(
+                        "the shared prefix K/V belong to another prompt",
+                    ));
+                }
+                rest
+            }
+        };
+        let prompts = vec![rest; blocks.len()];
+        self.level_logits_after(prefix, &self.merge_inputs(&prompts, blocks)?, level_ids)
     }
 
     /// Scores clips (each `[T_i, 3, S, S]` frames) with one prompt (a single `-200`) in one padded batch,
@@ -515,8 +576,8 @@ impl OneAlignModel {
             blocks.push(visual.narrow(0, start, t)?);
             start += t;
         }
-        let prompts = vec![input_ids; clips.len()];
-        self.level_logits(&self.merge_inputs(&prompts, &blocks)?, level_ids)
+        let prefix = self.prompt_prefix(input_ids)?;
+        self.shared_prompt_level_logits(input_ids, prefix.as_ref(), &blocks, level_ids)
     }
 }
 
@@ -689,6 +750,26 @@ impl OneAlignModel {
 }
 
 /// Splits ids into runs: `(true, [-200])` for each placeholder, `(false, text)` for the text between.
+/// A prompt split before its first `-200`: the text that opens it, and the rest (all of it when it
+/// has no placeholder).
+pub fn split_prompt(input_ids: &[i64]) -> (&[i64], &[i64]) {
+    match input_ids.iter().position(|&id| id == IMAGE_TOKEN_INDEX) {
+        Some(at) => input_ids.split_at(at),
+        None => (&[], input_ids),
+    }
+}
+
+/// Text token ids as the embedding takes them.
+fn text_ids(ids: &[i64]) -> Result<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(pos, &id)| {
+            u32::try_from(id)
+                .map_err(|_| ModelError::input(format!("invalid token id {id} at position {pos}")))
+        })
+        .collect()
+}
+
 fn split_at_placeholders(ids: &[i64]) -> Vec<(bool, &[i64])> {
     let mut runs = Vec::new();
     let mut start = 0;

@@ -4,6 +4,7 @@
 //! the CLI and a server share one path that matches the official scorers.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use qalign_core::{IMAGE_MARKER, LevelDistribution, LevelError, LevelSet, MediaKind, Scale, Task};
@@ -15,7 +16,8 @@ use qalign_tokenizer::{
 
 use crate::error::ModelError;
 use crate::hub::HubError;
-use crate::model::{LoadOptions, OneAlignModel};
+use crate::llm::PrefixKv;
+use crate::model::{LoadOptions, OneAlignModel, split_prompt};
 
 /// Everything that can stop a scoring call. Variants name what went wrong and carry the
 /// numbers; none holds front-end wording (flags, commands).
@@ -337,6 +339,7 @@ pub struct Scorer {
     decode: DecodeOptions,
     levels: LevelSet,
     level_ids: Vec<u32>,
+    prefixes: PrefixCache,
     /// Images and frames through the ViT and abstractor, for the crate's own tests.
     #[cfg(test)]
     images_encoded: std::sync::atomic::AtomicUsize,
@@ -396,6 +399,7 @@ impl Scorer {
             decode,
             levels,
             level_ids,
+            prefixes: PrefixCache::default(),
             #[cfg(test)]
             images_encoded: Default::default(),
         })
@@ -506,9 +510,7 @@ impl Scorer {
         let blocks = (0..n)
             .map(|i| visual.tokens.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let prompts = vec![ids.as_slice(); n];
-        let merged = self.model.merge_inputs(&prompts, &blocks)?;
-        self.rows(&self.model.level_logits(&merged, &self.level_ids)?)
+        self.shared_prompt_rows(&ids, &blocks)
     }
 
     /// Scores images for several queries; each image goes through the ViT and abstractor once.
@@ -540,10 +542,28 @@ impl Scorer {
             return Err(ScoreError::Empty { what: "clips" });
         }
         let ids = self.prompt_ids(query, MediaKind::Video)?;
-        let prompts = vec![ids.as_slice(); clips.len()];
         let tokens: Vec<Tensor> = clips.iter().map(|c| c.tokens.clone()).collect();
-        let merged = self.model.merge_inputs(&prompts, &tokens)?;
-        self.rows(&self.model.level_logits(&merged, &self.level_ids)?)
+        self.shared_prompt_rows(&ids, &tokens)
+    }
+
+    /// Scores visual blocks, one per sample, all with prompt `ids`; the text before the
+    /// placeholder runs once per prompt for the scorer's lifetime, not once per batch.
+    fn shared_prompt_rows(&self, ids: &[i64], blocks: &[Tensor]) -> Result<Vec<LevelScores>> {
+        let (text, _) = split_prompt(ids);
+        let prefix = match self.prefixes.get(text) {
+            Some(prefix) => Some(prefix),
+            None => self
+                .model
+                .prompt_prefix(ids)?
+                .map(|prefix| self.prefixes.insert(text, prefix)),
+        };
+        let logits = self.model.shared_prompt_level_logits(
+            ids,
+            prefix.as_deref(),
+            blocks,
+            &self.level_ids,
+        )?;
+        self.rows(&logits)
     }
 
     /// The most frames one forward pass may hold for a query's video prompt within the model's
@@ -562,6 +582,37 @@ impl Scorer {
             .into_iter()
             .map(LevelScores::from_logits)
             .collect()
+    }
+}
+
+/// The prompt prefixes' K/V a scorer has computed, newest last. Bounded: a prefix costs
+/// about 1 MiB per token at OneAlign's size in f32, and custom queries are unbounded.
+#[derive(Debug, Default)]
+struct PrefixCache {
+    entries: Mutex<Vec<(Vec<i64>, Arc<PrefixKv>)>>,
+}
+
+impl PrefixCache {
+    /// Prompts whose prefixes are kept: the three tasks for images and for videos, plus two.
+    const CAPACITY: usize = 8;
+
+    fn get(&self, text: &[i64]) -> Option<Arc<PrefixKv>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .find(|(ids, _)| ids.as_slice() == text)
+            .map(|(_, kv)| Arc::clone(kv))
+    }
+
+    fn insert(&self, text: &[i64], prefix: PrefixKv) -> Arc<PrefixKv> {
+        let prefix = Arc::new(prefix);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(ids, _)| ids.as_slice() != text);
+        if entries.len() >= Self::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push((text.to_vec(), Arc::clone(&prefix)));
+        prefix
     }
 }
 
@@ -620,6 +671,33 @@ mod tests {
             .images_encoded
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(encoded, 2);
+    }
+
+    #[test]
+    fn prompt_prefixes_are_computed_once_and_the_cache_stays_bounded() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"));
+        let scorer = Scorer::load(&dir.join("tiny-onealign"), &ScorerOptions::default()).unwrap();
+        let pixels = scorer
+            .load_image(&dir.join("images").join("boy_colorful.jpg"))
+            .unwrap();
+        let quality = Query::Task(Task::Quality);
+        let first = scorer
+            .score_images(&[&pixels], std::slice::from_ref(&quality))
+            .unwrap();
+        let cached = scorer.prefixes.entries.lock().unwrap()[0].1.clone();
+        let again = scorer.score_images(&[&pixels], &[quality]).unwrap();
+        assert_eq!(first[0][0].logits, again[0][0].logits);
+        assert!(Arc::ptr_eq(
+            &cached,
+            &scorer.prefixes.entries.lock().unwrap()[0].1
+        ));
+        for i in 0..PrefixCache::CAPACITY + 3 {
+            let query = Query::custom(format!("Is picture {i} sharp?"), "It is").unwrap();
+            scorer.score_images(&[&pixels], &[query]).unwrap();
+        }
+        let entries = scorer.prefixes.entries.lock().unwrap();
+        assert_eq!(entries.len(), PrefixCache::CAPACITY);
+        assert!(!entries.iter().any(|(_, kv)| Arc::ptr_eq(kv, &cached)));
     }
 
     #[test]

@@ -200,6 +200,56 @@ fn clips_of_different_lengths_in_one_batch_score_as_when_alone() {
 }
 
 #[test]
+fn a_shared_prompt_prefix_computed_once_gives_the_official_logits() {
+    let model = tiny_f32();
+    let (long, long_exp, _) = clip("video_all_frames");
+    let (short, short_exp, _) = clip("video_first3_frames");
+    let ids = i64s(&long_exp["input_ids"]);
+    let (text, rest) = qalign_model::split_prompt(&ids);
+    assert!(!text.is_empty() && rest[0] == IMAGE_TOKEN_INDEX);
+    let prefix = model.prompt_prefix(&ids).unwrap().unwrap();
+    assert_eq!(prefix.len(), text.len());
+    // Padded: the short clip's rows end early, and each clip is read at its own last token.
+    let shared = model
+        .shared_prompt_level_logits(
+            &ids,
+            Some(&prefix),
+            &[short.clone(), long.clone()],
+            &level_ids(),
+        )
+        .unwrap();
+    let full = model
+        .merge_inputs(&[ids.clone(), ids.clone()], &[short, long])
+        .unwrap();
+    let full = model.level_logits(&full, &level_ids()).unwrap();
+    for (i, exp) in [short_exp, long_exp].into_iter().enumerate() {
+        assert_close_vec(
+            "shared prefix vs official",
+            &row(&shared, i),
+            &f32s(&exp["level_logits"]),
+            LOGIT_TOL,
+        );
+        let d = assert_close_vec(
+            "shared prefix vs whole prompt",
+            &row(&shared, i),
+            &row(&full, i),
+            LOGIT_TOL,
+        );
+        eprintln!("clip {i}: shared prefix vs whole prompt {d:e}");
+    }
+    // A prefix made for another prompt is refused, not silently misused.
+    let other = model.prompt_prefix(&ids[..ids.len() - 1]).unwrap().unwrap();
+    let mut shorter = ids.clone();
+    shorter.remove(1);
+    let block = Tensor::zeros((65, 64), DType::F32, &Device::Cpu).unwrap();
+    match model.shared_prompt_level_logits(&shorter, Some(&other), &[block], &level_ids()) {
+        Err(ModelError::Input(msg)) => assert!(msg.contains("another prompt"), "{msg}"),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+    assert!(model.prompt_prefix(rest).unwrap().is_none());
+}
+
+#[test]
 fn video_level_logits_splices_each_clips_frames_in_order() {
     let model = tiny_f32();
     let ids = i64s(&expected()["video"]["video_all_frames"]["input_ids"]);

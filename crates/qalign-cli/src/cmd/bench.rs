@@ -407,6 +407,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
             b,
             &samples,
         ));
+        let ids = scorer.prompt_ids(&quality, qalign_model::MediaKind::Image)?;
+        let blocks = (0..visual.len())
+            .map(|i| visual.tensor().get(i))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let samples = time_runs(&device, warmup, iters, || {
+            Ok(model.shared_prompt_level_logits(&ids, None, &blocks, scorer.level_ids())?)
+        })?;
+        rows.push(Row::new(
+            "llm_whole_prompt",
+            "LLM scoring, 1 query, rerunning the prompt's shared prefix".into(),
+            Some(b),
+            b,
+            &samples,
+        ));
         let samples = time_runs(&device, warmup, iters, || {
             Ok(scorer.score_images(&batch, &both[..1])?)
         })?;
@@ -539,6 +553,17 @@ fn ratios(rows: &[Row], batch_sizes: &[usize]) -> Vec<Ratio> {
         }
     }
     for &b in batch_sizes {
+        if let (Some(cached), Some(whole)) =
+            (find(rows, "llm", b), find(rows, "llm_whole_prompt", b))
+        {
+            out.push(Ratio {
+                name: format!("llm_whole_prompt_over_llm_b{b}"),
+                value: whole.median_ms / cached.median_ms,
+                meaning: format!(
+                    "LLM rerunning the prompt's text before the image / reusing its K/V, at batch {b} (>1: the prefix cache helps)"
+                ),
+            });
+        }
         if let (Some(one), Some(two)) = (find(rows, "score_1q", b), find(rows, "score_2q", b)) {
             out.push(Ratio {
                 name: format!("score_2q_over_1q_b{b}"),
