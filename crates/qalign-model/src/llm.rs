@@ -489,7 +489,15 @@ impl MultiwayLlama {
         }
         let embeds = self.embed(ids)?.unsqueeze(0)?;
         let modality = vec![TEXT_MODALITY; ids.len()];
-        let (_, layers) = self.run(None, &embeds, &[ids.len()], &modality, false, true)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        self.run(
+            None,
+            &embeds,
+            &[ids.len()],
+            &modality,
+            false,
+            Some(&mut layers),
+        )?;
         Ok(PrefixKv {
             ids: ids.to_vec(),
             layers,
@@ -506,13 +514,10 @@ impl MultiwayLlama {
         modality: &[u8],
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
-        Ok(self
-            .run(prefix, embeds, lengths, modality, keep_layer_outputs, false)?
-            .0)
+        self.run(prefix, embeds, lengths, modality, keep_layer_outputs, None)
     }
 
-    /// The decoder stack; with `keep_kv`, also each layer's K/V of `embeds`.
-    #[allow(clippy::type_complexity)]
+    /// The decoder stack; pushes each layer's K/V of `embeds` onto `kv_out` when given.
     fn run(
         &self,
         prefix: Option<&PrefixKv>,
@@ -520,8 +525,8 @@ impl MultiwayLlama {
         lengths: &[usize],
         modality: &[u8],
         keep_layer_outputs: bool,
-        keep_kv: bool,
-    ) -> Result<(DecoderOutput, Vec<(Tensor, Tensor)>)> {
+        mut kv_out: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<DecoderOutput> {
         let (b, l, _) = embeds.dims3()?;
         if lengths.len() != b || modality.len() != b * l {
             return Err(ModelError::input(format!(
@@ -551,25 +556,21 @@ impl MultiwayLlama {
         let mask = causal_padding_mask(lengths, l, past, device)?;
         let mut x = embeds.clone();
         let mut layer_outputs = Vec::new();
-        let mut kvs = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let shared = prefix.map(|p| &p.layers[i]);
             let (out, kv) = layer.forward(&x, &routing, &rope, &mask, shared)?;
             x = out;
-            if keep_kv {
-                kvs.push(kv);
+            if let Some(kv_out) = kv_out.as_deref_mut() {
+                kv_out.push(kv);
             }
             if keep_layer_outputs {
                 layer_outputs.push(x.clone());
             }
         }
-        Ok((
-            DecoderOutput {
-                last_hidden_state: x,
-                layer_outputs,
-            },
-            kvs,
-        ))
+        Ok(DecoderOutput {
+            last_hidden_state: x,
+            layer_outputs,
+        })
     }
 
     /// `model.norm` (shared RMSNorm) over any `[..., D]`.

@@ -515,8 +515,7 @@ impl OneAlignModel {
         let blocks = (0..n)
             .map(|i| visual.get(i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let prefix = self.prompt_prefix(input_ids)?;
-        self.shared_prompt_level_logits(input_ids, prefix.as_ref(), &blocks, level_ids)
+        self.shared_prompt_level_logits(input_ids, None, &blocks, level_ids)
     }
 
     /// The K/V of a prompt's text before its first `-200`, which every image scored with it
@@ -576,8 +575,7 @@ impl OneAlignModel {
             blocks.push(visual.narrow(0, start, t)?);
             start += t;
         }
-        let prefix = self.prompt_prefix(input_ids)?;
-        self.shared_prompt_level_logits(input_ids, prefix.as_ref(), &blocks, level_ids)
+        self.shared_prompt_level_logits(input_ids, None, &blocks, level_ids)
     }
 }
 
