@@ -3,8 +3,8 @@
 # the repository root on a machine with an NVIDIA GPU, its driver and NVIDIA's cuBLAS/cuRAND 13
 # libraries (e.g. PyTorch's pip wheels). It checks the tiny fixture model's scores on CUDA
 # against tests/fixtures/expected (f32: score15 within 8e-6; f16/bf16: deviations reported), then
-# times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights,
-# then checks the LoRA training fixture on CUDA and times `bench --train` at the real dimensions.
+# times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights
+# (f16/bf16/f32, then `--quant q4k|q8_0` with the peak GPU memory), then checks the LoRA training fixture on CUDA and times `bench --train` at the real dimensions.
 #   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]
 # Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
 set -u
@@ -113,6 +113,22 @@ for dtype in f16 bf16 f32; do
     summarize "$work/bench-onealign-cuda-$dtype.json"
 done
 
+# --quant on CUDA (candle's quantised CUDA kernels, f32 activations): speed, and the most GPU
+# memory in use while it ran (nvidia-smi sampled every 0.2 s; the card's total, so nothing else
+# should run on it meanwhile).
+for quant in q4k q8_0; do
+    log "bench, OneAlign dimensions, random weights, --quant $quant"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$work/gpu-mem-$quant.txt" 2>/dev/null &
+    smi=$!
+    timeout 150 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign --random-weights \
+        --device cuda --quant "$quant" --batch-sizes 1,8,32 --iters 5 --format json \
+        > "$work/bench-onealign-cuda-$quant.json"
+    echo "exit $?"
+    kill $smi 2>/dev/null
+    echo "peak GPU memory used (MiB): $(sort -n "$work/gpu-mem-$quant.txt" | tail -1)" | tee "$work/gpu-mem-$quant.peak.txt"
+    save
+    summarize "$work/bench-onealign-cuda-$quant.json"
+done
 
 log "training parity on CUDA (tiny model, f32): the LoRA fixture's two AdamW steps"
 F=tests/fixtures

@@ -39,6 +39,8 @@ mod cpu_attention;
 mod cpu_kernels;
 mod cpu_matmul;
 mod cpu_quant;
+#[cfg(target_arch = "x86_64")]
+mod cpu_quant_vnni;
 mod cpu_simd;
 mod device;
 pub mod error;
