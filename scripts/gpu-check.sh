@@ -4,7 +4,8 @@
 # libraries (e.g. PyTorch's pip wheels). It checks the tiny fixture model's scores on CUDA
 # against tests/fixtures/expected (f32: score15 within 8e-6; f16/bf16: deviations reported), then
 # times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights
-# (f16/bf16/f32, then `--quant q4k|q8_0` with the peak GPU memory), then checks the LoRA training fixture on CUDA and times `bench --train` at the real dimensions.
+# (f16/bf16/f32, then `--quant q4k|q8_0` with the peak GPU memory), then checks the LoRA training
+# fixture on CUDA and times `bench --train` at the real dimensions.
 #   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]
 # Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
 set -u

@@ -151,7 +151,7 @@ impl Format {
     fn values(self) -> usize {
         match self {
             Self::Q8_0 => 32,
-            Self::Q4K => 256,
+            Self::Q4K => Q4K_VALUES,
         }
     }
 
@@ -159,7 +159,7 @@ impl Format {
     fn bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
-            Self::Q4K => 144,
+            Self::Q4K => Q4K_BYTES,
         }
     }
 
@@ -193,18 +193,18 @@ impl Format {
                 }
             }
             Self::Q4K => {
-                for (block, out) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
-                    let (d, dmin) = (scale(block), scale(&block[2..]));
-                    let scales: &[u8; 12] = block[4..16].try_into().expect("12 bytes");
-                    for (c, (q, out)) in block[16..144]
+                for (block, out) in bytes
+                    .chunks_exact(Q4K_BYTES)
+                    .zip(out.chunks_exact_mut(Q4K_VALUES))
+                {
+                    let (scales, mins) = q4k_factors(block);
+                    for (c, (q, out)) in block[16..Q4K_BYTES]
                         .chunks_exact(32)
                         .zip(out.chunks_exact_mut(64))
                         .enumerate()
                     {
-                        let (s1, m1) = scale_min(2 * c, scales);
-                        let (s2, m2) = scale_min(2 * c + 1, scales);
-                        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                        let (d1, m1) = (scales[2 * c], mins[2 * c]);
+                        let (d2, m2) = (scales[2 * c + 1], mins[2 * c + 1]);
                         let (low, high) = out.split_at_mut(32);
                         for ((&q, lo), hi) in q.iter().zip(low).zip(high) {
                             *lo = d1 * (q & 0xF) as f32 - m1;
@@ -217,8 +217,29 @@ impl Format {
     }
 }
 
+/// Values per Q4K block.
+pub(crate) const Q4K_VALUES: usize = 256;
+/// Bytes per Q4K block: f16 `d`, f16 `dmin`, 12 bytes of 6-bit (scale, min), 128 of nibbles.
+pub(crate) const Q4K_BYTES: usize = 144;
+
+/// The factors of a Q4K block's eight 32-value sub-blocks: `d·scale` and `dmin·min`
+/// (value = `d·scale·q − dmin·min`).
+#[inline(always)]
+pub(crate) fn q4k_factors(block: &[u8]) -> ([f32; 8], [f32; 8]) {
+    let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let (d, dmin) = (half(block), half(&block[2..]));
+    let packed: &[u8; 12] = block[4..16].try_into().expect("12 bytes");
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    for j in 0..8 {
+        let (s, m) = scale_min(j, packed);
+        scales[j] = d * s as f32;
+        mins[j] = dmin * m as f32;
+    }
+    (scales, mins)
+}
+
 /// The 6-bit (scale, min) of Q4K sub-block `j` (0..8), packed in 12 bytes as ggml does.
-pub(crate) fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
+fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

@@ -12,15 +12,11 @@
 
 use std::arch::x86_64::*;
 
-use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu_matmul::OutPtr;
+use crate::cpu_quant::{Q4K_BYTES as BLOCK_BYTES, Q4K_VALUES as QK, q4k_factors};
 
-/// Values per Q4K block (and per activation scale).
-const QK: usize = 256;
-/// Bytes per Q4K block: f16 `d`, f16 `dmin`, 12 bytes of 6-bit (scale, min), 128 of nibbles.
-const BLOCK_BYTES: usize = 144;
 /// Values per sub-block (one scale and min each).
 const SUB: usize = 32;
 /// Activation rows per panel: the 16 i32 lanes of a vector.
@@ -41,7 +37,6 @@ pub(crate) fn available() -> bool {
 
 /// Activations rounded to 8 bits per 256 values and row, in panels of 16 rows (zero past `m`).
 struct Activations {
-    panels: usize,
     /// `[panel][k/4][16 rows][4]`: one 64-byte vector per 4 values of `k`.
     qs: Vec<i8>,
     /// `[panel][k/256][16]`: each row's step (`max|x|/127`) per block.
@@ -81,12 +76,7 @@ impl Activations {
                     }
                 }
             });
-        Self {
-            panels,
-            qs,
-            steps,
-            sums,
-        }
+        Self { qs, steps, sums }
     }
 }
 
@@ -124,14 +114,9 @@ impl Unpacked {
             }
             let row = &blocks[(j0 + r) * row_bytes..][..row_bytes];
             for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
-                let packed: &[u8; 12] = block[4..16].try_into().expect("12 bytes");
-                for j in 0..8 {
-                    let (s, m) = crate::cpu_quant::scale_min(j, packed);
-                    scales[b * 8 + j] = d * s as f32;
-                    mins[b * 8 + j] = dmin * m as f32;
-                }
+                let (block_scales, block_mins) = q4k_factors(block);
+                scales[b * 8..][..8].copy_from_slice(&block_scales);
+                mins[b * 8..][..8].copy_from_slice(&block_mins);
                 unpack_nibbles(&block[16..], &mut q[b * QK..][..QK]);
             }
         }
@@ -224,7 +209,7 @@ unsafe fn kernel<const NV: usize>(
     ld: usize,
 ) {
     let (kq, kb, ks) = (k / 4, k / QK, k / SUB);
-    debug_assert!(p + NV <= acts.panels && (r0 + MR) * k <= w.q.len());
+    debug_assert!((p + NV) * kq * 64 <= acts.qs.len() && (r0 + MR) * k <= w.q.len());
     // SAFETY (all pointer arithmetic below): offsets stay inside the row, panel and block ranges
     // the caller vouches for.
     unsafe {
