@@ -5,12 +5,17 @@
 # against tests/fixtures/expected (f32: score15 within 8e-6; f16/bf16: deviations reported), then
 # times `qalign bench` on the tiny model and on the real OneAlign dimensions with random weights
 # (f16/bf16/f32, then `--quant q4k|q8_0` with the peak GPU memory), then checks the LoRA training
-# fixture on CUDA and times `bench --train` at the real dimensions.
-#   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]
+# fixture on CUDA and times `bench --train` at the real dimensions. Given qalign-model's unit test
+# binary built with `--features cuda` (`cargo test --release -p qalign-model --features cuda --lib
+# --no-run` prints its path), it first runs the fused CUDA kernels against candle's compositions
+# (`cuda_fused::gpu_tests`); the f16 bench also runs with QALIGN_CUDA_KERNELS=composed, so the two
+# are compared in one run.
+#   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR] [MODEL_TESTS_BINARY_OR_XZ]
 # Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
 set -u
-bin_src=${1:?usage: scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR]}
+bin_src=${1:?usage: scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR] [MODEL_TESTS_BINARY_OR_XZ]}
 out=${2:-gpu-check-out}
+tests_src=${3:-}
 mkdir -p "$out"
 work=$(mktemp -d)
 log() { echo "== $*"; }
@@ -18,6 +23,10 @@ log() { echo "== $*"; }
 if [[ $bin_src == *.xz ]]; then xz -dc "$bin_src" > "$work/qalign"; else cp "$bin_src" "$work/qalign"; fi
 chmod +x "$work/qalign"
 q=$work/qalign
+if [ -n "$tests_src" ]; then
+    if [[ $tests_src == *.xz ]]; then xz -dc "$tests_src" > "$work/model-tests"; else cp "$tests_src" "$work/model-tests"; fi
+    chmod +x "$work/model-tests"
+fi
 
 # cuBLAS / cuRAND from the Python wheels next to PyTorch, libcuda from the driver.
 nv=$(python3 -c 'import nvidia, sys; print(list(nvidia.__path__)[0])' 2>/dev/null)
@@ -49,6 +58,12 @@ nproc
 grep -m1 'model name' /proc/cpuinfo
 echo "ffmpeg: $(command -v ffmpeg || echo none)"
 ldd "$q" | grep -E 'cuda|cublas|curand|nvrtc|not found'
+
+if [ -n "$tests_src" ]; then
+    log "fused CUDA kernels against candle's compositions (cuda_fused::gpu_tests)"
+    timeout 120 "$work/model-tests" cuda_fused --nocapture --test-threads 1 2>&1 | tee "$work/fused-kernel-tests.txt"
+    echo "exit ${PIPESTATUS[0]}"
+fi
 
 log "score on CUDA and CPU (tiny model)"
 inputs=(tests/fixtures/images)
@@ -106,13 +121,23 @@ summarize "$work/bench-tiny-cuda-f32.json"
 
 for dtype in f16 bf16 f32; do
     log "bench, OneAlign dimensions, random weights, $dtype"
-    timeout 120 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign --random-weights \
-        --device cuda --dtype "$dtype" --batch-sizes 1,8,32 --iters 5 --format json \
+    batches=1,8,32,64
+    if [ "$dtype" = f32 ]; then batches=1,8,32; fi
+    timeout 180 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign --random-weights \
+        --device cuda --dtype "$dtype" --batch-sizes "$batches" --iters 5 --format json \
         > "$work/bench-onealign-cuda-$dtype.json"
     echo "exit $?"
     save
     summarize "$work/bench-onealign-cuda-$dtype.json"
 done
+
+log "bench, OneAlign dimensions, random weights, f16, QALIGN_CUDA_KERNELS=composed (no fused kernels)"
+QALIGN_CUDA_KERNELS=composed timeout 120 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign \
+    --random-weights --device cuda --dtype f16 --batch-sizes 1,8,32 --iters 5 --format json \
+    > "$work/bench-onealign-cuda-f16-composed.json"
+echo "exit $?"
+save
+summarize "$work/bench-onealign-cuda-f16-composed.json"
 
 # --quant on CUDA (candle's quantised CUDA kernels, f32 activations): speed, and the most GPU
 # memory in use while it ran (nvidia-smi sampled every 0.2 s; the card's total, so nothing else

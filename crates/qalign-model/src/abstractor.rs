@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::AbstractorConfig;
+use crate::cuda_fused::{self, Masking};
 use crate::error::Result;
 use crate::loader::Weights;
 use crate::nn::{LayerNorm, Linear, attention, merge_heads, split_heads};
@@ -121,6 +122,15 @@ impl AbstractorAttention {
         let v = self.value.forward(kv_input)?;
         let (h, hd) = (self.num_heads, self.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
+        let heads = |t: &Tensor| -> Result<Tensor> {
+            let (n, len, _) = t.dims3()?;
+            Ok(t.reshape((n, len, h, hd))?)
+        };
+        if let Some(context) =
+            cuda_fused::attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, scale, Masking::None)?
+        {
+            return Ok(context);
+        }
         let context = attention(
             &split_heads(&q, h, hd)?,
             &split_heads(&k, h, hd)?,

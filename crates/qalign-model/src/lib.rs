@@ -42,6 +42,7 @@ mod cpu_quant;
 #[cfg(target_arch = "x86_64")]
 mod cpu_quant_vnni;
 mod cpu_simd;
+mod cuda_fused;
 mod device;
 pub mod error;
 pub mod gguf;

@@ -12,6 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LlmConfig, RopeScaling};
+use crate::cuda_fused::{self, Masking};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 use crate::nn::{
@@ -121,8 +122,17 @@ impl MultiwayRmsNorm {
 
     /// `x` `[B, L, D]`.
     fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let normed = rms_normalize(x, self.eps)?;
         let weights = self.weights.get()?;
+        let (modality, uniform_row) = match routing.kind {
+            RoutingKind::Uniform(m) => (None, m),
+            RoutingKind::Split { .. } => (Some(&routing.modality), 0),
+        };
+        if let Some(fused) =
+            cuda_fused::multiway_rms_norm(x, &weights, modality, uniform_row, self.eps)?
+        {
+            return Ok(fused);
+        }
+        let normed = rms_normalize(x, self.eps)?;
         let weight = match routing.kind {
             RoutingKind::Uniform(m) => weights.get(m)?,
             RoutingKind::Split { .. } => weights
@@ -184,7 +194,7 @@ impl RotaryEmbedding {
 
 /// Additive f32 mask `[B, 1, L, P + L]` for `L` new rows after `P` shared prefix keys: 0 where the
 /// key is in the prefix, or is new key j ≤ query i and a real token of its sample; −∞ elsewhere.
-fn causal_padding_mask(
+pub(crate) fn causal_padding_mask(
     lengths: &[usize],
     len: usize,
     prefix: usize,
@@ -307,6 +317,7 @@ impl MultiwayAttention {
         routing: &Routing,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
+        lengths: &[usize],
         prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, l, d) = a.dims3()?;
@@ -335,9 +346,28 @@ impl MultiwayAttention {
             }
             None => (k.clone(), v.clone()),
         };
-        let (k_all, v_all) = (self.repeat_kv(k_all)?, self.repeat_kv(v_all)?);
-        let context = attention(&q, &k_all, &v_all, 1.0 / (hd as f64).sqrt(), Some(mask))?;
-        Ok((self.o_proj.forward(&merge_heads(&context)?)?, (k, v)))
+        let scale = 1.0 / (hd as f64).sqrt();
+        // On the GPU: [B, T, H, hd] views of the heads, grouped K/V heads read without repeats,
+        // and the mask from the lengths instead of the additive tensor.
+        let masking = Masking::CausalPadded {
+            prefix: k_all.dim(2)? - l,
+            lengths,
+        };
+        let fused = cuda_fused::attention(
+            &q.transpose(1, 2)?,
+            &k_all.transpose(1, 2)?,
+            &v_all.transpose(1, 2)?,
+            scale,
+            masking,
+        )?;
+        let context = match fused {
+            Some(context) => context,
+            None => {
+                let (k_all, v_all) = (self.repeat_kv(k_all)?, self.repeat_kv(v_all)?);
+                merge_heads(&attention(&q, &k_all, &v_all, scale, Some(mask))?)?
+            }
+        };
+        Ok((self.o_proj.forward(&context)?, (k, v)))
     }
 }
 
@@ -396,6 +426,7 @@ impl DecoderLayer {
         routing: &Routing,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
+        lengths: &[usize],
         prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (attn, kv) = self.self_attn.forward(
@@ -403,6 +434,7 @@ impl DecoderLayer {
             routing,
             rope,
             mask,
+            lengths,
             prefix,
         )?;
         let h = residual_add(x, &attn)?;
@@ -558,7 +590,7 @@ impl MultiwayLlama {
         let mut layer_outputs = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let shared = prefix.map(|p| &p.layers[i]);
-            let (out, kv) = layer.forward(&x, &routing, &rope, &mask, shared)?;
+            let (out, kv) = layer.forward(&x, &routing, &rope, &mask, lengths, shared)?;
             x = out;
             if let Some(kv_out) = kv_out.as_deref_mut() {
                 kv_out.push(kv);
@@ -575,6 +607,11 @@ impl MultiwayLlama {
 
     /// `model.norm` (shared RMSNorm) over any `[..., D]`.
     pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        let weight = self.norm.unsqueeze(0)?;
+        let eps = self.cfg.rms_norm_eps;
+        if let Some(fused) = cuda_fused::multiway_rms_norm(hidden, &weight, None, 0, eps)? {
+            return Ok(fused);
+        }
         Ok(rms_normalize(hidden, self.cfg.rms_norm_eps)?.broadcast_mul(&self.norm)?)
     }
 

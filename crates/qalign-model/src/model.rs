@@ -24,6 +24,9 @@ pub use qalign_core::vocab::IMAGE_TOKEN_INDEX;
 
 /// Images per ViT batch inside [`OneAlignModel::encode_images`]; bounds the attention memory for long clips.
 pub const IMAGES_PER_VISION_BATCH: usize = 8;
+/// The same with the fused CUDA attention (f16/bf16 on a GPU), which keeps no score matrices:
+/// larger batches keep the GPU busy.
+pub const IMAGES_PER_FUSED_VISION_BATCH: usize = 32;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -306,6 +309,20 @@ impl OneAlignModel {
         self.abstractor.forward(vision_hidden)
     }
 
+    /// Images per ViT batch in [`Self::encode_images`]: [`IMAGES_PER_FUSED_VISION_BATCH`] where
+    /// the fused CUDA attention runs, else [`IMAGES_PER_VISION_BATCH`].
+    pub fn images_per_vision_batch(&self) -> usize {
+        let fused = self.device.is_cuda()
+            && matches!(self.dtype, DType::F16 | DType::BF16)
+            && crate::cuda_fused::enabled()
+            && cfg!(feature = "cuda");
+        if fused {
+            IMAGES_PER_FUSED_VISION_BATCH
+        } else {
+            IMAGES_PER_VISION_BATCH
+        }
+    }
+
     /// ViT + abstractor: pixels `[N, 3, S, S]` (f32, any device) → visual tokens `[N, Q + 1, D]`.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
         let n = pixels.dims().first().copied().unwrap_or(0);
@@ -315,10 +332,11 @@ impl OneAlignModel {
                 pixels.dims()
             )));
         }
+        let per_batch = self.images_per_vision_batch();
         let chunks = (0..n)
-            .step_by(IMAGES_PER_VISION_BATCH)
+            .step_by(per_batch)
             .map(|start| {
-                let len = IMAGES_PER_VISION_BATCH.min(n - start);
+                let len = per_batch.min(n - start);
                 self.abstract_visual(&self.vision_forward(&pixels.narrow(0, start, len)?)?)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -3,8 +3,9 @@
 //! normalisation of transformers' LlamaRMSNorm, and an attention core whose softmax always runs in f32 (as
 //! upstream does for the LLM, and as fp16 PyTorch kernels effectively do elsewhere).
 //!
-//! On the CPU, inference runs the norms and QuickGELU as fused kernels (`cpu_kernels`); the
-//! compositions below are the reference they are tested against, and what the GPU runs.
+//! Inference runs the norms, QuickGELU and SiLU·mul as fused kernels, on the CPU (`cpu_kernels`)
+//! and on CUDA GPUs (`cuda_fused`); the compositions below are the reference they are tested
+//! against, and what runs everywhere else.
 //!
 //! Everything here also runs under candle's autograd: when an input tracks gradients, fused kernels without
 //! a backward pass are swapped for differentiable compositions, and frozen weights go through
@@ -18,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::cpu_kernels;
 use crate::cpu_matmul::PackedLinear;
+use crate::cuda_fused;
 use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::gguf::StoredKernel;
@@ -373,6 +375,24 @@ impl Linear {
         matches!(self.kernel, Kernel::Quantized { .. })
     }
 
+    /// `x·Wᵀ` (plus any LoRA branches) and the bias still to add, for a fused epilogue that adds
+    /// it in the same pass as what follows. Layers whose kernel adds the bias itself, or that carry
+    /// branches, return their whole output and `None`.
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match (&self.bias, &self.kernel) {
+            (Some(bias), Kernel::Dense(_) | Kernel::Quantized { .. })
+                if self.branches.is_empty() =>
+            {
+                let unbiased = Self {
+                    bias: None,
+                    ..self.clone()
+                };
+                Ok((unbiased.forward(x)?, Some(bias.get()?)))
+            }
+            _ => Ok((self.forward(x)?, None)),
+        }
+    }
+
     /// Applies the layer to `[..., in]`, giving `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some((&in_dim, leading)) = x.dims().split_last() else {
@@ -451,6 +471,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((_, normed)) =
+            cuda_fused::add_layer_norm(x, None, &self.weight, &self.bias, self.eps)?
+        {
+            return Ok(normed);
+        }
         if cpu_kernels::applies(&[x, &self.weight, &self.bias]) {
             return Ok(cpu_kernels::layer_norm(
                 x,
@@ -471,6 +496,29 @@ impl LayerNorm {
             .broadcast_add(&self.bias)?;
         Ok(y.to_dtype(dtype)?)
     }
+
+    /// The residual connection and this norm in one: `h = x + (y + y_bias)` and `(h, norm(h))`.
+    /// On the GPU one fused kernel; elsewhere the same steps as [`residual_add`] and
+    /// [`LayerNorm::forward`].
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        y_bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        if let Some(fused) =
+            cuda_fused::add_layer_norm(x, Some((y, y_bias)), &self.weight, &self.bias, self.eps)?
+        {
+            return Ok(fused);
+        }
+        let y = match y_bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y.clone(),
+        };
+        let h = residual_add(x, &y)?;
+        let normed = self.forward(&h)?;
+        Ok((h, normed))
+    }
 }
 
 /// `x·rsqrt(mean(x²) + eps)` computed in f32 and cast back to the input dtype, before any weight is
@@ -484,6 +532,18 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?)
+}
+
+/// QuickGELU of `y + bias` (a Linear's output before its bias, see [`Linear::forward_unbiased`]):
+/// one fused pass on the GPU.
+pub fn bias_quick_gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(fused) = cuda_fused::bias_quick_gelu(y, bias)? {
+        return Ok(fused);
+    }
+    match bias {
+        Some(bias) => quick_gelu(&y.broadcast_add(bias)?),
+        None => quick_gelu(y),
+    }
 }
 
 /// QuickGELU: `z·sigmoid(1.702·z)`.
@@ -504,6 +564,9 @@ pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `silu(gate)·up`, the gated activation of the LLaMA MLP.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if let Some(fused) = cuda_fused::silu_mul(gate, up)? {
+        return Ok(fused);
+    }
     if cpu_kernels::applies(&[gate, up]) && gate.dims() == up.dims() && gate.dtype() == up.dtype() {
         return Ok(cpu_kernels::silu_mul(gate, up)?);
     }

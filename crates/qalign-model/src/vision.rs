@@ -3,13 +3,15 @@
 //! QuickGELU MLPs and a head-interleaved fused QKV projection. Output: `post_layernorm` over all tokens.
 //! Key prefix: `model.vision_model.`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::config::VisionConfig;
+use crate::cuda_fused::{self, Masking};
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 use crate::nn::{
-    Derived, LayerNorm, Linear, attention, merge_heads, quick_gelu, residual_add, split_heads,
+    Derived, LayerNorm, Linear, attention, bias_quick_gelu, merge_heads, quick_gelu, residual_add,
+    split_heads,
 };
 
 /// Conv2d(kernel = stride = patch, no bias) computed as one matmul over flattened patches.
@@ -118,14 +120,35 @@ impl VisionAttention {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let d = self.num_heads * self.head_dim;
+        self.dense.forward(&self.context(x)?)
+    }
+
+    /// `dense`'s product and the bias still to add (for a fused residual + LayerNorm).
+    fn forward_unbiased(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        self.dense.forward_unbiased(&self.context(x)?)
+    }
+
+    /// The attention context `[N, T, hidden]`, heads merged, before `dense`.
+    fn context(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let d = h * hd;
         let qkv = self.qkv.forward(x)?;
-        let q = split_heads(&qkv.narrow(2, 0, d)?, self.num_heads, self.head_dim)?;
-        let k = split_heads(&qkv.narrow(2, d, d)?, self.num_heads, self.head_dim)?;
-        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, self.num_heads, self.head_dim)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let context = attention(&q, &k, &v, scale, None)?;
-        self.dense.forward(&merge_heads(&context)?)
+        let scale = (hd as f64).powf(-0.5);
+        // On the GPU, q/k/v are read in place from the projection as [N, T, H, hd] views.
+        let (n, t, _) = qkv.dims3()?;
+        let parts = qkv.reshape((n, t, 3, h, hd))?;
+        let (q, k, v) = (
+            parts.i((.., .., 0))?,
+            parts.i((.., .., 1))?,
+            parts.i((.., .., 2))?,
+        );
+        if let Some(context) = cuda_fused::attention(&q, &k, &v, scale, Masking::None)? {
+            return Ok(context);
+        }
+        let q = split_heads(&qkv.narrow(2, 0, d)?, h, hd)?;
+        let k = split_heads(&qkv.narrow(2, d, d)?, h, hd)?;
+        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, h, hd)?;
+        merge_heads(&attention(&q, &k, &v, scale, None)?)
     }
 }
 
@@ -146,6 +169,13 @@ impl VisionMlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&quick_gelu(&self.fc1.forward(x)?)?)
+    }
+
+    /// `fc1`'s bias goes into the QuickGELU pass and `fc2`'s is returned, still to add.
+    fn forward_unbiased(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let (y, bias) = self.fc1.forward_unbiased(x)?;
+        self.fc2
+            .forward_unbiased(&bias_quick_gelu(&y, bias.as_ref())?)
     }
 }
 
@@ -214,7 +244,8 @@ impl VisionTransformer {
         })
     }
 
-    /// `pixels` `[N, channels, image_size, image_size]` (any float dtype) → `last_hidden_state`
+    /// `pixels` `[N, channels, image_size, image_size]` (any float dtype; cast before the upload,
+    /// so f16 models upload half the bytes) → `last_hidden_state`
     /// `[N, grid² + 1, hidden]`, row 0 the class token.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let (c, s) = (self.cfg.num_channels, self.cfg.image_size);
@@ -228,10 +259,36 @@ impl VisionTransformer {
         }
         let mut x = self
             .embeddings
-            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+            .forward(&pixels.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        if cuda_fused::applies(&[&x]) {
+            return self.forward_fused(x);
+        }
         for layer in &self.layers {
             x = layer.forward(&x)?;
         }
         self.post_layernorm.forward(&x)
+    }
+
+    /// The encoder on the GPU: every bias add and residual connection goes into the LayerNorm
+    /// that follows it (the next layer's `input_layernorm`, or `post_layernorm`), one kernel each.
+    fn forward_fused(&self, mut x: Tensor) -> Result<Tensor> {
+        let mut normed = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&x)?,
+            None => return self.post_layernorm.forward(&x),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (attn, attn_bias) = layer.self_attn.forward_unbiased(&normed)?;
+            let (h, n2) =
+                layer
+                    .post_attention_layernorm
+                    .forward_residual(&x, &attn, attn_bias.as_ref())?;
+            let (mlp, mlp_bias) = layer.mlp.forward_unbiased(&n2)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.post_layernorm, |next| &next.input_layernorm);
+            (x, normed) = next.forward_residual(&h, &mlp, mlp_bias.as_ref())?;
+        }
+        Ok(normed)
     }
 }

@@ -13,7 +13,6 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_media::{MediaKind, Pixels, RgbImage};
 use qalign_model::candle::{Device, Tensor};
-use qalign_model::model::IMAGES_PER_VISION_BATCH;
 use qalign_model::{ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Visual};
 use serde::Serialize;
 
@@ -362,9 +361,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // The two halves of the encode, in the same chunks as `encode_images`.
         let model = scorer.model();
         let pixels_in = scorer.pixels_tensor(&batch)?;
+        let per_batch = model.images_per_vision_batch();
         let chunks: Vec<Tensor> = (0..b)
-            .step_by(IMAGES_PER_VISION_BATCH)
-            .map(|start| pixels_in.narrow(0, start, IMAGES_PER_VISION_BATCH.min(b - start)))
+            .step_by(per_batch)
+            .map(|start| pixels_in.narrow(0, start, per_batch.min(b - start)))
             .collect::<std::result::Result<_, _>>()?;
         let samples = time_runs(&device, warmup, iters, || {
             chunks
