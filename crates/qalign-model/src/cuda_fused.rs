@@ -72,11 +72,10 @@ impl HeadView {
         if dims.len() != 4 {
             return None;
         }
-        let (_, layout) = t.storage_and_layout();
         Some(Self {
             dims: [dims[0], dims[1], dims[2], dims[3]],
             strides: [strides[0], strides[1], strides[2], strides[3]],
-            offset: layout.start_offset(),
+            offset: t.layout().start_offset(),
         })
     }
 }
