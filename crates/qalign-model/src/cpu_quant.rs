@@ -7,9 +7,9 @@
 //! (ggml's block layouts, vectorised) into an f32 buffer in cache and multiplies it with the
 //! activations through the f32 micro-kernels of [`crate::cpu_matmul`] (AVX-512 8×48 or AVX2 6×16).
 //! The activations stay f32, so the only error is the weights' quantisation (candle's kernels also
-//! round the activations to 8 bits). On CPUs with AVX512-VNNI, Q4K weights go to the 8-bit integer
-//! products of [`crate::cpu_quant_vnni`] instead (about 1.5× faster; they round the activations as
-//! candle does). `QALIGN_CPU_KERNELS=composed` keeps candle's kernels, and `avx2` this file's.
+//! round the activations to 8 bits). On CPUs with AVX512-VNNI, Q4K and Q8_0 weights go to the
+//! 8-bit integer products of [`crate::cpu_quant_vnni`] instead (faster; they round the activations
+//! as candle does). `QALIGN_CPU_KERNELS=composed` keeps candle's kernels, and `avx2` this file's.
 
 use std::borrow::Cow;
 
@@ -68,7 +68,7 @@ pub(crate) fn matmul(q: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tens
     matmul_on(q, x, Tier::detect(), int8_available())
 }
 
-/// Whether Q4K products may run in 8-bit integers ([`crate::cpu_quant_vnni`]).
+/// Whether Q4K and Q8_0 products may run in 8-bit integers ([`crate::cpu_quant_vnni`]).
 fn int8_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -80,7 +80,7 @@ fn int8_available() -> bool {
     }
 }
 
-/// [`matmul`] on a given f32 tier; `int8` sends Q4K weights to [`crate::cpu_quant_vnni`].
+/// [`matmul`] on a given f32 tier; `int8` sends the weights to [`crate::cpu_quant_vnni`].
 fn matmul_on(
     q: &QTensor,
     x: &Tensor,
@@ -119,8 +119,8 @@ fn matmul_on(
     };
     let a = &a[start..end];
     #[cfg(target_arch = "x86_64")]
-    if int8 && format == Format::Q4K {
-        let c = crate::cpu_quant_vnni::matmul(a, m, k, bytes, n);
+    if int8 {
+        let c = crate::cpu_quant_vnni::matmul(a, m, k, format, bytes, n);
         return Ok(Some(Tensor::from_vec(c, (m, n), &Device::Cpu)?));
     }
     let _ = int8;
@@ -130,7 +130,7 @@ fn matmul_on(
 
 /// The block formats decoded here (ggml's layouts, as candle stores them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     /// 34 bytes per 32 values: an f16 scale `d`, then 32 `i8`; value = `d·q`.
     Q8_0,
     /// 144 bytes per 256 values: f16 `d` and `dmin`, 12 bytes of eight 6-bit (scale, min) pairs, then
@@ -148,7 +148,7 @@ impl Format {
     }
 
     /// Values per block.
-    fn values(self) -> usize {
+    pub(crate) fn values(self) -> usize {
         match self {
             Self::Q8_0 => 32,
             Self::Q4K => Q4K_VALUES,
@@ -156,7 +156,7 @@ impl Format {
     }
 
     /// Bytes per block.
-    fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
             Self::Q4K => Q4K_BYTES,

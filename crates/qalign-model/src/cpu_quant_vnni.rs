@@ -1,23 +1,28 @@
-//! Q4K matrix products in 8-bit integers on CPUs with AVX512-VNNI, reading the weight blocks as
-//! they are stored.
+//! Q4K and Q8_0 matrix products in 8-bit integers on CPUs with AVX512-VNNI, reading the weight
+//! blocks as they are stored.
 //!
 //! An f32 FMA does one multiply-add per lane; `vpdpbusd` does four (u8 × i8 into i32), so on
 //! these CPUs integer products can run up to twice as fast as the f32 ones of [`crate::cpu_quant`]
-//! (which decode Q4K to f32). candle's VNNI kernels get that speed by keeping a 6-bit repacked
-//! copy of every weight beside its 4.5-bit blocks; here each worker unpacks the nibbles of its
-//! weight rows into a u8 scratch in cache (a mask and a shift: the order along `k` stays), so
-//! only the blocks stay in memory. As in ggml's and candle's Q4K products, each activation row
-//! is rounded to 8 bits per 256 values (`q = round(x·127/max|x|)`), so the error is the weights'
-//! quantisation plus that rounding.
+//! (which decode the blocks to f32). candle's VNNI kernels get that speed by keeping a repacked
+//! copy of every weight beside its blocks; here each worker unpacks its weight rows into a u8
+//! scratch in cache (the order along `k` stays), so only the blocks stay in memory:
+//! - Q4K: the nibbles (a mask and a shift), with each 32-value sub-block's `d·scale` and
+//!   `dmin·min` (value = `d·scale·q − dmin·min`);
+//! - Q8_0: `q + 128` as u8 (vpdpbusd's unsigned operand), so value = `d·(q + 128) − 128·d`, the
+//!   same form with scale `d` and min `128·d`.
+//!
+//! As in ggml's and candle's products, each activation row is rounded to 8 bits per block
+//! (`q = round(x·127/max|x|)`): per 256 values for Q4K (ggml's Q8K), per 32 for Q8_0 (ggml's
+//! Q8_0), so the error is the weights' quantisation plus that rounding.
 
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
 use crate::cpu_matmul::OutPtr;
-use crate::cpu_quant::{Q4K_BYTES as BLOCK_BYTES, Q4K_VALUES as QK, q4k_factors};
+use crate::cpu_quant::{Format, Q4K_BYTES, Q4K_VALUES, q4k_factors};
 
-/// Values per sub-block (one scale and min each).
+/// Values per sub-block (one weight scale and min, and one activation step, each).
 const SUB: usize = 32;
 /// Activation rows per panel: the 16 i32 lanes of a vector.
 const LANES: usize = 16;
@@ -35,36 +40,40 @@ pub(crate) fn available() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
-/// Activations rounded to 8 bits per 256 values and row, in panels of 16 rows (zero past `m`).
+/// Activations rounded to 8 bits per block of `block` values (256 or 32) and row, in panels of
+/// 16 rows (zero past `m`).
 struct Activations {
     /// `[panel][k/4][16 rows][4]`: one 64-byte vector per 4 values of `k`.
     qs: Vec<i8>,
-    /// `[panel][k/256][16]`: each row's step (`max|x|/127`) per block.
+    /// `[panel][k/32][16]`: each row's step (`max|x|/127` of its block) per sub-block.
     steps: Vec<f32>,
     /// `[panel][k/32][16]`: the sum of each row's `q` over each sub-block.
     sums: Vec<f32>,
 }
 
 impl Activations {
-    fn quantise(a: &[f32], m: usize, k: usize) -> Self {
+    fn quantise(a: &[f32], m: usize, k: usize, block: usize) -> Self {
+        debug_assert!(block.is_multiple_of(SUB) && k.is_multiple_of(block));
         let panels = m.div_ceil(LANES);
-        let (kq, kb, ks) = (k / 4, k / QK, k / SUB);
+        let (kq, ks) = (k / 4, k / SUB);
         let mut qs = vec![0i8; panels * kq * LANES * 4];
-        let mut steps = vec![0f32; panels * kb * LANES];
+        let mut steps = vec![0f32; panels * ks * LANES];
         let mut sums = vec![0f32; panels * ks * LANES];
         qs.par_chunks_mut(kq * LANES * 4)
-            .zip(steps.par_chunks_mut(kb * LANES))
+            .zip(steps.par_chunks_mut(ks * LANES))
             .zip(sums.par_chunks_mut(ks * LANES))
             .enumerate()
             .for_each(|(p, ((qs, steps), sums))| {
                 let mut row_q = vec![0i8; k];
                 for lane in 0..LANES.min(m - p * LANES) {
                     let row = &a[(p * LANES + lane) * k..][..k];
-                    for (b, block) in row.chunks_exact(QK).enumerate() {
-                        let max = block.iter().fold(0f32, |acc, x| acc.max(x.abs()));
+                    for (b, values) in row.chunks_exact(block).enumerate() {
+                        let max = values.iter().fold(0f32, |acc, x| acc.max(x.abs()));
                         let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                        steps[b * LANES + lane] = max / 127.0;
-                        for (q, &x) in row_q[b * QK..][..QK].iter_mut().zip(block) {
+                        for s in 0..block / SUB {
+                            steps[(b * block / SUB + s) * LANES + lane] = max / 127.0;
+                        }
+                        for (q, &x) in row_q[b * block..][..block].iter_mut().zip(values) {
                             *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
                         }
                     }
@@ -80,8 +89,8 @@ impl Activations {
     }
 }
 
-/// Weight rows unpacked for the kernel: `q` (0..15) as u8 in `k` order, and per sub-block the
-/// factors `d·scale` and `dmin·min` (value = `d·scale·q − dmin·min`).
+/// Weight rows unpacked for the kernel: `q` as u8 in `k` order, and per sub-block the factors
+/// `scale` and `min` (value = `scale·q − min`; see the module comment for each format).
 struct Unpacked {
     q: Vec<u8>,
     scales: Vec<f32>,
@@ -98,9 +107,9 @@ impl Unpacked {
     }
 
     /// Unpacks weight rows `j0..j0+rows` of `blocks`; rows past them are zeroed.
-    fn fill(&mut self, blocks: &[u8], k: usize, j0: usize, rows: usize) {
+    fn fill(&mut self, format: Format, blocks: &[u8], k: usize, j0: usize, rows: usize) {
         let ks = k / SUB;
-        let row_bytes = k / QK * BLOCK_BYTES;
+        let row_bytes = k / format.values() * format.bytes();
         for r in 0..GROUP {
             let (q, scales, mins) = (
                 &mut self.q[r * k..][..k],
@@ -113,11 +122,25 @@ impl Unpacked {
                 continue;
             }
             let row = &blocks[(j0 + r) * row_bytes..][..row_bytes];
-            for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let (block_scales, block_mins) = q4k_factors(block);
-                scales[b * 8..][..8].copy_from_slice(&block_scales);
-                mins[b * 8..][..8].copy_from_slice(&block_mins);
-                unpack_nibbles(&block[16..], &mut q[b * QK..][..QK]);
+            match format {
+                Format::Q4K => {
+                    for (b, block) in row.chunks_exact(Q4K_BYTES).enumerate() {
+                        let (block_scales, block_mins) = q4k_factors(block);
+                        scales[b * 8..][..8].copy_from_slice(&block_scales);
+                        mins[b * 8..][..8].copy_from_slice(&block_mins);
+                        unpack_nibbles(&block[16..], &mut q[b * Q4K_VALUES..][..Q4K_VALUES]);
+                    }
+                }
+                Format::Q8_0 => {
+                    for (b, block) in row.chunks_exact(34).enumerate() {
+                        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                        scales[b] = d;
+                        mins[b] = 128.0 * d;
+                        for (u, &v) in q[b * SUB..][..SUB].iter_mut().zip(&block[2..]) {
+                            *u = v ^ 0x80; // i8 q + 128 as u8
+                        }
+                    }
+                }
             }
         }
     }
@@ -136,15 +159,22 @@ fn unpack_nibbles(nibbles: &[u8], out: &mut [u8]) {
     }
 }
 
-/// `C = A·Wᵀ` `[m, n]` for f32 `a` `[m, k]` and the Q4K `blocks` of `W` `[n, k]` (`k` a multiple
-/// of 256). The caller checks [`available`] and the sizes.
-pub(crate) fn matmul(a: &[f32], m: usize, k: usize, blocks: &[u8], n: usize) -> Vec<f32> {
-    assert!(available() && k.is_multiple_of(QK) && a.len() == m * k);
-    assert_eq!(blocks.len(), n * (k / QK) * BLOCK_BYTES);
+/// `C = A·Wᵀ` `[m, n]` for f32 `a` `[m, k]` and the Q4K or Q8_0 `blocks` of `W` `[n, k]` (`k` a
+/// multiple of the block). The caller checks [`available`] and the sizes.
+pub(crate) fn matmul(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    format: Format,
+    blocks: &[u8],
+    n: usize,
+) -> Vec<f32> {
+    assert!(available() && k.is_multiple_of(format.values()) && a.len() == m * k);
+    assert_eq!(blocks.len(), n * (k / format.values()) * format.bytes());
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
-    let acts = Activations::quantise(a, m, k);
+    let acts = Activations::quantise(a, m, k, format.values());
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = OutPtr(c.as_mut_ptr());
     let chunks = m.div_ceil(CHUNK);
@@ -155,7 +185,7 @@ pub(crate) fn matmul(a: &[f32], m: usize, k: usize, blocks: &[u8], n: usize) -> 
             |(w, ct), task| {
                 let (j0, m0) = (task / chunks * GROUP, task % chunks * CHUNK);
                 let (rows, m_end) = (GROUP.min(n - j0), (m0 + CHUNK).min(m));
-                w.fill(blocks, k, j0, rows);
+                w.fill(format, blocks, k, j0, rows);
                 // `Cᵀ` of this task: GROUP weight rows of CHUNK activation rows.
                 ct.fill(0.0);
                 let (first_panel, end_panel) = (m0 / LANES, m_end.div_ceil(LANES));
@@ -208,49 +238,49 @@ unsafe fn kernel<const NV: usize>(
     acc: *mut f32,
     ld: usize,
 ) {
-    let (kq, kb, ks) = (k / 4, k / QK, k / SUB);
+    let (kq, ks) = (k / 4, k / SUB);
     debug_assert!((p + NV) * kq * 64 <= acts.qs.len() && (r0 + MR) * k <= w.q.len());
-    // SAFETY (all pointer arithmetic below): offsets stay inside the row, panel and block ranges
-    // the caller vouches for.
+    // SAFETY (all pointer arithmetic below): offsets stay inside the row, panel and sub-block
+    // ranges the caller vouches for.
     unsafe {
         let qa: [*const i8; NV] = std::array::from_fn(|v| acts.qs.as_ptr().add((p + v) * kq * 64));
-        for b in 0..kb {
-            let mut block = [[_mm512_setzero_ps(); NV]; MR];
-            for s in 0..8 {
-                let sub = b * 8 + s;
-                let mut isum = [[_mm512_setzero_si512(); NV]; MR];
-                for quad in sub * 8..sub * 8 + 8 {
-                    let av: [__m512i; NV] =
-                        std::array::from_fn(|v| _mm512_loadu_si512(qa[v].add(quad * 64).cast()));
-                    for (r, isum) in isum.iter_mut().enumerate() {
-                        let wq = w.q.as_ptr().add((r0 + r) * k + quad * 4);
-                        let wb = _mm512_set1_epi32(std::ptr::read_unaligned(wq.cast::<i32>()));
-                        for v in 0..NV {
-                            isum[v] = _mm512_dpbusd_epi32(isum[v], wb, av[v]);
-                        }
-                    }
-                }
-                let sums: [__m512; NV] = std::array::from_fn(|v| {
-                    _mm512_loadu_ps(acts.sums.as_ptr().add(((p + v) * ks + sub) * LANES))
-                });
-                for r in 0..MR {
-                    let scale = _mm512_set1_ps(*w.scales.get_unchecked((r0 + r) * ks + sub));
-                    let min = _mm512_set1_ps(*w.mins.get_unchecked((r0 + r) * ks + sub));
+        let mut total = [[_mm512_setzero_ps(); NV]; MR];
+        for sub in 0..ks {
+            let mut isum = [[_mm512_setzero_si512(); NV]; MR];
+            for quad in sub * 8..sub * 8 + 8 {
+                let av: [__m512i; NV] =
+                    std::array::from_fn(|v| _mm512_loadu_si512(qa[v].add(quad * 64).cast()));
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    let wq = w.q.as_ptr().add((r0 + r) * k + quad * 4);
+                    let wb = _mm512_set1_epi32(std::ptr::read_unaligned(wq.cast::<i32>()));
                     for v in 0..NV {
-                        block[r][v] =
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), scale, block[r][v]);
-                        block[r][v] = _mm512_fnmadd_ps(min, sums[v], block[r][v]);
+                        isum[v] = _mm512_dpbusd_epi32(isum[v], wb, av[v]);
                     }
                 }
             }
-            // The running sums live in `acc` (L1), which leaves registers to the block's sums.
-            for v in 0..NV {
-                let step = _mm512_loadu_ps(acts.steps.as_ptr().add(((p + v) * kb + b) * LANES));
-                for (r, block) in block.iter().enumerate() {
-                    let dst = acc.add(r * ld + v * LANES);
-                    let sum = _mm512_fmadd_ps(block[v], step, _mm512_loadu_ps(dst));
-                    _mm512_storeu_ps(dst, sum);
+            let at = |v: usize| ((p + v) * ks + sub) * LANES;
+            let sums: [__m512; NV] =
+                std::array::from_fn(|v| _mm512_loadu_ps(acts.sums.as_ptr().add(at(v))));
+            let steps: [__m512; NV] =
+                std::array::from_fn(|v| _mm512_loadu_ps(acts.steps.as_ptr().add(at(v))));
+            for r in 0..MR {
+                let scale = _mm512_set1_ps(*w.scales.get_unchecked((r0 + r) * ks + sub));
+                let min = _mm512_set1_ps(*w.mins.get_unchecked((r0 + r) * ks + sub));
+                for v in 0..NV {
+                    // (scale·Σ w·q − min·Σ q)·step for this sub-block.
+                    let part = _mm512_fmsub_ps(
+                        _mm512_cvtepi32_ps(isum[r][v]),
+                        scale,
+                        _mm512_mul_ps(min, sums[v]),
+                    );
+                    total[r][v] = _mm512_fmadd_ps(part, steps[v], total[r][v]);
                 }
+            }
+        }
+        for (r, total) in total.iter().enumerate() {
+            for (v, total) in total.iter().enumerate() {
+                let dst = acc.add(r * ld + v * LANES);
+                _mm512_storeu_ps(dst, _mm512_add_ps(*total, _mm512_loadu_ps(dst)));
             }
         }
     }
@@ -265,15 +295,15 @@ mod tests {
     use crate::cpu_matmul::tests::values;
     use crate::cpu_quant::tests::quantised_weight;
 
-    /// The activations as the kernel sees them: each row rounded to 8 bits per 256 values.
-    fn rounded(a: &[f32], m: usize, k: usize) -> Vec<f64> {
-        let acts = Activations::quantise(a, m, k);
+    /// The activations as the kernel sees them: each row rounded to 8 bits per `block` values.
+    fn rounded(a: &[f32], m: usize, k: usize, block: usize) -> Vec<f64> {
+        let acts = Activations::quantise(a, m, k, block);
         let mut out = vec![0f64; m * k];
         for i in 0..m {
             let (p, lane) = (i / LANES, i % LANES);
             for kk in 0..k {
                 let q = acts.qs[((p * (k / 4) + kk / 4) * LANES + lane) * 4 + kk % 4];
-                let step = acts.steps[(p * (k / QK) + kk / QK) * LANES + lane];
+                let step = acts.steps[(p * (k / SUB) + kk / SUB) * LANES + lane];
                 out[i * k + kk] = q as f64 * step as f64;
             }
         }
@@ -286,37 +316,43 @@ mod tests {
         let mut a = values(m * k, 3);
         a[5] = 40.0;
         a[k..2 * k].fill(0.0);
-        let r = rounded(&a, m, k);
-        for i in 0..m * k {
-            let block = &a[i / QK * QK..][..QK];
-            let step = block.iter().fold(0f32, |m, x| m.max(x.abs())) as f64 / 127.0;
-            assert!((r[i] - a[i] as f64).abs() <= step / 2.0 + 1e-9, "at {i}");
-        }
-        let acts = Activations::quantise(&a, m, k);
-        for i in 0..m {
-            for s in 0..k / SUB {
-                let want: f64 = (0..SUB)
-                    .map(|j| {
-                        let kk = s * SUB + j;
-                        acts.qs[(((i / LANES) * (k / 4) + kk / 4) * LANES + i % LANES) * 4 + kk % 4]
-                            as f64
-                    })
-                    .sum();
-                let got = acts.sums[((i / LANES) * (k / SUB) + s) * LANES + i % LANES];
-                assert_eq!(got as f64, want);
+        for block in [Q4K_VALUES, SUB] {
+            let r = rounded(&a, m, k, block);
+            for i in 0..m * k {
+                let values = &a[i / block * block..][..block];
+                let step = values.iter().fold(0f32, |m, x| m.max(x.abs())) as f64 / 127.0;
+                assert!((r[i] - a[i] as f64).abs() <= step / 2.0 + 1e-9, "at {i}");
+            }
+            let acts = Activations::quantise(&a, m, k, block);
+            for i in 0..m {
+                for s in 0..k / SUB {
+                    let want: f64 = (0..SUB)
+                        .map(|j| {
+                            let kk = s * SUB + j;
+                            acts.qs[(((i / LANES) * (k / 4) + kk / 4) * LANES + i % LANES) * 4
+                                + kk % 4] as f64
+                        })
+                        .sum();
+                    let got = acts.sums[((i / LANES) * (k / SUB) + s) * LANES + i % LANES];
+                    assert_eq!(got as f64, want);
+                }
             }
         }
     }
 
     /// Checks the product against the dequantised weight times the rounded activations, summed in
     /// f64.
-    fn check(m: usize, kb: usize, n: usize, seed: u32) {
-        let k = kb * QK;
-        let (q, wd) = quantised_weight(n, k, GgmlDType::Q4K, seed);
+    fn check(m: usize, blocks: usize, n: usize, format: Format, seed: u32) {
+        let k = blocks * format.values();
+        let dtype = match format {
+            Format::Q4K => GgmlDType::Q4K,
+            Format::Q8_0 => GgmlDType::Q8_0,
+        };
+        let (q, wd) = quantised_weight(n, k, dtype, seed);
         let a = values(m * k, seed + 11);
-        let got = matmul(&a, m, k, &q.data().unwrap(), n);
+        let got = matmul(&a, m, k, format, &q.data().unwrap(), n);
         assert_eq!(got.len(), m * n);
-        let ar = rounded(&a, m, k);
+        let ar = rounded(&a, m, k, format.values());
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k)
@@ -325,7 +361,7 @@ mod tests {
                 let g = got[i * n + j] as f64;
                 assert!(
                     (g - want).abs() <= 8.0 * f32::EPSILON as f64 * k as f64,
-                    "[{m}×{k}]·[{k}×{n}] at ({i}, {j}): {g} vs {want}"
+                    "{format:?} [{m}×{k}]·[{k}×{n}] at ({i}, {j}): {g} vs {want}"
                 );
             }
         }
@@ -334,8 +370,9 @@ mod tests {
     #[test]
     fn several_row_chunks_and_column_groups_cover_the_whole_output() {
         if available() {
-            check(2 * CHUNK + 37, 2, 3 * GROUP + 6, 5);
-            check(CHUNK, 1, GROUP, 6);
+            check(2 * CHUNK + 37, 2, 3 * GROUP + 6, Format::Q4K, 5);
+            check(CHUNK, 1, GROUP, Format::Q4K, 6);
+            check(CHUNK + 5, 9, 2 * GROUP + 1, Format::Q8_0, 7);
         }
     }
 
@@ -344,10 +381,12 @@ mod tests {
 
         #[test]
         fn products_match_the_dequantised_weight_and_rounded_activations(
-            m in 1usize..70, kb in 1usize..4, n in 1usize..80, seed in 0u32..1000,
+            m in 1usize..70, blocks in 1usize..4, n in 1usize..80, seed in 0u32..1000,
+            q8 in any::<bool>(),
         ) {
             if available() {
-                check(m, kb, n, seed);
+                let (format, blocks) = if q8 { (Format::Q8_0, blocks * 5) } else { (Format::Q4K, blocks) };
+                check(m, blocks, n, format, seed);
             }
         }
     }
