@@ -10,6 +10,9 @@
 # --no-run` prints its path), it first runs the fused CUDA kernels against candle's compositions
 # (`cuda_fused::gpu_tests`); the f16 bench also runs with QALIGN_CUDA_KERNELS=composed, so the two
 # are compared in one run.
+# With target/gpu-official (scripts/gpu-official-prep.sh, carried to the GPU machine) it also times
+# the official PyTorch code on the same card and writes bench-official-comparison-cuda-f16.json
+# with `speedup_vs_official`.
 #   scripts/gpu-check.sh QALIGN_BINARY_OR_XZ [OUT_DIR] [MODEL_TESTS_BINARY_OR_XZ]
 # Every step runs even if an earlier one failed; results land in OUT_DIR (default ./gpu-check-out).
 set -u
@@ -130,6 +133,45 @@ for dtype in f16 bf16 f32; do
     save
     summarize "$work/bench-onealign-cuda-$dtype.json"
 done
+
+# The official code on the same card, when scripts/gpu-official-prep.sh's folder came along:
+# transformers 4.36.1 and the official code's imports go to a private folder ahead of the
+# machine's packages (only those pinned or missing, so PyTorch keeps its own).
+off=${QALIGN_OFFICIAL:-target/gpu-official}
+if [ -d "$off/src/q_align" ]; then
+    log "the official Q-Align code on the same card: fp16, real OneAlign dims, random weights"
+    pylib=$work/official-pylib
+    pkgs=(transformers==4.36.1 "tokenizers<0.16" huggingface_hub==0.19.4 accelerate==0.21.0 einops==0.6.1
+          icecream==2.1.3 executing asttokens colorama)
+    for pair in sentencepiece:sentencepiece safetensors:safetensors regex:regex pyyaml:yaml requests:requests \
+        urllib3:urllib3 idna:idna certifi:certifi charset_normalizer:charset_normalizer tqdm:tqdm \
+        packaging:packaging filelock:filelock typing_extensions:typing_extensions fsspec:fsspec pygments:pygments; do
+        python3 -c "import ${pair#*:}" 2>/dev/null || pkgs+=("${pair%%:*}")
+    done
+    python3 -m pip install -q --no-index --no-deps --find-links "$off/wheels" --target "$pylib" "${pkgs[@]}"
+    echo "pip exit $?"
+    PYTHONPATH=$pylib timeout 300 python3 scripts/official_gpu_bench.py --src "$off/src" \
+        --model docs/bench-configs/onealign --tokenizer tests/fixtures/tiny-onealign \
+        --images tests/fixtures/images/*.jpg --batch-sizes 1,8,32 --iters 5 > "$work/bench-official-onealign-cuda-f16.json"
+    echo "exit $?"
+    python3 - "$work" <<'EOF'
+import json, sys
+work = sys.argv[1]
+try:
+    q = json.load(open(f"{work}/bench-onealign-cuda-f16.json"))
+    o = json.load(open(f"{work}/bench-official-onealign-cuda-f16.json"))
+except Exception as e:
+    sys.exit(f"no comparison: {e}")
+ours = min(r["median_ms_per_item"] for r in q["rows"] if r["stage"] == "score_1q")
+theirs = min(r["median_ms_per_item"] for r in o["rows"])
+out = {"speedup_vs_official": theirs / ours,
+       "qalign_best_ms_per_image": ours, "official_best_ms_per_image": theirs,
+       "qalign_rows": [r for r in q["rows"] if r["stage"] == "score_1q"], "official": o}
+json.dump(out, open(f"{work}/bench-official-comparison-cuda-f16.json", "w"), indent=1)
+print(f"qalign {ours:.2f} ms/image, official {theirs:.2f} ms/image: {theirs / ours:.2f}x")
+EOF
+    save
+fi
 
 log "bench, OneAlign dimensions, random weights, f16, QALIGN_CUDA_KERNELS=composed (no fused kernels)"
 QALIGN_CUDA_KERNELS=composed timeout 120 "$q" bench tests/fixtures/images --model docs/bench-configs/onealign \
