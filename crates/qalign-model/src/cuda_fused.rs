@@ -238,21 +238,32 @@ pub fn add_layer_norm(
     if let Some((y, bias)) = y {
         operands.push(y);
         operands.extend(bias);
+    }
+    if !applies(&operands) {
+        return Ok(None);
+    }
+    let Ok((_, dim)) = row_plan(x) else {
+        return Ok(None);
+    };
+    // The kernel reads `dim` f32 values of `w` and `b`, and `dim` of the bias in x's dtype.
+    let f32_row = |t: &Tensor| t.dims() == [dim] && t.dtype() == candle_core::DType::F32;
+    if !f32_row(w) || !f32_row(b) {
+        return Ok(None);
+    }
+    if let Some((y, bias)) = y {
         if y.dims() != x.dims() || y.dtype() != x.dtype() {
             return Ok(None);
         }
-        if bias.is_some_and(|bias| bias.dims() != [x.dim(candle_core::D::Minus1).unwrap_or(0)]) {
+        if bias.is_some_and(|bias| bias.dims() != [dim] || bias.dtype() != x.dtype()) {
             return Ok(None);
         }
-    }
-    if !applies(&operands) || row_plan(x).is_err() {
-        return Ok(None);
     }
     launch::add_layer_norm(x, y, w, b, eps).map(Some)
 }
 
 /// RMSNorm whose weight row is picked per row: `weights` `[R, dim]` in the activation dtype,
-/// `modality` `[rows]` u32 row indices, or every row `uniform_row` when `None`.
+/// `modality` `[rows]` u32 row indices below `R` (the caller's routing checks them), or every row
+/// `uniform_row` when `None`.
 pub fn multiway_rms_norm(
     x: &Tensor,
     weights: &Tensor,
