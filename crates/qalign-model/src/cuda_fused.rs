@@ -201,6 +201,12 @@ pub(crate) fn elementwise_blocks(n: usize) -> u32 {
         .clamp(1, ELEMENTWISE_MAX_BLOCKS as usize) as u32
 }
 
+/// Whether [`attention`]'s kernel runs for activations on `device` in `dtype` (a CUDA build,
+/// kernels on, a GPU, f16 or bf16).
+pub fn attention_runs_on(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    cfg!(feature = "cuda") && enabled() && device.is_cuda() && launch::attention_dtype(dtype)
+}
+
 /// `softmax(q·kᵀ·scale)·v` for `q` `[B, Tq, H, D]` and `k`/`v` `[B, Tk, H/g, D]` (views with
 /// any strides, e.g. slices of a fused QKV projection), written as `[B, Tq, H·D]`.
 pub fn attention(
@@ -210,7 +216,7 @@ pub fn attention(
     scale: f64,
     masking: Masking<'_>,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[q, k, v]) || !launch::attention_dtype(q.dtype()) {
+    if !applies(&[q, k, v]) || !attention_runs_on(q.device(), q.dtype()) {
         return Ok(None);
     }
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
@@ -492,10 +498,11 @@ mod tests {
 /// through `kernels/emulate.h` in `tests/cuda_kernels_emulated.rs`.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
-    use candle_core::{D, DType, Device, IndexOp, Var};
+    use candle_core::{D, DType, Device, IndexOp};
 
     use super::*;
     use crate::nn;
+    use crate::nn::tests::{max_abs_diff as max_diff, tracked};
 
     fn gpu() -> Option<Device> {
         if !candle_core::utils::cuda_is_available() {
@@ -503,24 +510,6 @@ mod gpu_tests {
             return None;
         }
         Some(Device::new_cuda(0).expect("CUDA device 0"))
-    }
-
-    /// A tensor that tracks gradients: it takes the composed path.
-    fn tracked(x: &Tensor) -> Tensor {
-        Var::from_tensor(x).unwrap().as_tensor().clone()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// `max|a − b|` relative to the reference's largest magnitude (at least 1).

@@ -4,7 +4,7 @@
 //! has a backward pass, and callers only use them on tensors that track no gradient.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
@@ -70,6 +70,17 @@ fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Sh
 /// A null device pointer, for the kernels' optional arguments.
 const NULL: u64 = 0;
 
+/// Pushes an optional pointer argument: the buffer, or [`NULL`] when absent.
+fn arg_or_null<'a, A>(builder: &mut LaunchArgs<'a>, arg: Option<&'a A>)
+where
+    LaunchArgs<'a>: PushKernelArg<&'a A>,
+{
+    match arg {
+        Some(arg) => builder.arg(arg),
+        None => <LaunchArgs<'a> as PushKernelArg<&'static u64>>::arg(builder, &NULL),
+    };
+}
+
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, plan: &AttentionPlan) -> Result<Tensor> {
     match q.dtype() {
         DType::F16 => attention_t::<f16>(q, k, v, plan),
@@ -110,10 +121,7 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType>(
             with_view::<T, _>(v, |vs| {
                 let mut builder = func.builder();
                 builder.arg(&qs).arg(&ks).arg(&vs);
-                match &lengths {
-                    Some(lengths) => builder.arg(lengths),
-                    None => builder.arg(&NULL),
-                };
+                arg_or_null(&mut builder, lengths.as_ref());
                 builder.arg(&out).arg(&plan.args);
                 // SAFETY: the plan checked shapes, strides and alignment against the kernel.
                 unsafe { builder.launch(cfg) }.w()?;
@@ -183,19 +191,10 @@ fn add_layer_norm_t<T: CudaDType + DeviceRepr + WithDType>(
                 let run = |ys: Option<CudaView<'_, T>>, biases: Option<CudaView<'_, T>>| {
                     let mut builder = func.builder();
                     builder.arg(&xs);
-                    match &ys {
-                        Some(ys) => builder.arg(ys),
-                        None => builder.arg(&NULL),
-                    };
-                    match &biases {
-                        Some(bias) => builder.arg(bias),
-                        None => builder.arg(&NULL),
-                    };
+                    arg_or_null(&mut builder, ys.as_ref());
+                    arg_or_null(&mut builder, biases.as_ref());
                     builder.arg(&ws).arg(&bs);
-                    match &sum {
-                        Some(sum) => builder.arg(sum),
-                        None => builder.arg(&NULL),
-                    };
+                    arg_or_null(&mut builder, sum.as_ref());
                     builder.arg(&out).arg(&dim_i).arg(&eps);
                     // SAFETY: contiguous rows × dim inputs, as the kernel reads them.
                     unsafe { builder.launch(row_config(rows)) }.w()?;
@@ -258,10 +257,7 @@ fn rms_t<T: CudaDType + DeviceRepr + WithDType>(
             let run = |ms: Option<CudaView<'_, u32>>| {
                 let mut builder = func.builder();
                 builder.arg(&xs).arg(&ws);
-                match &ms {
-                    Some(ms) => builder.arg(ms),
-                    None => builder.arg(&NULL),
-                };
+                arg_or_null(&mut builder, ms.as_ref());
                 builder.arg(&row_i).arg(&out).arg(&dim_i).arg(&eps);
                 // SAFETY: contiguous rows × dim input; row indices checked by the caller.
                 unsafe { builder.launch(row_config(rows)) }.w()?;
@@ -315,10 +311,7 @@ fn gelu_t<T: CudaDType + DeviceRepr + WithDType>(
         let run = |bs: Option<CudaView<'_, T>>| {
             let mut builder = func.builder();
             builder.arg(&ys);
-            match &bs {
-                Some(bs) => builder.arg(bs),
-                None => builder.arg(&NULL),
-            };
+            arg_or_null(&mut builder, bs.as_ref());
             builder.arg(&out).arg(&n).arg(&cols);
             // SAFETY: n contiguous values; bias has `cols` values (checked by the caller).
             unsafe { builder.launch(elementwise_config(n)) }.w()?;

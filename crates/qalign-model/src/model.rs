@@ -312,11 +312,7 @@ impl OneAlignModel {
     /// Images per ViT batch in [`Self::encode_images`]: [`IMAGES_PER_FUSED_VISION_BATCH`] where
     /// the fused CUDA attention runs, else [`IMAGES_PER_VISION_BATCH`].
     pub fn images_per_vision_batch(&self) -> usize {
-        let fused = self.device.is_cuda()
-            && matches!(self.dtype, DType::F16 | DType::BF16)
-            && crate::cuda_fused::enabled()
-            && cfg!(feature = "cuda");
-        if fused {
+        if crate::cuda_fused::attention_runs_on(&self.device, self.dtype) {
             IMAGES_PER_FUSED_VISION_BATCH
         } else {
             IMAGES_PER_VISION_BATCH

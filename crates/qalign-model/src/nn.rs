@@ -637,18 +637,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{Device, Var};
     use proptest::prelude::*;
 
     use super::*;
 
     /// A tensor that tracks gradients takes the composed (reference) path.
-    fn tracked(x: &Tensor) -> Tensor {
+    pub(crate) fn tracked(x: &Tensor) -> Tensor {
         Var::from_tensor(x).unwrap().as_tensor().clone()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         (a - b)
