@@ -83,6 +83,7 @@ fn bench_tiny_model_reports_every_stage() {
         ("llm_whole_prompt", Some(1)),
         ("score_1q", Some(1)),
         ("score_2q", Some(1)),
+        ("files_1q", Some(1)),
         ("encode", Some(2)),
         ("vision", Some(2)),
         ("abstractor", Some(2)),
@@ -90,6 +91,7 @@ fn bench_tiny_model_reports_every_stage() {
         ("llm_whole_prompt", Some(2)),
         ("score_1q", Some(2)),
         ("score_2q", Some(2)),
+        ("files_1q", Some(2)),
         ("video_llm", None),
         ("video_clip", None),
     ]
@@ -99,7 +101,7 @@ fn bench_tiny_model_reports_every_stage() {
     assert_eq!(stages(&report), expected);
     check_rows(&report);
     // The video prompt has 27 text tokens besides `<|image|>`; each frame adds 64 queries + 1.
-    let video = &report["rows"][16];
+    let video = &report["rows"][18];
     assert_eq!(video["positions"], 27 + 2 * 65);
     assert_eq!(video["items"], 2);
     let ratio_names: Vec<&str> = report["ratios"]
@@ -111,6 +113,25 @@ fn bench_tiny_model_reports_every_stage() {
     assert!(ratio_names.contains(&"encode_per_image_b1_over_b2"));
     assert!(ratio_names.contains(&"score_2q_over_1q_b2"));
     assert!(ratio_names.contains(&"llm_whole_prompt_over_llm_b1"));
+    assert!(ratio_names.contains(&"files_1q_over_score_1q_per_image_b2"));
+    // Four batches of files per timed run, the one image cycled.
+    let files: Vec<&Value> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["stage"] == "files_1q")
+        .collect();
+    assert_eq!(files[0]["items"], 4);
+    assert_eq!(files[1]["items"], 8);
+
+    let report = bench_json(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--file-batches",
+        "0",
+        image.to_str().unwrap(),
+    ]);
+    assert!(stages(&report).iter().all(|(stage, _)| stage != "files_1q"));
 }
 
 #[test]

@@ -115,9 +115,9 @@ impl Scorer {
     /// input order); `sink` may stop the run early. `progress`, when given, hears about every
     /// finished input and every scored video window. Fails as a whole only for a bad query (an
     /// empty list, or a prompt the model cannot take), before any file is read.
-    pub fn score_paths_with<P: AsRef<Path>>(
+    pub fn score_paths_with<'a, P: AsRef<Path>>(
         &self,
-        paths: &[P],
+        paths: &'a [P],
         queries: &[Query],
         options: &ScoreOptions,
         sink: &mut dyn FnMut(ItemOutcome) -> ControlFlow<()>,
@@ -133,7 +133,6 @@ impl Scorer {
         let batch_size = options.batch_size.max(1);
         let total = paths.len();
         let mut done = 0usize;
-        let mut pending: Vec<(usize, &Path)> = Vec::with_capacity(batch_size);
         let mut report = |outcome: ItemOutcome,
                           done: &mut usize,
                           progress: &mut Option<&mut dyn FnMut(Progress<'_>)>|
@@ -149,67 +148,81 @@ impl Scorer {
             }
             sink(outcome)
         };
-        for (index, path) in paths.iter().enumerate() {
-            let path = path.as_ref();
-            let kind = qalign_media::sniff_kind(path);
-            if !matches!(kind, Ok(Some(MediaKind::Video))) {
-                pending.push((index, path));
-                if pending.len() >= batch_size {
-                    for outcome in self.score_image_batch(&pending, queries) {
+        let mut units = Units::new(paths, batch_size);
+        // While one unit is scored, the next batch of images decodes on another thread (and its
+        // images in parallel), so that the model never waits for the decoder. At most two
+        // batches of pixels are held at once.
+        std::thread::scope(|scope| {
+            let start = |unit: Unit<'a>| match unit {
+                Unit::Images(items) => {
+                    let paths: Vec<&Path> = items.iter().map(|&(_, path)| path).collect();
+                    let decoding = scope.spawn(move || {
+                        paths
+                            .par_iter()
+                            .map(|path| self.load_image(path))
+                            .collect::<Vec<_>>()
+                    });
+                    Started::Images(items, decoding)
+                }
+                Unit::Video(index, path) => Started::Video(index, path),
+            };
+            let mut next = units.next().map(start);
+            while let Some(current) = next.take() {
+                match current {
+                    Started::Images(items, decoding) => {
+                        let decoded = decoding
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        next = units.next().map(start);
+                        for outcome in self.score_decoded(&items, decoded, queries) {
+                            if report(outcome, &mut done, &mut progress).is_break() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Started::Video(index, path) => {
+                        next = units.next().map(start);
+                        let mut on_frames = |frames_done: usize, frames_total: usize| {
+                            if let Some(progress) = progress.as_deref_mut() {
+                                progress(Progress {
+                                    done,
+                                    total,
+                                    current: path,
+                                    frames: Some((frames_done, frames_total)),
+                                });
+                            }
+                        };
+                        let result = self
+                            .score_video(path, queries, &options.video, &mut on_frames)
+                            .and_then(|video| match video.warnings.first() {
+                                Some(warning) if options.strict => {
+                                    Err(ScoreError::Strict(warning.clone()))
+                                }
+                                _ => Ok(Scored::Video(Box::new(video))),
+                            });
+                        let outcome = ItemOutcome {
+                            index,
+                            path: path.to_path_buf(),
+                            result,
+                        };
                         if report(outcome, &mut done, &mut progress).is_break() {
                             return Ok(());
                         }
                     }
-                    pending.clear();
-                }
-                continue;
-            }
-            for outcome in self.score_image_batch(&pending, queries) {
-                if report(outcome, &mut done, &mut progress).is_break() {
-                    return Ok(());
                 }
             }
-            pending.clear();
-            let mut on_frames = |frames_done: usize, frames_total: usize| {
-                if let Some(progress) = progress.as_deref_mut() {
-                    progress(Progress {
-                        done,
-                        total,
-                        current: path,
-                        frames: Some((frames_done, frames_total)),
-                    });
-                }
-            };
-            let result = self
-                .score_video(path, queries, &options.video, &mut on_frames)
-                .and_then(|video| match video.warnings.first() {
-                    Some(warning) if options.strict => Err(ScoreError::Strict(warning.clone())),
-                    _ => Ok(Scored::Video(Box::new(video))),
-                });
-            let outcome = ItemOutcome {
-                index,
-                path: path.to_path_buf(),
-                result,
-            };
-            if report(outcome, &mut done, &mut progress).is_break() {
-                return Ok(());
-            }
-        }
-        for outcome in self.score_image_batch(&pending, queries) {
-            if report(outcome, &mut done, &mut progress).is_break() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
-    /// Decodes a batch of images in parallel and scores those that decoded in one pass. When
-    /// the pass fails, each image is retried alone so that every one gets its own outcome.
-    fn score_image_batch(&self, items: &[(usize, &Path)], queries: &[Query]) -> Vec<ItemOutcome> {
-        let decoded: Vec<Result<Pixels>> = items
-            .par_iter()
-            .map(|(_, path)| self.load_image(path))
-            .collect();
+    /// Scores the images of a batch that decoded in one pass. When the pass fails, each image is
+    /// retried alone so that every one gets its own outcome.
+    fn score_decoded(
+        &self,
+        items: &[(usize, &Path)],
+        decoded: Vec<Result<Pixels>>,
+        queries: &[Query],
+    ) -> Vec<ItemOutcome> {
         let ready: Vec<&Pixels> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
         let ready_count = ready.len();
         let (mut rows, mut batch_error) = match ready_count {
@@ -240,5 +253,105 @@ impl Scorer {
                 }
             })
             .collect()
+    }
+}
+
+/// What the inputs are scored as, in input order: runs of up to a batch of images (cut short by a
+/// video) and single videos.
+enum Unit<'a> {
+    Images(Vec<(usize, &'a Path)>),
+    Video(usize, &'a Path),
+}
+
+/// A unit whose images, if any, are decoding.
+enum Started<'a, 'scope> {
+    Images(
+        Vec<(usize, &'a Path)>,
+        std::thread::ScopedJoinHandle<'scope, Vec<Result<Pixels>>>,
+    ),
+    Video(usize, &'a Path),
+}
+
+/// Splits the inputs into [`Unit`]s as they are reached, sniffing each file only then (so a long
+/// list starts at once). Anything that does not sniff as a video is an image, whose decoding
+/// then reports what is wrong with it.
+struct Units<'a, P> {
+    paths: std::iter::Enumerate<std::slice::Iter<'a, P>>,
+    batch_size: usize,
+    /// A video met while a batch of images was being gathered.
+    held: Option<(usize, &'a Path)>,
+}
+
+impl<'a, P: AsRef<Path>> Units<'a, P> {
+    fn new(paths: &'a [P], batch_size: usize) -> Self {
+        Self {
+            paths: paths.iter().enumerate(),
+            batch_size: batch_size.max(1),
+            held: None,
+        }
+    }
+}
+
+impl<'a, P: AsRef<Path>> Iterator for Units<'a, P> {
+    type Item = Unit<'a>;
+
+    fn next(&mut self) -> Option<Unit<'a>> {
+        if let Some((index, path)) = self.held.take() {
+            return Some(Unit::Video(index, path));
+        }
+        let mut images = Vec::with_capacity(self.batch_size);
+        for (index, path) in self.paths.by_ref() {
+            let path = path.as_ref();
+            if qalign_media::is_video(path) {
+                if images.is_empty() {
+                    return Some(Unit::Video(index, path));
+                }
+                self.held = Some((index, path));
+                break;
+            }
+            images.push((index, path));
+            if images.len() == self.batch_size {
+                break;
+            }
+        }
+        (!images.is_empty()).then_some(Unit::Images(images))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The units of `kinds` ('i' image, 'v' video) at `batch_size`, as index lists ('v' first
+    /// for a video).
+    fn units(kinds: &str, batch_size: usize) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = kinds
+            .chars()
+            .enumerate()
+            .map(|(i, kind)| {
+                let path = dir.path().join(match kind {
+                    'v' => format!("{i}.mp4"),
+                    _ => format!("{i}.jpg"),
+                });
+                std::fs::write(&path, b"not decoded here").unwrap();
+                path
+            })
+            .collect();
+        Units::new(&paths, batch_size)
+            .map(|unit| match unit {
+                Unit::Images(items) => items.iter().map(|(i, _)| i.to_string()).collect(),
+                Unit::Video(i, _) => format!("v{i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn units_fill_batches_in_order_and_a_video_cuts_a_batch_short() {
+        assert_eq!(units("iiiviivv", 2), ["01", "2", "v3", "45", "v6", "v7"]);
+        assert_eq!(units("iiiii", 8), ["01234"]);
+        assert_eq!(units("iii", 0), ["0", "1", "2"]);
+        assert_eq!(units("vi", 4), ["v0", "1"]);
+        assert!(units("", 4).is_empty());
     }
 }

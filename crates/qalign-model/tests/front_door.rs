@@ -116,12 +116,16 @@ fn progress_hears_every_input_and_the_sink_can_stop_the_run() {
     assert_eq!(seen, 3);
     assert_eq!(done, vec![(1, 3), (2, 3), (3, 3)]);
 
+    // Batches of one: the next image is decoding when the sink stops the run.
     let mut seen = 0;
     scorer
         .score_paths_with(
             &paths,
             &[Query::Task(Task::Quality)],
-            &ScoreOptions::default(),
+            &ScoreOptions {
+                batch_size: 1,
+                ..Default::default()
+            },
             &mut |_| {
                 seen += 1;
                 ControlFlow::Break(())

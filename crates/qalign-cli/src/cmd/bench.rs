@@ -1,10 +1,12 @@
 //! `qalign bench`: times each stage of scoring on one model, device and dtype (model load,
-//! preprocessing, ViT + abstractor, LLM, `score_images` with one and two queries, a video clip),
+//! preprocessing, ViT + abstractor, LLM, `score_images` with one and two queries, scoring files
+//! with decoding overlapped, a video clip),
 //! so that every performance figure comes with a command anyone can rerun. Each stage runs
 //! `--warmup` untimed times, then `--iters` timed times; the median and the minimum are reported.
 //! `--random-weights` times a configuration without its checkpoint (the scores are then meaningless).
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -13,7 +15,9 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_media::{MediaKind, Pixels, RgbImage};
 use qalign_model::candle::{Device, Tensor};
-use qalign_model::{ModelConfig, OneAlignModel, Query, Scorer, ScorerOptions, Task, Visual};
+use qalign_model::{
+    ModelConfig, OneAlignModel, Query, ScoreOptions, Scorer, ScorerOptions, Task, Visual,
+};
 use serde::Serialize;
 
 use crate::cmd::score::ModelArgs;
@@ -54,6 +58,10 @@ pub struct Args {
     /// Frames of the video clip rows (0 leaves them out).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1024))]
     frames: u64,
+    /// Batches of the IMAGE files scored per timed run of the `files_1q` rows, which time
+    /// `qalign score`'s path (decoding overlapped with scoring); 0 leaves them out.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    file_batches: u64,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: BenchFormat,
@@ -74,8 +82,9 @@ pub enum TrainModeArg {
 /// One timed stage.
 #[derive(Debug, Serialize)]
 struct Row {
-    /// Machine-readable stage name: load, preprocess, encode, vision, abstractor, llm, score_1q,
-    /// score_2q, video_llm, video_clip.
+    /// Machine-readable stage name: load, preprocess, encode, vision, abstractor, llm,
+    /// llm_whole_prompt, score_1q, score_2q, files_1q (only with IMAGE files), video_llm,
+    /// video_clip.
     stage: &'static str,
     /// What was timed, in words.
     label: String,
@@ -225,6 +234,26 @@ impl ImageSource {
             ImageSource::Synthetic(img) => Ok(vec![scorer.preprocess_rgb(img)]),
         }
     }
+}
+
+/// Scores `files` the way `qalign score` does (decoding the next batch while one is scored);
+/// any input that fails fails the run.
+fn score_files(scorer: &Scorer, files: &[&PathBuf], options: &ScoreOptions) -> Result<()> {
+    let mut failed = None;
+    scorer.score_paths_with(
+        files,
+        &[Query::Task(Task::Quality)],
+        options,
+        &mut |item| match item.result {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(anyhow::Error::new(e).context(format!("{}", item.path.display())));
+                ControlFlow::Break(())
+            }
+        },
+        None,
+    )?;
+    failed.map_or(Ok(()), Err)
 }
 
 /// A colour gradient: deterministic, with detail in both directions for the resampler.
@@ -441,6 +470,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
             b,
             &samples,
         ));
+        if let ImageSource::Files(paths) = &images
+            && args.file_batches > 0
+        {
+            let file_batches = args.file_batches as usize;
+            let files: Vec<&PathBuf> = paths.iter().cycle().take(file_batches * b).collect();
+            let options = ScoreOptions {
+                batch_size: b,
+                ..Default::default()
+            };
+            let samples = time_runs(&device, warmup, iters, || {
+                score_files(&scorer, &files, &options)
+            })?;
+            rows.push(Row::new(
+                "files_1q",
+                format!(
+                    "score_paths from files, 1 query, {file_batches} batches (decode overlapped)"
+                ),
+                Some(b),
+                files.len(),
+                &samples,
+            ));
+        }
     }
 
     if args.frames > 0 {
@@ -561,6 +612,16 @@ fn ratios(rows: &[Row], batch_sizes: &[usize]) -> Vec<Ratio> {
                 value: whole.median_ms / cached.median_ms,
                 meaning: format!(
                     "LLM rerunning the prompt's text before the image / reusing its K/V, at batch {b} (>1: the prefix cache helps)"
+                ),
+            });
+        }
+        if let (Some(pixels), Some(files)) = (find(rows, "score_1q", b), find(rows, "files_1q", b))
+        {
+            out.push(Ratio {
+                name: format!("files_1q_over_score_1q_per_image_b{b}"),
+                value: files.median_ms_per_item / pixels.median_ms_per_item,
+                meaning: format!(
+                    "per image, scoring files (decode included, overlapped) / scoring decoded pixels, at batch {b} (1.0: decoding is hidden)"
                 ),
             });
         }
