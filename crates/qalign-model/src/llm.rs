@@ -102,6 +102,50 @@ impl Routing {
     }
 }
 
+/// What every layer of one decoder pass shares: row routing, RoPE tables, the additive mask
+/// and the samples' lengths.
+struct Pass<'a> {
+    routing: Routing,
+    rope: (Tensor, Tensor),
+    mask: Tensor,
+    lengths: &'a [usize],
+}
+
+/// The rows a decoder layer carries on after attention when only some are needed (each sample's
+/// last real token, for its level logits): the rest of the last layer (o_proj, the MLP, about
+/// three quarters of its work) then runs on those rows alone.
+struct OutputRows {
+    /// Indices into the flattened `[B·L]` rows.
+    index: Tensor,
+    /// Routing of the selected rows.
+    routing: Routing,
+}
+
+impl OutputRows {
+    /// Row `lengths[b] - 1` of every sample b of a `[B, L]` batch.
+    fn last_of(lengths: &[usize], l: usize, modality: &[u8], device: &Device) -> Result<Self> {
+        let rows: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| (b * l + n - 1) as u32)
+            .collect();
+        let selected: Vec<u8> = rows.iter().map(|&r| modality[r as usize]).collect();
+        Ok(Self {
+            index: Tensor::new(rows.as_slice(), device)?,
+            routing: Routing::new(&selected, device)?,
+        })
+    }
+
+    /// `[B, L, D]` → the selected rows as `[rows, 1, D]`.
+    fn select(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let n = self.index.dim(0)?;
+        Ok(x.reshape((b * l, d))?
+            .index_select(&self.index, 0)?
+            .reshape((n, 1, d))?)
+    }
+}
+
 /// RMSNorm with one weight per modality (`<name>.multiway.{0,1}.weight`).
 #[derive(Debug, Clone)]
 struct MultiwayRmsNorm {
@@ -314,12 +358,16 @@ impl MultiwayAttention {
     fn forward(
         &self,
         a: &Tensor,
-        routing: &Routing,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
-        lengths: &[usize],
+        pass: &Pass,
         prefix: Option<&(Tensor, Tensor)>,
+        rows: Option<&OutputRows>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let Pass {
+            routing,
+            rope,
+            mask,
+            lengths,
+        } = pass;
         let (b, l, d) = a.dims3()?;
         let (hd, kv_dim) = (self.head_dim, self.num_kv_heads * self.head_dim);
         let q = split_heads(&self.q_proj.forward(a)?, self.num_heads, hd)?;
@@ -366,6 +414,10 @@ impl MultiwayAttention {
                 let (k_all, v_all) = (self.repeat_kv(k_all)?, self.repeat_kv(v_all)?);
                 merge_heads(&attention(&q, &k_all, &v_all, scale, Some(mask))?)?
             }
+        };
+        let context = match rows {
+            Some(rows) => rows.select(&context)?,
+            None => context,
         };
         Ok((self.o_proj.forward(&context)?, (k, v)))
     }
@@ -420,29 +472,42 @@ impl DecoderLayer {
     }
 
     /// `x` `[B, L, D]` → `[B, L, D]` and this layer's K/V of `x` (see [`MultiwayAttention::forward`]).
+    /// With `rows`, only those rows go on after attention (which needs every row's K/V): the
+    /// output is `[rows, 1, D]`.
     fn forward(
         &self,
         x: &Tensor,
-        routing: &Routing,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
-        lengths: &[usize],
+        pass: &Pass,
         prefix: Option<&(Tensor, Tensor)>,
+        rows: Option<&OutputRows>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (attn, kv) = self.self_attn.forward(
-            &self.input_layernorm.forward(x, routing)?,
-            routing,
-            rope,
-            mask,
-            lengths,
+            &self.input_layernorm.forward(x, &pass.routing)?,
+            pass,
             prefix,
+            rows,
         )?;
+        let (x, routing) = match rows {
+            Some(rows) => (&rows.select(x)?, &rows.routing),
+            None => (x, &pass.routing),
+        };
         let h = residual_add(x, &attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h, routing)?)?;
         Ok((residual_add(&h, &mlp)?, kv))
     }
+}
+
+/// What a decoder pass returns besides its K/V.
+#[derive(Debug, Clone, Copy)]
+enum Outputs {
+    /// The last layer's output, every row.
+    Last,
+    /// Every layer's output, every row.
+    EveryLayer,
+    /// The last layer's output at each sample's last real row only (the rest of that layer is skipped).
+    LastRows,
 }
 
 /// Result of a decoder pass.
@@ -527,7 +592,7 @@ impl MultiwayLlama {
             &embeds,
             &[ids.len()],
             &modality,
-            false,
+            Outputs::Last,
             Some(&mut layers),
         )?;
         Ok(PrefixKv {
@@ -546,7 +611,26 @@ impl MultiwayLlama {
         modality: &[u8],
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
-        self.run(prefix, embeds, lengths, modality, keep_layer_outputs, None)
+        let outputs = match keep_layer_outputs {
+            true => Outputs::EveryLayer,
+            false => Outputs::Last,
+        };
+        self.run(prefix, embeds, lengths, modality, outputs, None)
+    }
+
+    /// The last layer's output at each sample's last real token, `[B, D]` (before `model.norm`),
+    /// for inputs that continue `prefix` as in [`forward_after`](Self::forward_after). The last
+    /// layer runs its output projection and MLP on those rows only.
+    pub fn last_rows_after(
+        &self,
+        prefix: Option<&PrefixKv>,
+        embeds: &Tensor,
+        lengths: &[usize],
+        modality: &[u8],
+    ) -> Result<Tensor> {
+        let out = self.run(prefix, embeds, lengths, modality, Outputs::LastRows, None)?;
+        let (n, _, d) = out.last_hidden_state.dims3()?;
+        Ok(out.last_hidden_state.reshape((n, d))?)
     }
 
     /// The decoder stack; pushes each layer's K/V of `embeds` onto `kv_out` when given.
@@ -556,7 +640,7 @@ impl MultiwayLlama {
         embeds: &Tensor,
         lengths: &[usize],
         modality: &[u8],
-        keep_layer_outputs: bool,
+        outputs: Outputs,
         mut kv_out: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> Result<DecoderOutput> {
         let (b, l, _) = embeds.dims3()?;
@@ -583,14 +667,23 @@ impl MultiwayLlama {
             )));
         }
         let device = embeds.device();
-        let routing = Routing::new(modality, device)?;
-        let rope = self.rotary.tables(past, l, embeds.dtype(), device)?;
-        let mask = causal_padding_mask(lengths, l, past, device)?;
+        let pass = Pass {
+            routing: Routing::new(modality, device)?,
+            rope: self.rotary.tables(past, l, embeds.dtype(), device)?,
+            mask: causal_padding_mask(lengths, l, past, device)?,
+            lengths,
+        };
+        let last_rows = match outputs {
+            Outputs::LastRows => Some(OutputRows::last_of(lengths, l, modality, device)?),
+            Outputs::Last | Outputs::EveryLayer => None,
+        };
+        let keep_layer_outputs = matches!(outputs, Outputs::EveryLayer);
         let mut x = embeds.clone();
         let mut layer_outputs = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let shared = prefix.map(|p| &p.layers[i]);
-            let (out, kv) = layer.forward(&x, &routing, &rope, &mask, lengths, shared)?;
+            let rows = last_rows.as_ref().filter(|_| i + 1 == self.layers.len());
+            let (out, kv) = layer.forward(&x, &pass, shared, rows)?;
             x = out;
             if let Some(kv_out) = kv_out.as_deref_mut() {
                 kv_out.push(kv);
@@ -658,6 +751,57 @@ mod tests {
             let out = tagged_rows(&modality);
             for (r, (&m, &v)) in modality.iter().zip(&out).enumerate() {
                 prop_assert_eq!(v, r as f32 + 1000.0 * f32::from(m));
+            }
+        }
+    }
+
+    /// A 2-layer decoder with grouped K/V heads and made-up weights.
+    fn random_decoder() -> MultiwayLlama {
+        let cfg = LlmConfig {
+            vocab_size: 40,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+        };
+        let root = Weights::random(DType::F32, Device::Cpu);
+        MultiwayLlama::load(&root.pp("model"), &root, &cfg).unwrap()
+    }
+
+    #[test]
+    fn last_rows_only_equals_the_last_rows_of_the_full_pass() {
+        let llm = random_decoder();
+        let (b, l, d) = (3, 6, 64);
+        let embeds = Tensor::randn(0f32, 1.0, (b, l, d), &Device::Cpu).unwrap();
+        // Padding after samples 1 and 2; sample 2 ends on a visual row, the others on text.
+        let lengths = [6, 4, 2];
+        let modality = [0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0];
+        let prefix = llm.prefix_kv(&[3, 7, 11]).unwrap();
+        for prefix in [None, Some(&prefix)] {
+            let full = llm
+                .forward_after(prefix, &embeds, &lengths, &modality, false)
+                .unwrap()
+                .last_hidden_state;
+            let last = llm
+                .last_rows_after(prefix, &embeds, &lengths, &modality)
+                .unwrap();
+            assert_eq!(last.dims(), &[b, d]);
+            for (i, &n) in lengths.iter().enumerate() {
+                let want: Vec<f32> = full.get(i).unwrap().get(n - 1).unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = last.get(i).unwrap().to_vec1().unwrap();
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "sample {i}: max |diff| {diff}");
             }
         }
     }

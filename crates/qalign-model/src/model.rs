@@ -467,26 +467,12 @@ impl OneAlignModel {
         prefix: Option<&PrefixKv>,
         merged: &MergedInputs,
     ) -> Result<Tensor> {
-        let hidden = self
-            .llm
-            .forward_after(
-                prefix,
-                &merged.inputs_embeds,
-                &merged.lengths,
-                &merged.modality,
-                false,
-            )?
-            .last_hidden_state;
-        let (b, l, d) = hidden.dims3()?;
-        let rows: Vec<u32> = merged
-            .lengths
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (i * l + n - 1) as u32)
-            .collect();
-        let last = hidden
-            .reshape((b * l, d))?
-            .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let last = self.llm.last_rows_after(
+            prefix,
+            &merged.inputs_embeds,
+            &merged.lengths,
+            &merged.modality,
+        )?;
         self.llm.final_norm(&last)
     }
 
