@@ -22,6 +22,10 @@ pub struct ScoreOptions {
     pub video: VideoOptions,
     /// Turn warnings (a truncated video, repeated frames, ...) into errors.
     pub strict: bool,
+    /// Decode the next batch of images on another thread while a batch is scored (the
+    /// default), so that a GPU never waits for the decoder; on a CPU it fills the cores the
+    /// model leaves idle. At most two batches of pixels are then held.
+    pub decode_ahead: bool,
 }
 
 impl Default for ScoreOptions {
@@ -30,6 +34,7 @@ impl Default for ScoreOptions {
             batch_size: 8,
             video: VideoOptions::default(),
             strict: false,
+            decode_ahead: true,
         }
     }
 }
@@ -149,30 +154,35 @@ impl Scorer {
             sink(outcome)
         };
         let mut units = Units::new(paths, batch_size);
-        // While one unit is scored, the next batch of images decodes on another thread (and its
-        // images in parallel), so that the model never waits for the decoder. At most two
-        // batches of pixels are held at once.
+        let decode = |items: &[(usize, &Path)]| -> Vec<Result<Pixels>> {
+            items
+                .par_iter()
+                .map(|(_, path)| self.load_image(path))
+                .collect()
+        };
+        // With `decode_ahead`, the next batch of images decodes on another thread (its images
+        // in parallel) while one unit is scored, so that a GPU never waits for the decoder. At
+        // most two batches of pixels are held at once.
         std::thread::scope(|scope| {
             let start = |unit: Unit<'a>| match unit {
-                Unit::Images(items) => {
-                    let paths: Vec<&Path> = items.iter().map(|&(_, path)| path).collect();
-                    let decoding = scope.spawn(move || {
-                        paths
-                            .par_iter()
-                            .map(|path| self.load_image(path))
-                            .collect::<Vec<_>>()
-                    });
-                    Started::Images(items, decoding)
+                Unit::Images(items) if options.decode_ahead => {
+                    let ahead = items.clone();
+                    let decoding = scope.spawn(move || decode(&ahead));
+                    Started::Images(items, Some(decoding))
                 }
+                Unit::Images(items) => Started::Images(items, None),
                 Unit::Video(index, path) => Started::Video(index, path),
             };
             let mut next = units.next().map(start);
             while let Some(current) = next.take() {
                 match current {
                     Started::Images(items, decoding) => {
-                        let decoded = decoding
-                            .join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        let decoded = match decoding {
+                            Some(decoding) => decoding
+                                .join()
+                                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                            None => decode(&items),
+                        };
                         next = units.next().map(start);
                         for outcome in self.score_decoded(&items, decoded, queries) {
                             if report(outcome, &mut done, &mut progress).is_break() {
@@ -263,11 +273,11 @@ enum Unit<'a> {
     Video(usize, &'a Path),
 }
 
-/// A unit whose images, if any, are decoding.
+/// A unit whose images, if any, may be decoding already.
 enum Started<'a, 'scope> {
     Images(
         Vec<(usize, &'a Path)>,
-        std::thread::ScopedJoinHandle<'scope, Vec<Result<Pixels>>>,
+        Option<std::thread::ScopedJoinHandle<'scope, Vec<Result<Pixels>>>>,
     ),
     Video(usize, &'a Path),
 }

@@ -94,27 +94,34 @@ fn progress_hears_every_input_and_the_sink_can_stop_the_run() {
     .iter()
     .map(|n| images.join(n))
     .collect();
-    let options = ScoreOptions {
-        batch_size: 2,
-        ..Default::default()
-    };
-    let mut done = Vec::new();
-    let mut seen = 0;
-    scorer
-        .score_paths_with(
-            &paths,
-            &[Query::Task(Task::Quality)],
-            &options,
-            &mut |item| {
-                assert!(item.result.is_ok());
-                seen += 1;
-                ControlFlow::Continue(())
-            },
-            Some(&mut |p| done.push((p.done, p.total))),
-        )
-        .unwrap();
-    assert_eq!(seen, 3);
-    assert_eq!(done, vec![(1, 3), (2, 3), (3, 3)]);
+    // Decoding ahead (on its own thread) or not, the same outcomes in the same order.
+    let mut scores = Vec::new();
+    for decode_ahead in [true, false] {
+        let options = ScoreOptions {
+            batch_size: 2,
+            decode_ahead,
+            ..Default::default()
+        };
+        let mut done = Vec::new();
+        let mut seen = Vec::new();
+        scorer
+            .score_paths_with(
+                &paths,
+                &[Query::Task(Task::Quality)],
+                &options,
+                &mut |item| {
+                    let scored = item.result.unwrap();
+                    seen.push((item.index, scored.scores()[0].score(Scale::OneToFive)));
+                    ControlFlow::Continue(())
+                },
+                Some(&mut |p| done.push((p.done, p.total))),
+            )
+            .unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(done, vec![(1, 3), (2, 3), (3, 3)]);
+        scores.push(seen);
+    }
+    assert_eq!(scores[0], scores[1]);
 
     // Batches of one: the next image is decoding when the sink stops the run.
     let mut seen = 0;
@@ -124,6 +131,7 @@ fn progress_hears_every_input_and_the_sink_can_stop_the_run() {
             &[Query::Task(Task::Quality)],
             &ScoreOptions {
                 batch_size: 1,
+                decode_ahead: true,
                 ..Default::default()
             },
             &mut |_| {

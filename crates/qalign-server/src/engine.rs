@@ -298,6 +298,7 @@ impl<B: Backend> Engine<B> {
             batch_size: self.config.max_batch_size.max(1),
             video: first.video.clone(),
             strict: false,
+            decode_ahead: true,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             self.backend.score(&paths, &queries, &options)

@@ -373,6 +373,7 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
         batch_size: config.batch_size,
         video: config.video.clone(),
         strict: config.strict,
+        decode_ahead: true,
     };
     let mut on_item = |item: qalign_model::ItemOutcome| {
         let name = match &config.stdin_path {
