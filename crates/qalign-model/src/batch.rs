@@ -135,7 +135,6 @@ impl Scorer {
             self.prompt_ids(query, MediaKind::Image)?;
             self.prompt_ids(query, MediaKind::Video)?;
         }
-        let batch_size = options.batch_size.max(1);
         let total = paths.len();
         let mut done = 0usize;
         let mut report = |outcome: ItemOutcome,
@@ -153,7 +152,7 @@ impl Scorer {
             }
             sink(outcome)
         };
-        let mut units = Units::new(paths, batch_size);
+        let mut units = Units::new(paths, options.batch_size);
         let decode = |items: &[(usize, &Path)]| -> Vec<Result<Pixels>> {
             items
                 .par_iter()

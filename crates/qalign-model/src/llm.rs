@@ -611,9 +611,10 @@ impl MultiwayLlama {
         modality: &[u8],
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
-        let outputs = match keep_layer_outputs {
-            true => Outputs::EveryLayer,
-            false => Outputs::Last,
+        let outputs = if keep_layer_outputs {
+            Outputs::EveryLayer
+        } else {
+            Outputs::Last
         };
         self.run(prefix, embeds, lengths, modality, outputs, None)
     }
