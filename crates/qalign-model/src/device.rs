@@ -138,8 +138,6 @@ impl Quant {
         }
     }
 
-    /// The format a linear layer with input dimension `in_dim` gets when `self` is asked for:
-    /// `self` when `in_dim` is a multiple of its block, else Q8_0 when it fits 32, else none (f32).
     /// The format of ggml blocks of `dtype`, when it is one of ours.
     pub(crate) fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Quant> {
         [Quant::Q8_0, Quant::Q4K]
@@ -147,6 +145,8 @@ impl Quant {
             .find(|q| q.ggml() == dtype)
     }
 
+    /// The format a linear layer with input dimension `in_dim` gets when `self` is asked for:
+    /// `self` when `in_dim` is a multiple of its block, else Q8_0 when it fits 32, else none (f32).
     pub fn for_in_dim(self, in_dim: usize) -> Option<Quant> {
         [self, Quant::Q8_0]
             .into_iter()

@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 
 use crate::adapt::{Adaptation, LoraBranch};
@@ -300,7 +300,7 @@ impl Linear {
             }
             return Ok(self);
         };
-        let qtensor = Arc::new(QTensor::quantize(&weight, format.ggml())?);
+        let qtensor = Arc::new(crate::quant::quantize_weight(&weight, format)?);
         drop(weight);
         if let Some(capture) = log.capture() {
             capture.push(name, StoredKernel::Blocks(qtensor.clone()));

@@ -4,13 +4,73 @@
 //! config.json alone ([`QuantReport::plan`]), so `qalign info --quant` needs no tensor; a test holds
 //! the prediction to what a real load records.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+use candle_core::quantized::{QStorage, QTensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
 use crate::config::ModelConfig;
 use crate::device::Quant;
+use crate::error::{ModelError, Result};
 use crate::gguf::KernelCapture;
+
+/// Quantises a weight matrix `[out, in]` (`in` a multiple of `format`'s block) into ggml blocks on
+/// the weight's device. candle's `QTensor::quantize` runs on one thread (and on CUDA copies the
+/// weight to the host to do so), which made loading the real OneAlign with `--quant q4k` take
+/// minutes; every block is quantised on its own, so splitting the rows over rayon's threads gives
+/// the same bytes.
+pub(crate) fn quantize_weight(weight: &Tensor, format: Quant) -> Result<QTensor> {
+    match format {
+        Quant::Q8_0 => quantize_blocks::<BlockQ8_0>(weight),
+        Quant::Q4K => quantize_blocks::<BlockQ4K>(weight),
+    }
+}
+
+fn quantize_blocks<B: GgmlType + 'static>(weight: &Tensor) -> Result<QTensor> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if in_dim == 0 || !in_dim.is_multiple_of(B::BLCK_SIZE) {
+        return Err(ModelError::Quant(format!(
+            "a [{out_dim}, {in_dim}] weight does not split into {:?} blocks of {}",
+            B::DTYPE,
+            B::BLCK_SIZE
+        )));
+    }
+    let device = weight.device().clone();
+    let host = weight
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let blocks_per_row = in_dim / B::BLCK_SIZE;
+    let mut blocks = vec![B::zeros(); out_dim * blocks_per_row];
+    {
+        let (storage, layout) = host.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Err(ModelError::Quant(
+                "the weight to quantise is not a contiguous f32 host tensor".into(),
+            ));
+        };
+        // Enough rows per task to keep rayon's overhead small, few enough to spread a matrix.
+        let rows = (1usize << 16).div_ceil(in_dim);
+        values[start..end]
+            .par_chunks(rows * in_dim)
+            .zip(blocks.par_chunks_mut(rows * blocks_per_row))
+            .for_each(|(xs, ys)| B::from_float(xs, ys));
+    }
+    drop(host);
+    let on_host = QTensor::new(QStorage::Cpu(Box::new(blocks)), (out_dim, in_dim))?;
+    if device.is_cpu() {
+        return Ok(on_host);
+    }
+    let bytes = on_host.data()?;
+    let storage = QStorage::from_data(Cow::Borrowed(&bytes), &device, B::DTYPE)?;
+    Ok(QTensor::new(storage, (out_dim, in_dim))?)
+}
 
 impl Serialize for Quant {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -199,6 +259,39 @@ impl QuantLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_quantisation_gives_candles_bytes() {
+        // Rows that split unevenly over the tasks, and values with a spread that exercises the
+        // blocks' scales and mins.
+        let (out_dim, in_dim) = (300, 512);
+        let values: Vec<f32> = (0..out_dim * in_dim)
+            .map(|i| ((i as f32 * 0.7131).sin() * 3.0 + (i % 97) as f32 * 0.01).powi(3))
+            .collect();
+        let w = Tensor::from_vec(values, (out_dim, in_dim), &Device::Cpu).unwrap();
+        for format in [Quant::Q8_0, Quant::Q4K] {
+            let ours = quantize_weight(&w, format).unwrap();
+            let candle = QTensor::quantize(&w, format.ggml()).unwrap();
+            assert_eq!(ours.dtype(), candle.dtype());
+            assert_eq!(ours.shape(), candle.shape());
+            assert!(ours.data().unwrap() == candle.data().unwrap(), "{format}");
+        }
+        let bf16 = w.to_dtype(DType::BF16).unwrap();
+        let ours = quantize_weight(&bf16, Quant::Q4K).unwrap();
+        let candle = QTensor::quantize(&bf16, Quant::Q4K.ggml()).unwrap();
+        assert!(ours.data().unwrap() == candle.data().unwrap());
+    }
+
+    #[test]
+    fn a_row_that_does_not_fill_blocks_is_an_error() {
+        let w = Tensor::zeros((4, 100), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            quantize_weight(&w, Quant::Q4K),
+            Err(ModelError::Quant(_))
+        ));
+        let v = Tensor::zeros(256, DType::F32, &Device::Cpu).unwrap();
+        assert!(quantize_weight(&v, Quant::Q8_0).is_err());
+    }
 
     fn layer(name: &str, format: Option<Quant>) -> QuantLayer {
         QuantLayer {
