@@ -83,6 +83,15 @@ fn main() -> ExitCode {
         Command::Quantize(_) => true,
         _ => false,
     });
+    let conflict = match &cli.command {
+        Command::Score(args) => args.model.conflict(),
+        Command::Bench(args) => args.model.conflict(),
+        Command::Serve(args) => args.model.conflict(),
+        _ => None,
+    };
+    if let Some(message) = conflict {
+        return cmd::usage_error(&message);
+    }
     progress::set_quiet(cli.quiet);
     let writes_stdout = !matches!(
         cli.command,

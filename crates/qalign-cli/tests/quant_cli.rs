@@ -54,11 +54,21 @@ fn unknown_quant_type_is_a_usage_error() {
 #[test]
 fn quant_with_half_activations_is_refused_clearly() {
     let image = images_dir().join("boy_colorful.jpg");
-    let r = run(score()
-        .arg(&image)
-        .args(["--quant", "q4k", "--dtype", "bf16"]));
-    assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("f32 activations"), "{}", r.stderr);
+    // A usage error (exit code 2), found before the model loads.
+    let r = run_expecting(
+        score()
+            .arg(&image)
+            .args(["--quant", "q4k", "--dtype", "bf16"]),
+        2,
+    );
+    assert!(
+        r.stderr
+            .contains("--quant q4k runs with f32 activations: leave out --dtype bf16 or --quant"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("loading model"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
 }
 
 #[test]

@@ -96,6 +96,23 @@ fn a_quantised_folder_scores_exactly_as_quantising_at_load() {
             "{}",
             r.stderr
         );
+        // Half-precision activations are a usage error, found before the folder is read.
+        let r = run_expecting(
+            qalign()
+                .arg("score")
+                .arg("--model")
+                .arg(&out)
+                .arg(images_dir())
+                .args(["--dtype", "f16"]),
+            2,
+        );
+        assert!(
+            r.stderr.contains(
+                "holds quantised weights (`model.gguf`), which run with f32 activations: leave out --dtype f16"
+            ),
+            "{}",
+            r.stderr
+        );
     }
 }
 

@@ -38,7 +38,7 @@ pub enum Format {
     Csv,
 }
 
-#[derive(Copy, Clone, Debug, ValueEnum)]
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
 pub enum DtypeArg {
     F32,
     F16,
@@ -178,6 +178,25 @@ impl ModelArgs {
             || std::path::Path::new(&self.model)
                 .join(qalign_model::GGUF_FILE)
                 .is_file()
+    }
+
+    /// A combination of these flags that cannot run (a usage error, found before any work):
+    /// quantised weights run with f32 activations only.
+    pub fn conflict(&self) -> Option<String> {
+        if self.dtype == DtypeArg::F32 || !self.loads_quantised() {
+            return None;
+        }
+        let dtype = Dtype::from(self.dtype);
+        Some(match self.quant {
+            Some(quant) => format!(
+                "--quant {quant} runs with f32 activations: leave out --dtype {dtype} or --quant"
+            ),
+            None => format!(
+                "{} holds quantised weights (`{}`), which run with f32 activations: leave out --dtype {dtype}",
+                self.model,
+                qalign_model::GGUF_FILE
+            ),
+        })
     }
 
     /// The library's scorer builder for these flags.
