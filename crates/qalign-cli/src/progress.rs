@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qalign_model::{LoadObserver, LoadProgress};
 
 /// Item counts below this are finished before a bar would be worth reading.
 const MIN_ITEMS: u64 = 4;
@@ -15,6 +16,18 @@ static QUIET: AtomicBool = AtomicBool::new(false);
 /// `--quiet`: no bars at all.
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// A bar over the transformer layers of a model load, and the observer that moves it: loading the
+/// real OneAlign (reading, converting or quantising 16 GB) can take minutes.
+pub fn load_bar() -> (ProgressBar, LoadObserver) {
+    let bar = bar_when(true, 0, "loading model (layers)");
+    let moved = bar.clone();
+    let observer = LoadObserver::new(move |p: LoadProgress| {
+        moved.set_length(p.layers as u64);
+        moved.set_position(p.layers_done as u64);
+    });
+    (bar, observer)
 }
 
 /// A bar over `len` items labelled `label`, hidden for fewer than [`MIN_ITEMS`] items.

@@ -221,11 +221,13 @@ impl VisualAbstractor {
         let checkpoint_dtype = w.stored_dtype("query_embeds").unwrap_or(DType::F32);
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                AbstractorLayer::load(
+                let layer = AbstractorLayer::load(
                     &w.pp("encoder.layers").pp(i).pp("crossattention"),
                     cfg,
                     checkpoint_dtype,
-                )
+                )?;
+                w.layer_done();
+                Ok(layer)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

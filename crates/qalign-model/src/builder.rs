@@ -12,7 +12,7 @@ use crate::adapter::Adapter;
 use crate::device::{Device, Dtype, Quant};
 use crate::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
 use crate::loader::WeightFormat;
-use crate::model::LoadOptions;
+use crate::model::{LoadObserver, LoadOptions, LoadProgress};
 use crate::scorer::{Result, Scorer, ScorerOptions};
 
 /// Builds a [`Scorer`]; see [`Scorer::builder`].
@@ -27,6 +27,7 @@ pub struct ScorerBuilder {
     lora: Option<PathBuf>,
     decode: DecodeOptions,
     levels: LevelSet,
+    on_load_progress: Option<LoadObserver>,
 }
 
 impl Default for ScorerBuilder {
@@ -41,6 +42,7 @@ impl Default for ScorerBuilder {
             lora: None,
             decode: DecodeOptions::default(),
             levels: LevelSet::itu(),
+            on_load_progress: None,
         }
     }
 }
@@ -123,6 +125,16 @@ impl ScorerBuilder {
         self
     }
 
+    /// Calls `observe` when the load starts and after each transformer layer (for a progress bar:
+    /// the real OneAlign takes minutes to read, convert or quantise).
+    pub fn on_load_progress(
+        mut self,
+        observe: impl Fn(LoadProgress) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_load_progress = Some(LoadObserver::new(observe));
+        self
+    }
+
     /// The local folder the model spec names, downloading it first when it is a hub id that is
     /// not cached and the builder is online.
     pub fn resolve(&self) -> Result<PathBuf> {
@@ -143,6 +155,7 @@ impl ScorerBuilder {
             format: self.weights,
             adaptation,
             quant: self.quant,
+            on_progress: self.on_load_progress.clone(),
         })
     }
 

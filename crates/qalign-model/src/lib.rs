@@ -66,8 +66,8 @@ pub use gguf::{GGUF_FILE, GgufStore, GgufSummary};
 pub use llm::{DecoderOutput, PrefixKv, TEXT_MODALITY, VISUAL_MODALITY};
 pub use loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
 pub use model::{
-    IGNORE_LABEL, IMAGE_TOKEN_INDEX, LoadOptions, MergedInputs, OneAlignModel, TrainingLoss,
-    TrainingSample, TrainingTarget, split_prompt,
+    IGNORE_LABEL, IMAGE_TOKEN_INDEX, LoadObserver, LoadOptions, LoadProgress, MergedInputs,
+    OneAlignModel, TrainingLoss, TrainingSample, TrainingTarget, split_prompt,
 };
 
 pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};

@@ -542,7 +542,11 @@ impl MultiwayLlama {
             root.pp("lm_head").get(&[v, d], "weight")?
         };
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(&model.pp("layers").pp(i), cfg))
+            .map(|i| {
+                let layer = DecoderLayer::load(&model.pp("layers").pp(i), cfg)?;
+                model.layer_done();
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),

@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use crate::adapt::{Adaptation, LoraBranch};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufStore, StoredKernel};
+use crate::model::{LoadObserver, LoadProgress};
 use crate::quant::QuantLog;
 
 mod pickle_guard;
@@ -441,6 +443,38 @@ pub struct Weights {
     device: Device,
     adaptation: Option<Arc<Adaptation>>,
     quant: Option<Arc<QuantLog>>,
+    progress: Option<Arc<LayerCounter>>,
+}
+
+/// Counts the transformer layers a load has finished and tells its observer.
+#[derive(Debug)]
+pub(crate) struct LayerCounter {
+    done: AtomicUsize,
+    layers: usize,
+    observer: LoadObserver,
+}
+
+impl LayerCounter {
+    /// A counter over `layers` layers; tells `observer` that none is done yet.
+    pub(crate) fn new(observer: LoadObserver, layers: usize) -> Self {
+        observer.observe(LoadProgress {
+            layers_done: 0,
+            layers,
+        });
+        Self {
+            done: AtomicUsize::new(0),
+            layers,
+            observer,
+        }
+    }
+
+    fn layer_done(&self) {
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        self.observer.observe(LoadProgress {
+            layers_done: done.min(self.layers),
+            layers: self.layers,
+        });
+    }
 }
 
 impl Weights {
@@ -453,6 +487,7 @@ impl Weights {
             device,
             adaptation: None,
             quant: None,
+            progress: None,
         }
     }
 
@@ -493,6 +528,7 @@ impl Weights {
             device,
             adaptation: None,
             quant: None,
+            progress: None,
         }
     }
 
@@ -505,6 +541,18 @@ impl Weights {
     /// each layer recorded in `log`.
     pub(crate) fn with_quant(self, log: Option<Arc<QuantLog>>) -> Self {
         Self { quant: log, ..self }
+    }
+
+    /// This view with each finished transformer layer counted ([`Weights::layer_done`]).
+    pub(crate) fn with_progress(self, progress: Option<Arc<LayerCounter>>) -> Self {
+        Self { progress, ..self }
+    }
+
+    /// Reports one more transformer layer loaded, when the load is observed.
+    pub(crate) fn layer_done(&self) {
+        if let Some(counter) = &self.progress {
+            counter.layer_done();
+        }
     }
 
     /// Where linear layers quantise to and record themselves, when quantising.

@@ -16,7 +16,7 @@ use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::gguf::{self, GGUF_FILE, GgufStore, GgufSummary};
 use crate::llm::{DecoderOutput, MultiwayLlama, PrefixKv, TEXT_MODALITY, VISUAL_MODALITY};
-use crate::loader::{CheckpointFiles, WeightFormat, WeightStore, Weights};
+use crate::loader::{CheckpointFiles, LayerCounter, WeightFormat, WeightStore, Weights};
 use crate::quant::{QuantLog, QuantReport};
 use crate::vision::VisionTransformer;
 
@@ -40,6 +40,37 @@ pub struct LoadOptions {
     /// Quantise the weights of the linear layers as they load (inference only, f32 activations);
     /// see [`OneAlignModel::quant_report`].
     pub quant: Option<Quant>,
+    /// Told of every transformer layer the load finishes, for a progress bar: loading the real
+    /// OneAlign reads, converts or quantises 16 GB and can take minutes.
+    pub on_progress: Option<LoadObserver>,
+}
+
+/// How far a model load has got, in transformer layers (ViT, abstractor and LLM together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub layers_done: usize,
+    pub layers: usize,
+}
+
+/// A function called with the [`LoadProgress`] when a load starts and after each layer
+/// ([`LoadOptions::on_progress`]).
+#[derive(Clone)]
+pub struct LoadObserver(Arc<dyn Fn(LoadProgress) + Send + Sync>);
+
+impl LoadObserver {
+    pub fn new(observe: impl Fn(LoadProgress) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(observe))
+    }
+
+    pub(crate) fn observe(&self, progress: LoadProgress) {
+        (self.0)(progress)
+    }
+}
+
+impl std::fmt::Debug for LoadObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadObserver")
+    }
 }
 
 impl Default for LoadOptions {
@@ -50,6 +81,7 @@ impl Default for LoadOptions {
             format: WeightFormat::Auto,
             adaptation: None,
             quant: None,
+            on_progress: None,
         }
     }
 }
@@ -247,7 +279,13 @@ impl OneAlignModel {
         opts: &LoadOptions,
         log: Option<Arc<QuantLog>>,
     ) -> Result<Self> {
-        let root = &root.clone().with_quant(log.clone());
+        let layers =
+            config.vision.num_layers + config.abstractor.num_layers + config.llm.num_layers;
+        let counter = opts
+            .on_progress
+            .clone()
+            .map(|observer| Arc::new(LayerCounter::new(observer, layers)));
+        let root = &root.clone().with_quant(log.clone()).with_progress(counter);
         let model = root.pp("model");
         let built = Self {
             vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,

@@ -228,7 +228,11 @@ impl VisionTransformer {
     /// Loads the tower from `w` (prefix `model.vision_model`).
     pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         let layers = (0..cfg.num_layers)
-            .map(|i| VisionEncoderLayer::load(&w.pp("encoder.layers").pp(i), cfg))
+            .map(|i| {
+                let layer = VisionEncoderLayer::load(&w.pp("encoder.layers").pp(i), cfg)?;
+                w.layer_done();
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),

@@ -366,3 +366,56 @@ fn absent_position_tables_are_computed_and_rounded_to_the_checkpoint_dtype() {
         "deviation from the F32-table fixture: {d:e}"
     );
 }
+
+#[test]
+fn a_load_reports_each_layer_to_its_observer() {
+    use qalign_model::{LoadObserver, LoadProgress};
+    use std::sync::{Arc, Mutex};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let opts = LoadOptions {
+        on_progress: Some(LoadObserver::new(move |p: LoadProgress| {
+            sink.lock().unwrap().push(p)
+        })),
+        ..LoadOptions::default()
+    };
+    let model = OneAlignModel::load(&tiny_dir(), &opts).unwrap();
+    let config = model.config();
+    let layers = config.vision.num_layers + config.abstractor.num_layers + config.llm.num_layers;
+    assert_eq!(layers, 6);
+    let want: Vec<LoadProgress> = (0..=layers)
+        .map(|layers_done| LoadProgress {
+            layers_done,
+            layers,
+        })
+        .collect();
+    assert_eq!(*seen.lock().unwrap(), want);
+
+    // A load that fails part way has told of the layers it finished, and no more.
+    let mut tensors = tiny_tensors();
+    tensors.remove("model.layers.0.self_attn.q_proj.weight");
+    let dir = temp_model(&tensors);
+    seen.lock().unwrap().clear();
+    assert!(OneAlignModel::load(dir.path(), &opts).is_err());
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.first().map(|p| p.layers_done), Some(0));
+    assert_eq!(seen.last().map(|p| p.layers_done), Some(4), "{seen:?}");
+    drop(seen);
+
+    // The front door passes its observer to the load.
+    let last = Arc::new(Mutex::new(None));
+    let sink = last.clone();
+    qalign_model::Scorer::builder()
+        .model(tiny_dir().to_str().unwrap())
+        .offline(true)
+        .on_load_progress(move |p| *sink.lock().unwrap() = Some(p))
+        .build()
+        .unwrap();
+    assert_eq!(
+        *last.lock().unwrap(),
+        Some(LoadProgress {
+            layers_done: 6,
+            layers: 6
+        })
+    );
+}

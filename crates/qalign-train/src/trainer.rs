@@ -322,6 +322,7 @@ impl Trainer {
             format: WeightFormat::Auto,
             adaptation: Some(adaptation.clone()),
             quant: None,
+            on_progress: None,
         };
         let model = if config.random_weights {
             OneAlignModel::random_init(dir, &opts)?

@@ -302,6 +302,20 @@ pub fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<
     Ok(Scorer::with_model(model, dir, options)?)
 }
 
+/// [`load_scorer`] with a progress bar over the model's layers (on a terminal, unless `--quiet`).
+pub fn load_scorer_showing_progress(
+    dir: &Path,
+    options: &ScorerOptions,
+    random: bool,
+) -> Result<Scorer> {
+    let (bar, observer) = crate::progress::load_bar();
+    let mut options = options.clone();
+    options.load.on_progress = Some(observer);
+    let loaded = load_scorer(dir, &options, random);
+    bar.finish_and_clear();
+    loaded
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
     if args.random_weights && !Path::new(&args.model.model).is_dir() {
         bail!(
@@ -345,7 +359,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..Default::default()
     };
     let start = Instant::now();
-    let scorer = load_scorer(&dir, &options, args.random_weights)?;
+    let scorer = load_scorer_showing_progress(&dir, &options, args.random_weights)?;
     device.synchronize()?;
     let load_s = start.elapsed().as_secs_f64();
     let load_label = if args.random_weights {

@@ -331,7 +331,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             args.model.model
         );
     }
-    let scorer = crate::cmd::bench::load_scorer(&dir, &options, args.random_weights)?;
+    let scorer =
+        crate::cmd::bench::load_scorer_showing_progress(&dir, &options, args.random_weights)?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());
     if let Some(report) = scorer.model().quant_report() {
         let count = |format| report.layers.iter().filter(|l| l.format == format).count();
