@@ -155,6 +155,7 @@ impl ScorerBuilder {
             format: self.weights,
             adaptation,
             quant: self.quant,
+            lm_head_rows: None,
             on_progress: self.on_load_progress.clone(),
         })
     }

@@ -527,20 +527,40 @@ pub struct MultiwayLlama {
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Tensor,
+    /// The token ids of `lm_head`'s rows when the load kept only some of them (for scoring:
+    /// the level words), in order; `None` when it holds the whole vocabulary.
+    lm_head_ids: Option<Vec<u32>>,
     rotary: RotaryEmbedding,
 }
 
 impl MultiwayLlama {
     /// Loads `model.embed_tokens`, `model.layers.*`, `model.norm` from `model` and `lm_head` from `root`
-    /// (with `tie_word_embeddings` the head reuses the embeddings).
-    pub fn load(model: &Weights, root: &Weights, cfg: &LlmConfig) -> Result<Self> {
+    /// (with `tie_word_embeddings` the head reuses the embeddings). With `lm_head_ids`, only those
+    /// rows of the head are kept, before the layers load (so the whole head never sits beside
+    /// them); full-vocabulary logits are then refused.
+    pub fn load(
+        model: &Weights,
+        root: &Weights,
+        cfg: &LlmConfig,
+        lm_head_ids: Option<&[u32]>,
+    ) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        if let Some(&bad) = lm_head_ids.and_then(|ids| ids.iter().find(|&&id| id as usize >= v)) {
+            return Err(ModelError::config(format!(
+                "lm_head row {bad} asked to be kept is outside the vocabulary (size {v})"
+            )));
+        }
         let embed_tokens = model.pp("embed_tokens").get(&[v, d], "weight")?;
-        let lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
+        let mut lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
             embed_tokens.clone()
         } else {
             root.pp("lm_head").get(&[v, d], "weight")?
         };
+        if let Some(ids) = lm_head_ids {
+            lm_head = lm_head
+                .index_select(&Tensor::new(ids, lm_head.device())?, 0)?
+                .contiguous()?;
+        }
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let layer = DecoderLayer::load(&model.pp("layers").pp(i), cfg)?;
@@ -554,6 +574,7 @@ impl MultiwayLlama {
             layers,
             norm: model.pp("norm").get(&[d], "weight")?,
             lm_head,
+            lm_head_ids: lm_head_ids.map(<[u32]>::to_vec),
             rotary: RotaryEmbedding::new(cfg),
         })
     }
@@ -721,14 +742,33 @@ impl MultiwayLlama {
                 self.cfg.vocab_size
             )));
         }
+        let rows = match &self.lm_head_ids {
+            None => ids.to_vec(),
+            Some(kept) => ids
+                .iter()
+                .map(|id| match kept.iter().position(|k| k == id) {
+                    Some(row) => Ok(row as u32),
+                    None => Err(ModelError::input(format!(
+                        "token {id} is not among the lm_head rows this model kept ({kept:?}): \
+                         load it with those level words, or without LoadOptions::lm_head_rows"
+                    ))),
+                })
+                .collect::<Result<Vec<u32>>>()?,
+        };
         let rows = self
             .lm_head
-            .index_select(&Tensor::new(ids, self.lm_head.device())?, 0)?;
+            .index_select(&Tensor::new(rows, self.lm_head.device())?, 0)?;
         Ok(normed.matmul(&rows.t()?)?)
     }
 
     /// Full-vocabulary logits for normed hidden states `[B, D]`: `[B, vocab]`.
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        if let Some(kept) = &self.lm_head_ids {
+            return Err(ModelError::input(format!(
+                "full-vocabulary logits need the whole lm_head; this model kept rows {kept:?} only \
+                 (load it without LoadOptions::lm_head_rows)"
+            )));
+        }
         project(normed, &self.lm_head)
     }
 }
@@ -777,7 +817,7 @@ mod tests {
             tie_word_embeddings: false,
         };
         let root = Weights::random(DType::F32, Device::Cpu);
-        MultiwayLlama::load(&root.pp("model"), &root, &cfg).unwrap()
+        MultiwayLlama::load(&root.pp("model"), &root, &cfg, None).unwrap()
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct LoadOptions {
     /// Quantise the weights of the linear layers as they load (inference only, f32 activations);
     /// see [`OneAlignModel::quant_report`].
     pub quant: Option<Quant>,
+    /// Keep only these rows of `lm_head` (token ids, e.g. the level words'): all that scoring
+    /// needs, and vocab × hidden weights less (0.5 GB in f32 at the real dims). Full-vocabulary
+    /// logits (training, [`OneAlignModel::last_token_logits`]) are then refused. [`crate::Scorer`]
+    /// sets it to its level words.
+    pub lm_head_rows: Option<Vec<u32>>,
     /// Told of every transformer layer the load finishes, for a progress bar: loading the real
     /// OneAlign reads, converts or quantises 16 GB and can take minutes.
     pub on_progress: Option<LoadObserver>,
@@ -81,6 +86,7 @@ impl Default for LoadOptions {
             format: WeightFormat::Auto,
             adaptation: None,
             quant: None,
+            lm_head_rows: None,
             on_progress: None,
         }
     }
@@ -290,7 +296,7 @@ impl OneAlignModel {
         let built = Self {
             vision: VisionTransformer::load(&model.pp("vision_model"), &config.vision)?,
             abstractor: VisualAbstractor::load(&model.pp("visual_abstractor"), &config.abstractor)?,
-            llm: MultiwayLlama::load(&model, root, &config.llm)?,
+            llm: MultiwayLlama::load(&model, root, &config.llm, opts.lm_head_rows.as_deref())?,
             random_weights: root.is_random(),
             config,
             files,

@@ -14,6 +14,7 @@ use qalign_tokenizer::{
     tokenize_with_image,
 };
 
+use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::hub::HubError;
 use crate::llm::PrefixKv;
@@ -302,6 +303,27 @@ pub struct ScorerOptions {
     pub levels: LevelSet,
 }
 
+impl ScorerOptions {
+    /// The model load options of a scorer of the folder `dir`: [`ScorerOptions::load`] keeping only
+    /// the `lm_head` rows of the level words, all that scoring reads ([`LoadOptions::lm_head_rows`]).
+    /// Level words the folder's tokenizer or vocabulary cannot give leave the head whole, so the
+    /// scorer reports them once the model is built.
+    pub fn model_load_options(&self, dir: &Path) -> Result<LoadOptions> {
+        let (tokenizer, _) = folder_tokenizer(dir)?;
+        let words: Vec<&str> = self.levels.words().iter().map(String::as_str).collect();
+        let vocab = ModelConfig::from_file(&dir.join("config.json"))?
+            .llm
+            .vocab_size;
+        let lm_head_rows = level_token_ids(&tokenizer, &words)
+            .ok()
+            .filter(|ids| ids.iter().all(|&id| (id as usize) < vocab));
+        Ok(LoadOptions {
+            lm_head_rows: lm_head_rows.or_else(|| self.load.lm_head_rows.clone()),
+            ..self.load.clone()
+        })
+    }
+}
+
 /// The visual tokens of encoded images or frames (`[N, Q + 1, D]` on the model's device),
 /// ready to be scored for any number of queries.
 #[derive(Debug, Clone)]
@@ -350,7 +372,8 @@ impl Scorer {
     /// model folder. A folder without `preprocessor_config.json` uses the CLIP settings at the
     /// config's image size; one without `tokenizer.model` uses the built-in LLaMA-2 vocabulary.
     pub fn load(dir: &Path, opts: &ScorerOptions) -> Result<Self> {
-        Self::with_model(OneAlignModel::load(dir, &opts.load)?, dir, opts)
+        let load = opts.model_load_options(dir)?;
+        Self::with_model(OneAlignModel::load(dir, &load)?, dir, opts)
     }
 
     /// Wraps an already built model (e.g. [`OneAlignModel::random_init`]) with the

@@ -318,3 +318,52 @@ fn strict_mode_turns_a_warning_into_that_input_s_error() {
         "an image after it is still scored"
     );
 }
+
+#[test]
+fn a_scorer_keeps_only_its_level_rows_of_lm_head_with_identical_scores() {
+    use qalign_model::{LoadOptions, OneAlignModel, ScorerOptions};
+    let dir = PathBuf::from(tiny());
+    let options = ScorerOptions {
+        levels: LevelSet::good_poor(),
+        ..Default::default()
+    };
+    assert_eq!(
+        options.model_load_options(&dir).unwrap().lm_head_rows,
+        Some(vec![1781, 6460])
+    );
+    let trimmed = Scorer::load(&dir, &options).unwrap();
+    let whole = Scorer::with_model(
+        OneAlignModel::load(&dir, &LoadOptions::default()).unwrap(),
+        &dir,
+        &options,
+    )
+    .unwrap();
+    let paths = [
+        fixtures().join("images/boy_colorful.jpg"),
+        fixtures().join("images/singapore_flyer.jpg"),
+    ];
+    let probs = |scorer: &Scorer| -> Vec<Vec<f64>> {
+        scorer
+            .score_paths(&paths, &[Task::Quality, Task::Aesthetics])
+            .unwrap()
+            .into_iter()
+            .flat_map(|o| o.result.unwrap().scores().to_vec())
+            .map(|s| s.distribution.probs().to_vec())
+            .collect()
+    };
+    // The same rows multiply the same hidden states: the same bits.
+    assert_eq!(probs(&trimmed), probs(&whole));
+    // Full-vocabulary logits need the whole head, and say so.
+    let hidden = qalign_model::candle::Tensor::zeros(
+        (1, trimmed.model().config().llm.hidden_size),
+        qalign_model::candle::DType::F32,
+        &qalign_model::candle::Device::Cpu,
+    )
+    .unwrap();
+    let err = trimmed.model().lm_logits(&hidden).unwrap_err().to_string();
+    assert!(err.contains("need the whole lm_head"), "{err}");
+    assert_eq!(
+        whole.model().lm_logits(&hidden).unwrap().dims(),
+        &[1, trimmed.model().config().llm.vocab_size]
+    );
+}

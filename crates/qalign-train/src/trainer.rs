@@ -322,6 +322,7 @@ impl Trainer {
             format: WeightFormat::Auto,
             adaptation: Some(adaptation.clone()),
             quant: None,
+            lm_head_rows: None,
             on_progress: None,
         };
         let model = if config.random_weights {

@@ -297,7 +297,10 @@ pub fn load_scorer(dir: &Path, options: &ScorerOptions, random: bool) -> Result<
         return Scorer::load(dir, options)
             .with_context(|| format!("cannot load the model in {}", dir.display()));
     }
-    let model = OneAlignModel::random_init(dir, &options.load)
+    let load = options
+        .model_load_options(dir)
+        .with_context(|| format!("cannot build the model of {}", dir.display()))?;
+    let model = OneAlignModel::random_init(dir, &load)
         .with_context(|| format!("cannot build the model of {}", dir.display()))?;
     Ok(Scorer::with_model(model, dir, options)?)
 }
