@@ -30,6 +30,19 @@ pub fn load_bar() -> (ProgressBar, LoadObserver) {
     (bar, observer)
 }
 
+/// For logs (a server's stderr is rarely a terminal): a line at each tenth of a model load,
+/// `loading model: 31/62 layers`; none with `--quiet`.
+pub fn load_log() -> LoadObserver {
+    let quiet = QUIET.load(Ordering::Relaxed);
+    LoadObserver::new(move |p: LoadProgress| {
+        let tenth = |done: usize| done * 10 / p.layers.max(1);
+        let crossed = p.layers_done > 0 && tenth(p.layers_done) > tenth(p.layers_done - 1);
+        if !quiet && (crossed || p.layers_done == p.layers) {
+            eprintln!("loading model: {}/{} layers", p.layers_done, p.layers);
+        }
+    })
+}
+
 /// A bar over `len` items labelled `label`, hidden for fewer than [`MIN_ITEMS`] items.
 pub fn bar(len: u64, label: &str) -> ProgressBar {
     bar_when(len >= MIN_ITEMS, len, label)

@@ -95,6 +95,24 @@ fn assert_same(server: &Value, cli: &Value) {
 #[test]
 fn answers_equal_qalign_score_for_images_and_video() {
     let server = ServeProcess::start(&["--max-wait-ms", "20"]);
+    // The load is logged by tenths of its layers (the tiny model has 6), before "ready" (which
+    // the thread reading stderr may take a moment to see).
+    let ready = std::time::Instant::now();
+    while !server.stderr.lock().unwrap().contains("; ready")
+        && ready.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = server.stderr.lock().unwrap().clone();
+    let loading: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("loading model: "))
+        .collect();
+    assert_eq!(
+        loading,
+        [1, 2, 3, 4, 5, 6].map(|n| format!("loading model: {n}/6 layers")),
+        "{log}"
+    );
     let images = image_paths();
     let video = common::fixtures().join("video/baby.mp4");
     let cli = cli_records(&images, &["--task", "all", "--scale", "0-1"]);

@@ -112,6 +112,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     eprintln!("loading model from {}", dir.display());
     let random = args.random_weights;
+    let mut options = options;
+    options.load.on_progress = Some(crate::progress::load_log());
     let load = move || load_scorer(&dir, &options, random).map_err(|e| format!("{e:#}"));
     let events = Arc::new(|event: ServerEvent| match event {
         ServerEvent::Listening(addr) => eprintln!("listening on http://{addr}"),
