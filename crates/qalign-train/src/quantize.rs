@@ -7,20 +7,22 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qalign_model::adapter::Adapter;
-use qalign_model::{GGUF_FILE, GgufSummary, LoadOptions, OneAlignModel, Quant};
+use qalign_model::{GGUF_FILE, GgufSummary, LoadObserver, LoadOptions, OneAlignModel, Quant};
 
 use crate::error::Result;
 use crate::save;
 
 /// Quantises the checkpoint of `base_dir` to `quant` (with `adapter_dir` merged first) and writes
 /// `out` (replaced atomically: a failure leaves no half-written folder). `source` is recorded in
-/// the file's metadata (the model id or folder the user named).
+/// the file's metadata (the model id or folder the user named); `on_progress` hears the layers as
+/// they are read and quantised.
 pub fn quantize_dir(
     base_dir: &Path,
     out: &Path,
     quant: Quant,
     adapter_dir: Option<&Path>,
     source: &str,
+    on_progress: Option<LoadObserver>,
 ) -> Result<GgufSummary> {
     save::refuse_replacing(out, base_dir, "the quantised model")?;
     let adaptation = match adapter_dir {
@@ -29,6 +31,7 @@ pub fn quantize_dir(
     };
     let opts = LoadOptions {
         adaptation,
+        on_progress,
         ..LoadOptions::default()
     };
     let mut summary = None;

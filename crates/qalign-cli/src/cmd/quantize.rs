@@ -36,14 +36,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         args.quant,
         args.out.display()
     );
+    let (bar, observer) = crate::progress::load_bar();
     let summary = qalign_train::quantize::quantize_dir(
         &base,
         &args.out,
         args.quant,
         args.lora.as_deref(),
         &args.base.model,
-    )
-    .with_context(|| format!("cannot quantise {}", base.display()))?;
+        Some(observer),
+    );
+    bar.finish_and_clear();
+    let summary = summary.with_context(|| format!("cannot quantise {}", base.display()))?;
     eprintln!(
         "wrote {} ({} linear layers, {} other tensors, {:.1} MiB) in {:.1} s",
         summary.path.display(),
