@@ -16,7 +16,17 @@ fn qalign() -> Command {
 }
 
 fn bench_json(extra: &[&str]) -> Value {
-    let out = qalign()
+    bench_json_with_kernels(extra, None)
+}
+
+/// [`bench_json`] with `QALIGN_CPU_KERNELS` set to `kernels`, or unset.
+fn bench_json_with_kernels(extra: &[&str], kernels: Option<&str>) -> Value {
+    let mut cmd = qalign();
+    cmd.env_remove("QALIGN_CPU_KERNELS");
+    if let Some(kernels) = kernels {
+        cmd.env("QALIGN_CPU_KERNELS", kernels);
+    }
+    let out = cmd
         .args([
             "bench",
             "--iters",
@@ -73,6 +83,9 @@ fn bench_tiny_model_reports_every_stage() {
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["iters"], 1);
     assert_eq!(report["config"]["llm"]["hidden_size"], 64);
+    let kernels = &report["cpu_kernels"];
+    assert_eq!(kernels["mode"], "best");
+    assert!(["avx512", "avx2", "candle"].contains(&kernels["f32_matmul"].as_str().unwrap()));
     let expected: Vec<(String, Option<u64>)> = [
         ("load", None),
         ("preprocess", None),
@@ -124,14 +137,22 @@ fn bench_tiny_model_reports_every_stage() {
     assert_eq!(files[0]["items"], 4);
     assert_eq!(files[1]["items"], 8);
 
-    let report = bench_json(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--file-batches",
-        "0",
-        image.to_str().unwrap(),
-    ]);
+    // Only the AVX2 kernels, as on an older CPU, and no files rows.
+    let report = bench_json_with_kernels(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--file-batches",
+            "0",
+            image.to_str().unwrap(),
+        ],
+        Some("avx2"),
+    );
     assert!(stages(&report).iter().all(|(stage, _)| stage != "files_1q"));
+    let kernels = &report["cpu_kernels"];
+    assert_eq!(kernels["mode"], "avx2");
+    assert!(["avx2", "candle"].contains(&kernels["f32_matmul"].as_str().unwrap()));
+    assert!(["f32-decode", "candle"].contains(&kernels["quant_matmul"].as_str().unwrap()));
 }
 
 #[test]

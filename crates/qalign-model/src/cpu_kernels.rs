@@ -33,9 +33,13 @@ pub fn applies(operands: &[&Tensor]) -> bool {
 pub enum KernelMode {
     /// The fastest kernels this CPU has (the default).
     Best,
-    /// `avx2`: only the kernels a CPU with AVX2 and FMA but no AVX-512 has, to measure that
-    /// fallback on a newer CPU (candle's own ops still use whatever the CPU has).
+    /// `avx2`: only the kernels a CPU with AVX2 and FMA but neither AVX-512 nor AVX-VNNI has
+    /// (AMD before Zen 4, Intel before Alder Lake), to measure that fallback on a newer CPU
+    /// (candle's own ops still use whatever the CPU has).
     Avx2,
+    /// `avx-vnni`: as `avx2`, plus the 256-bit 8-bit integer products of `--quant` weights that a
+    /// CPU with AVX-VNNI but no AVX-512 has (Intel's laptop and desktop cores since Alder Lake).
+    AvxVnni,
     /// `composed`: none; candle's composed ops and matmuls, to compare against in one benchmark.
     Composed,
 }
@@ -46,6 +50,7 @@ pub fn mode() -> KernelMode {
     *MODE.get_or_init(|| match std::env::var("QALIGN_CPU_KERNELS").as_deref() {
         Ok("composed") => KernelMode::Composed,
         Ok("avx2") => KernelMode::Avx2,
+        Ok("avx-vnni") => KernelMode::AvxVnni,
         _ => KernelMode::Best,
     })
 }
@@ -54,6 +59,56 @@ pub fn mode() -> KernelMode {
 /// `QALIGN_CPU_KERNELS=composed`.
 pub fn enabled() -> bool {
     mode() != KernelMode::Composed
+}
+
+/// The matrix-product kernels CPU inference picks on this machine under `QALIGN_CPU_KERNELS`,
+/// for benchmark records (`candle` where candle's own runs).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CpuKernels {
+    /// `best`, `avx2`, `avx-vnni` or `composed`.
+    pub mode: &'static str,
+    /// f32 weights: `avx512` or `avx2` panels.
+    pub f32_matmul: &'static str,
+    /// bf16 weights: `amx`, `avx512-bf16` or `avx2` tiles.
+    pub bf16_matmul: &'static str,
+    /// Q8_0/Q4K weights: `avx512-vnni` or `avx-vnni` 8-bit integer products, or `f32-decode`.
+    pub quant_matmul: &'static str,
+}
+
+/// See [`CpuKernels`].
+pub fn cpu_kernels() -> CpuKernels {
+    use crate::cpu_matmul::{Bf16Kernel, has_avx2_fma, has_avx512f};
+    let mode = match mode() {
+        KernelMode::Best => "best",
+        KernelMode::Avx2 => "avx2",
+        KernelMode::AvxVnni => "avx-vnni",
+        KernelMode::Composed => "composed",
+    };
+    if !enabled() || !has_avx2_fma() {
+        return CpuKernels {
+            mode,
+            f32_matmul: "candle",
+            bf16_matmul: "candle",
+            quant_matmul: "candle",
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    let int8 = crate::cpu_quant_vnni::Isa::detect().map(|isa| match isa {
+        crate::cpu_quant_vnni::Isa::Avx512 => "avx512-vnni",
+        crate::cpu_quant_vnni::Isa::Avx256 => "avx-vnni",
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let int8: Option<&'static str> = None;
+    CpuKernels {
+        mode,
+        f32_matmul: if has_avx512f() { "avx512" } else { "avx2" },
+        bf16_matmul: match Bf16Kernel::detect() {
+            Some(Bf16Kernel::Amx) => "amx",
+            Some(Bf16Kernel::DotProduct) => "avx512-bf16",
+            Some(Bf16Kernel::Avx2) | None => "avx2",
+        },
+        quant_matmul: int8.unwrap_or("f32-decode"),
+    }
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·weight + bias`, with a centred

@@ -7,9 +7,10 @@
 //! (ggml's block layouts, vectorised) into an f32 buffer in cache and multiplies it with the
 //! activations through the f32 micro-kernels of [`crate::cpu_matmul`] (AVX-512 8×48 or AVX2 6×16).
 //! The activations stay f32, so the only error is the weights' quantisation (candle's kernels also
-//! round the activations to 8 bits). On CPUs with AVX512-VNNI, Q4K and Q8_0 weights go to the
-//! 8-bit integer products of [`crate::cpu_quant_vnni`] instead (faster; they round the activations
-//! as candle does). `QALIGN_CPU_KERNELS=composed` keeps candle's kernels, and `avx2` this file's.
+//! round the activations to 8 bits). On CPUs with AVX512-VNNI or AVX-VNNI, Q4K and Q8_0 weights go
+//! to the 8-bit integer products of [`crate::cpu_quant_vnni`] instead (faster; they round the
+//! activations as candle does). `QALIGN_CPU_KERNELS=composed` keeps candle's kernels, and `avx2`
+//! this file's.
 
 use std::borrow::Cow;
 
@@ -65,27 +66,32 @@ impl Tier {
 /// `x·Wᵀ` `[rows, out]` for a Q8_0/Q4K weight `[out, in]` on the CPU and f32 `x` `[rows, in]`, or
 /// `None` where this path does not apply.
 pub(crate) fn matmul(q: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    matmul_on(q, x, Tier::detect(), int8_available())
+    matmul_on(q, x, Tier::detect(), int8_kernel())
 }
 
-/// Whether Q4K and Q8_0 products may run in 8-bit integers ([`crate::cpu_quant_vnni`]).
-fn int8_available() -> bool {
+/// The 8-bit integer kernel Q4K and Q8_0 products may run on ([`crate::cpu_quant_vnni`]).
+#[cfg(target_arch = "x86_64")]
+type Int8 = Option<crate::cpu_quant_vnni::Isa>;
+#[cfg(not(target_arch = "x86_64"))]
+type Int8 = Option<std::convert::Infallible>;
+
+fn int8_kernel() -> Int8 {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::cpu_quant_vnni::available()
+        crate::cpu_quant_vnni::Isa::detect()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
 }
 
-/// [`matmul`] on a given f32 tier; `int8` sends the weights to [`crate::cpu_quant_vnni`].
+/// [`matmul`] on a given f32 tier; an `int8` kernel takes the weights instead.
 fn matmul_on(
     q: &QTensor,
     x: &Tensor,
     tier: Option<Tier>,
-    int8: bool,
+    int8: Int8,
 ) -> candle_core::Result<Option<Tensor>> {
     let Some(tier) = tier else {
         return Ok(None);
@@ -119,10 +125,11 @@ fn matmul_on(
     };
     let a = &a[start..end];
     #[cfg(target_arch = "x86_64")]
-    if int8 {
-        let c = crate::cpu_quant_vnni::matmul(a, m, k, format, bytes, n);
+    if let Some(isa) = int8 {
+        let c = crate::cpu_quant_vnni::matmul(isa, a, m, k, format, bytes, n);
         return Ok(Some(Tensor::from_vec(c, (m, n), &Device::Cpu)?));
     }
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = int8;
     let c = run(a, m, k, format, bytes, n, tier);
     Ok(Some(Tensor::from_vec(c, (m, n), &Device::Cpu)?))
@@ -386,7 +393,7 @@ pub(crate) mod tests {
         let (q, wd) = quantised_weight(n, k, format, seed);
         let xv = values(m * k, seed + 7);
         let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu).unwrap();
-        let got = matmul_on(&q, &x, Some(tier), false)
+        let got = matmul_on(&q, &x, Some(tier), None)
             .unwrap()
             .expect("the path applies");
         assert_eq!(got.dims(), &[m, n]);
@@ -463,24 +470,24 @@ pub(crate) mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let half = Tensor::zeros((2, 64), DType::F16, &Device::Cpu).unwrap();
         assert!(
-            matmul_on(&q, &half, Some(Tier::Avx2), false)
+            matmul_on(&q, &half, Some(Tier::Avx2), None)
                 .unwrap()
                 .is_none()
         );
         let x = Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap();
-        assert!(matmul_on(&q, &x, None, false).unwrap().is_none());
+        assert!(matmul_on(&q, &x, None, None).unwrap().is_none());
         let q4_0 = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
         assert!(
-            matmul_on(&q4_0, &x, Some(Tier::Avx2), false)
+            matmul_on(&q4_0, &x, Some(Tier::Avx2), None)
                 .unwrap()
                 .is_none()
         );
         let wrong = Tensor::zeros((2, 65), DType::F32, &Device::Cpu).unwrap();
-        assert!(matmul_on(&q, &wrong, Some(Tier::Avx2), false).is_err());
+        assert!(matmul_on(&q, &wrong, Some(Tier::Avx2), None).is_err());
         // Zero rows are fine.
         let empty = Tensor::zeros((0, 64), DType::F32, &Device::Cpu).unwrap();
         if has_avx2_fma() {
-            let y = matmul_on(&q, &empty, Some(Tier::Avx2), false)
+            let y = matmul_on(&q, &empty, Some(Tier::Avx2), None)
                 .unwrap()
                 .unwrap();
             assert_eq!(y.dims(), &[0, 32]);

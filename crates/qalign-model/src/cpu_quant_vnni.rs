@@ -1,5 +1,5 @@
-//! Q4K and Q8_0 matrix products in 8-bit integers on CPUs with AVX512-VNNI, reading the weight
-//! blocks as they are stored.
+//! Q4K and Q8_0 matrix products in 8-bit integers on CPUs with AVX512-VNNI or AVX-VNNI, reading
+//! the weight blocks as they are stored.
 //!
 //! An f32 FMA does one multiply-add per lane; `vpdpbusd` does four (u8 × i8 into i32), so on
 //! these CPUs integer products can run up to twice as fast as the f32 ones of [`crate::cpu_quant`]
@@ -14,6 +14,10 @@
 //! As in ggml's and candle's products, each activation row is rounded to 8 bits per block
 //! (`q = round(x·127/max|x|)`): per 256 values for Q4K (ggml's Q8K), per 32 for Q8_0 (ggml's
 //! Q8_0), so the error is the weights' quantisation plus that rounding.
+//!
+//! Two kernels share that layout: 512-bit (AVX512-VNNI: servers, AMD Zen 4 and later) and
+//! 256-bit (AVX-VNNI: Intel's laptop and desktop cores since Alder Lake, which have no AVX-512).
+//! They sum the same products in the same order, so their outputs are equal to the last bit.
 
 use std::arch::x86_64::*;
 
@@ -33,11 +37,44 @@ const GROUP: usize = 32;
 /// Activation rows a worker multiplies with one unpacked group.
 const CHUNK: usize = 128;
 
-/// Whether this path may run here: AVX-512 with BW and VNNI, and the best kernels allowed.
-pub(crate) fn available() -> bool {
-    crate::cpu_matmul::has_avx512f()
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
+/// Which integer kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// `vpdpbusd` on 512-bit vectors (AVX-512F, BW and VNNI).
+    Avx512,
+    /// `vpdpbusd` on 256-bit vectors (AVX2, FMA and AVX-VNNI).
+    Avx256,
+}
+
+impl Isa {
+    /// The kernel this CPU and `QALIGN_CPU_KERNELS` allow, if any: 512-bit where AVX-512 may run,
+    /// else 256-bit unless the mode is `avx2` (CPUs without AVX-VNNI) or `composed`.
+    pub(crate) fn detect() -> Option<Self> {
+        use crate::cpu_kernels::{KernelMode, mode};
+        if Self::Avx512.supported() {
+            Some(Self::Avx512)
+        } else if matches!(mode(), KernelMode::Best | KernelMode::AvxVnni)
+            && Self::Avx256.supported()
+        {
+            Some(Self::Avx256)
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU has the instructions (the 512-bit ones only where AVX-512 may run).
+    pub(crate) fn supported(self) -> bool {
+        match self {
+            Self::Avx512 => {
+                crate::cpu_matmul::has_avx512f()
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            Self::Avx256 => {
+                crate::cpu_matmul::has_avx2_fma() && std::arch::is_x86_feature_detected!("avxvnni")
+            }
+        }
+    }
 }
 
 /// Activations rounded to 8 bits per block of `block` values (256 or 32) and row, in panels of
@@ -160,8 +197,9 @@ fn unpack_nibbles(nibbles: &[u8], out: &mut [u8]) {
 }
 
 /// `C = A·Wᵀ` `[m, n]` for f32 `a` `[m, k]` and the Q4K or Q8_0 `blocks` of `W` `[n, k]` (`k` a
-/// multiple of the block). The caller checks [`available`] and the sizes.
+/// multiple of the block), with the `isa` kernel. The caller checks the sizes.
 pub(crate) fn matmul(
+    isa: Isa,
     a: &[f32],
     m: usize,
     k: usize,
@@ -169,7 +207,7 @@ pub(crate) fn matmul(
     blocks: &[u8],
     n: usize,
 ) -> Vec<f32> {
-    assert!(available() && k.is_multiple_of(format.values()) && a.len() == m * k);
+    assert!(isa.supported() && k.is_multiple_of(format.values()) && a.len() == m * k);
     assert_eq!(blocks.len(), n * (k / format.values()) * format.bytes());
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
@@ -191,17 +229,20 @@ pub(crate) fn matmul(
                 let (first_panel, end_panel) = (m0 / LANES, m_end.div_ceil(LANES));
                 let mut p = first_panel;
                 while p < end_panel {
-                    let nv = (end_panel - p).min(2);
+                    let nv = match isa {
+                        Isa::Avx512 => (end_panel - p).min(2),
+                        Isa::Avx256 => 1,
+                    };
                     for r0 in (0..rows).step_by(MR) {
                         let dst = ct[r0 * CHUNK + (p - first_panel) * LANES..].as_mut_ptr();
-                        // SAFETY: `available()` was asserted; the unpacked group holds GROUP ≥
-                        // r0 + MR rows of k values, panels p..p+nv exist, and `dst` starts MR rows
-                        // of CHUNK with nv·16 lanes left in each.
+                        // SAFETY: `isa.supported()` was asserted; the unpacked group holds
+                        // GROUP ≥ r0 + MR rows of k values, panels p..p+nv exist, and `dst`
+                        // starts MR rows of CHUNK with nv·16 lanes left in each.
                         unsafe {
-                            if nv == 2 {
-                                kernel::<2>(w, r0, k, &acts, p, dst, CHUNK);
-                            } else {
-                                kernel::<1>(w, r0, k, &acts, p, dst, CHUNK);
+                            match (isa, nv) {
+                                (Isa::Avx256, _) => kernel_256(w, r0, k, &acts, p, dst, CHUNK),
+                                (Isa::Avx512, 2) => kernel::<2>(w, r0, k, &acts, p, dst, CHUNK),
+                                (Isa::Avx512, _) => kernel::<1>(w, r0, k, &acts, p, dst, CHUNK),
                             }
                         }
                     }
@@ -286,6 +327,74 @@ unsafe fn kernel<const NV: usize>(
     }
 }
 
+/// [`kernel`] on 256-bit vectors, for one panel (its two 8-row halves): the same integer sums
+/// and the same f32 operations in the same order, so equal results. Sixteen vector registers hold
+/// the integer sums but not the f32 totals, so those accumulate in `acc` itself.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and AVX-VNNI; `w` holds `r0 + MR` rows, `acts` panel `p`, and `acc` `MR`
+/// rows `ld` apart of 16 values.
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn kernel_256(
+    w: &Unpacked,
+    r0: usize,
+    k: usize,
+    acts: &Activations,
+    p: usize,
+    acc: *mut f32,
+    ld: usize,
+) {
+    const HALF: usize = LANES / 2;
+    let (kq, ks) = (k / 4, k / SUB);
+    debug_assert!((p + 1) * kq * 64 <= acts.qs.len() && (r0 + MR) * k <= w.q.len());
+    // SAFETY (all pointer arithmetic below): offsets stay inside the row, panel and sub-block
+    // ranges the caller vouches for.
+    unsafe {
+        let qa = acts.qs.as_ptr().add(p * kq * 64);
+        // As in `kernel`: totals from zero, added to `acc` once at the end.
+        let mut total = [[0f32; LANES]; MR];
+        for sub in 0..ks {
+            let mut isum = [[_mm256_setzero_si256(); 2]; MR];
+            for quad in sub * 8..sub * 8 + 8 {
+                let av: [__m256i; 2] =
+                    std::array::from_fn(|h| _mm256_loadu_si256(qa.add(quad * 64 + h * 32).cast()));
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    let wq = w.q.as_ptr().add((r0 + r) * k + quad * 4);
+                    let wb = _mm256_set1_epi32(std::ptr::read_unaligned(wq.cast::<i32>()));
+                    for h in 0..2 {
+                        isum[h] = _mm256_dpbusd_avx_epi32(isum[h], wb, av[h]);
+                    }
+                }
+            }
+            let at = (p * ks + sub) * LANES;
+            let sums: [__m256; 2] =
+                std::array::from_fn(|h| _mm256_loadu_ps(acts.sums.as_ptr().add(at + h * HALF)));
+            let steps: [__m256; 2] =
+                std::array::from_fn(|h| _mm256_loadu_ps(acts.steps.as_ptr().add(at + h * HALF)));
+            for r in 0..MR {
+                let scale = _mm256_set1_ps(*w.scales.get_unchecked((r0 + r) * ks + sub));
+                let min = _mm256_set1_ps(*w.mins.get_unchecked((r0 + r) * ks + sub));
+                for h in 0..2 {
+                    let part = _mm256_fmsub_ps(
+                        _mm256_cvtepi32_ps(isum[r][h]),
+                        scale,
+                        _mm256_mul_ps(min, sums[h]),
+                    );
+                    let t = total[r].as_mut_ptr().add(h * HALF);
+                    _mm256_storeu_ps(t, _mm256_fmadd_ps(part, steps[h], _mm256_loadu_ps(t)));
+                }
+            }
+        }
+        for (r, total) in total.iter().enumerate() {
+            for h in 0..2 {
+                let dst = acc.add(r * ld + h * HALF);
+                let t = _mm256_loadu_ps(total.as_ptr().add(h * HALF));
+                _mm256_storeu_ps(dst, _mm256_add_ps(t, _mm256_loadu_ps(dst)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::GgmlDType;
@@ -342,7 +451,7 @@ mod tests {
 
     /// Checks the product against the dequantised weight times the rounded activations, summed in
     /// f64.
-    fn check(m: usize, blocks: usize, n: usize, format: Format, seed: u32) {
+    fn check(isa: Isa, m: usize, blocks: usize, n: usize, format: Format, seed: u32) -> Vec<f32> {
         let k = blocks * format.values();
         let dtype = match format {
             Format::Q4K => GgmlDType::Q4K,
@@ -350,7 +459,7 @@ mod tests {
         };
         let (q, wd) = quantised_weight(n, k, dtype, seed);
         let a = values(m * k, seed + 11);
-        let got = matmul(&a, m, k, format, &q.data().unwrap(), n);
+        let got = matmul(isa, &a, m, k, format, &q.data().unwrap(), n);
         assert_eq!(got.len(), m * n);
         let ar = rounded(&a, m, k, format.values());
         for i in 0..m {
@@ -361,18 +470,44 @@ mod tests {
                 let g = got[i * n + j] as f64;
                 assert!(
                     (g - want).abs() <= 8.0 * f32::EPSILON as f64 * k as f64,
-                    "{format:?} [{m}×{k}]·[{k}×{n}] at ({i}, {j}): {g} vs {want}"
+                    "{isa:?} {format:?} [{m}×{k}]·[{k}×{n}] at ({i}, {j}): {g} vs {want}"
                 );
             }
         }
+        got
+    }
+
+    /// The kernels this CPU can run.
+    fn isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx256]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .collect()
     }
 
     #[test]
     fn several_row_chunks_and_column_groups_cover_the_whole_output() {
-        if available() {
-            check(2 * CHUNK + 37, 2, 3 * GROUP + 6, Format::Q4K, 5);
-            check(CHUNK, 1, GROUP, Format::Q4K, 6);
-            check(CHUNK + 5, 9, 2 * GROUP + 1, Format::Q8_0, 7);
+        for isa in isas() {
+            check(isa, 2 * CHUNK + 37, 2, 3 * GROUP + 6, Format::Q4K, 5);
+            check(isa, CHUNK, 1, GROUP, Format::Q4K, 6);
+            check(isa, CHUNK + 5, 9, 2 * GROUP + 1, Format::Q8_0, 7);
+        }
+    }
+
+    #[test]
+    fn both_kernels_give_equal_products() {
+        if Isa::Avx512.supported() && Isa::Avx256.supported() {
+            for (m, blocks, n, format) in
+                [(70, 2, 37, Format::Q4K), (CHUNK + 9, 11, 40, Format::Q8_0)]
+            {
+                let wide = check(Isa::Avx512, m, blocks, n, format, 9);
+                let narrow = check(Isa::Avx256, m, blocks, n, format, 9);
+                assert!(
+                    wide.iter()
+                        .zip(&narrow)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+            }
         }
     }
 
@@ -384,9 +519,9 @@ mod tests {
             m in 1usize..70, blocks in 1usize..4, n in 1usize..80, seed in 0u32..1000,
             q8 in any::<bool>(),
         ) {
-            if available() {
-                let (format, blocks) = if q8 { (Format::Q8_0, blocks * 5) } else { (Format::Q4K, blocks) };
-                check(m, blocks, n, format, seed);
+            let (format, blocks) = if q8 { (Format::Q8_0, blocks * 5) } else { (Format::Q4K, blocks) };
+            for isa in isas() {
+                check(isa, m, blocks, n, format, seed);
             }
         }
     }

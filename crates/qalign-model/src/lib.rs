@@ -72,6 +72,7 @@ pub use model::{
 
 pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};
 pub use builder::ScorerBuilder;
+pub use cpu_kernels::{CpuKernels, cpu_kernels};
 pub use device::{Device, Dtype, Quant, parse_device};
 pub use quant::{KindCount, QuantLayer, QuantReport};
 pub use report::{FrameRecord, ScoreRecord, WarningRecord, WindowRecord};

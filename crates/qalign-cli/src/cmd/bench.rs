@@ -121,6 +121,9 @@ struct Report {
     /// Logical CPUs seen by the process (the CPU backend's thread pool size unless RAYON_NUM_THREADS says otherwise).
     cpus: usize,
     rayon_num_threads: Option<String>,
+    /// The CPU matrix-product kernels picked here (`QALIGN_CPU_KERNELS` and the processor);
+    /// absent on a GPU.
+    cpu_kernels: Option<qalign_model::CpuKernels>,
     warmup: usize,
     iters: usize,
     /// The images preprocessed (`synthetic WxH` when none was given).
@@ -577,6 +580,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         peak_rss_mib: peak_rss_mib(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rayon_num_threads: std::env::var("RAYON_NUM_THREADS").ok(),
+        cpu_kernels: scorer
+            .model()
+            .device()
+            .is_cpu()
+            .then(qalign_model::cpu_kernels),
         warmup,
         iters,
         images: images.names(),
@@ -684,6 +692,13 @@ fn write_table(w: &mut impl Write, report: &Report) -> Result<()> {
             .map(|n| format!(" (RAYON_NUM_THREADS={n})"))
             .unwrap_or_default()
     )?;
+    if let Some(k) = &report.cpu_kernels {
+        writeln!(
+            w,
+            "cpu kernels ({}): f32 {}, bf16 {}, quantised {}",
+            k.mode, k.f32_matmul, k.bf16_matmul, k.quant_matmul
+        )?;
+    }
     writeln!(
         w,
         "config: ViT {}×{} layers ({} px, {} tokens), abstractor {}×{} layers ({} tokens/image), \
