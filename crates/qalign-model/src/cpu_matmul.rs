@@ -342,14 +342,47 @@ impl<T> OutPtr<T> {
     }
 }
 
-/// Packs a weight given transposed, `wt` `[k, n]` (the `V` of `P·V`), like [`pack_f32`] packs `Wᵀ`.
-pub(crate) fn pack_f32_transposed(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0f32; panels * k * NR];
-    for (p, panel) in out.chunks_mut(k * NR).enumerate() {
-        let cols = NR.min(n - p * NR);
-        for (kk, dst) in panel.chunks_mut(NR).enumerate() {
-            dst[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
+/// The f32 micro-kernel a CPU has: AVX-512 (8×48, panels of [`NR`] columns) or AVX2 (6×16,
+/// panels of [`TILE_ROWS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum F32Kernel {
+    Avx512,
+    Avx2,
+}
+
+impl F32Kernel {
+    /// The fastest one this CPU has, unless `QALIGN_CPU_KERNELS` turns the kernels off or limits
+    /// them to AVX2.
+    pub(crate) fn detect() -> Option<Self> {
+        if !crate::cpu_kernels::enabled() {
+            None
+        } else if has_avx512f() {
+            Some(Self::Avx512)
+        } else if has_avx2_fma() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// Columns per packed panel.
+    pub(crate) fn width(self) -> usize {
+        match self {
+            Self::Avx512 => NR,
+            Self::Avx2 => TILE_ROWS,
+        }
+    }
+}
+
+/// Packs a weight given transposed, `wt` `[k, n]` (the `V` of `P·V`), like [`pack_panels`] packs
+/// `Wᵀ`: `ceil(n/width)` panels of `k × width` values.
+pub(crate) fn pack_transposed(wt: &[f32], k: usize, n: usize, width: usize) -> Vec<f32> {
+    let panels = n.div_ceil(width);
+    let mut out = vec![0f32; panels * k * width];
+    for (p, panel) in out.chunks_mut(k * width).enumerate() {
+        let cols = width.min(n - p * width);
+        for (kk, dst) in panel.chunks_mut(width).enumerate() {
+            dst[..cols].copy_from_slice(&wt[kk * n + p * width..][..cols]);
         }
     }
     out
@@ -395,9 +428,12 @@ fn matmul_f32(
     c
 }
 
-/// `C = A·Wᵀ (+ bias)` on one thread, for `a` `[m, k]` and a weight `[n, k]` packed by
-/// [`pack_f32`] or [`pack_f32_transposed`]; `c` holds `m` rows of `ldc ≥ n` values.
+/// `C = A·Wᵀ` on one thread with `kernel`, for `a` `[m, k]` and a weight `[n, k]` packed by
+/// [`pack_panels`] or [`pack_transposed`] at `kernel.width()`; `c` holds `m` rows of `ldc ≥ n`
+/// values, and is overwritten.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_f32_serial(
+    kernel: F32Kernel,
     a: &[f32],
     m: usize,
     k: usize,
@@ -406,11 +442,75 @@ pub(crate) fn matmul_f32_serial(
     c: &mut [f32],
     ldc: usize,
 ) {
-    assert!(a.len() >= m * k && panels.len() >= n.div_ceil(NR) * k * NR && ldc >= n);
+    let width = kernel.width();
+    assert!(a.len() >= m * k && panels.len() >= n.div_ceil(width) * k * width && ldc >= n);
     assert!(m == 0 || c.len() >= (m - 1) * ldc + n);
-    for p in 0..n.div_ceil(NR) {
-        // SAFETY: checked above: `c` holds the m×n block at stride ldc.
-        unsafe { panel_product(a, m, k, panels, n, p, None, c.as_mut_ptr(), ldc) };
+    for p in 0..n.div_ceil(width) {
+        match kernel {
+            // SAFETY: checked above: `c` holds the m×n block at stride ldc.
+            F32Kernel::Avx512 => unsafe {
+                panel_product(a, m, k, panels, n, p, None, c.as_mut_ptr(), ldc)
+            },
+            F32Kernel::Avx2 => panel_product_avx2(
+                a,
+                m,
+                k,
+                &panels[p * k * width..][..k * width],
+                n - p * width,
+                &mut c[p * width..],
+                ldc,
+            ),
+        }
+    }
+}
+
+/// One 16-column panel of [`matmul_f32_serial`] with the AVX2 kernel: `c[.., ..cols] = A·panel`
+/// for the panel's first `cols ≤ 16` columns, the rest of each row of `c` untouched. The kernel
+/// writes whole 16-column rows, so a narrower panel goes through a scratch block.
+fn panel_product_avx2(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[f32],
+    cols: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let cols = cols.min(TILE_ROWS);
+    let mut block = [0f32; MR_AVX2 * TILE_ROWS];
+    let mut m0 = 0;
+    while m0 < m {
+        let rows = MR_AVX2.min(m - m0);
+        let direct = cols == TILE_ROWS;
+        for k0 in (0..k).step_by(KC) {
+            let depth = KC.min(k - k0);
+            let (dst, ld) = if direct {
+                (c[m0 * ldc..].as_mut_ptr(), ldc)
+            } else {
+                (block.as_mut_ptr(), TILE_ROWS)
+            };
+            // SAFETY: the CPU has AVX2 and FMA (`F32Kernel::detect`); rows m0..m0+rows of `a`
+            // hold k values; the panel holds k rows of 16; `dst` holds `rows` rows of 16 at
+            // stride `ld` (the caller's `c` has 16 columns left in each row when `direct`).
+            unsafe {
+                kernel_avx2(
+                    rows,
+                    depth,
+                    a.as_ptr().add(m0 * k + k0),
+                    k,
+                    panel.as_ptr().add(k0 * TILE_ROWS),
+                    dst,
+                    ld,
+                    k0 > 0,
+                );
+            }
+        }
+        if !direct {
+            for r in 0..rows {
+                c[(m0 + r) * ldc..][..cols].copy_from_slice(&block[r * TILE_ROWS..][..cols]);
+            }
+        }
+        m0 += rows;
     }
 }
 

@@ -20,8 +20,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu_matmul::{
-    KC, MR, MR_AVX2, NR, OutPtr, TILE_ROWS, has_avx2_fma, has_avx512f, kernel_avx2, kernel_f32,
-    pack_panels,
+    F32Kernel, KC, MR, MR_AVX2, OutPtr, has_avx2_fma, kernel_avx2, kernel_f32, pack_panels,
 };
 
 /// `x·Wᵀ` for a quantised layer and `x` `[rows, in]`: through [`matmul`] where it applies (an f32
@@ -35,38 +34,10 @@ pub(crate) fn forward(layer: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor
     layer.forward(x)
 }
 
-/// The CPU's f32 micro-kernel, if it has one: AVX-512 (48 columns per panel) or AVX2 (16).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tier {
-    Avx512,
-    Avx2,
-}
-
-impl Tier {
-    fn detect() -> Option<Self> {
-        if !crate::cpu_kernels::enabled() {
-            None
-        } else if has_avx512f() {
-            Some(Self::Avx512)
-        } else if has_avx2_fma() {
-            Some(Self::Avx2)
-        } else {
-            None
-        }
-    }
-
-    fn width(self) -> usize {
-        match self {
-            Self::Avx512 => NR,
-            Self::Avx2 => TILE_ROWS,
-        }
-    }
-}
-
 /// `x·Wᵀ` `[rows, out]` for a Q8_0/Q4K weight `[out, in]` on the CPU and f32 `x` `[rows, in]`, or
 /// `None` where this path does not apply.
 pub(crate) fn matmul(q: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    matmul_on(q, x, Tier::detect(), int8_kernel())
+    matmul_on(q, x, F32Kernel::detect(), int8_kernel())
 }
 
 /// The 8-bit integer kernel Q4K and Q8_0 products may run on ([`crate::cpu_quant_vnni`]).
@@ -90,7 +61,7 @@ fn int8_kernel() -> Int8 {
 fn matmul_on(
     q: &QTensor,
     x: &Tensor,
-    tier: Option<Tier>,
+    tier: Option<F32Kernel>,
     int8: Int8,
 ) -> candle_core::Result<Option<Tensor>> {
     let Some(tier) = tier else {
@@ -273,7 +244,7 @@ fn run(
     format: Format,
     blocks: &[u8],
     n: usize,
-    tier: Tier,
+    tier: F32Kernel,
 ) -> Vec<f32> {
     if m == 0 {
         return Vec::new();
@@ -312,7 +283,7 @@ fn run(
                                 ct.as_mut_ptr().add(j * m_pad + p * width),
                             );
                             j += match tier {
-                                Tier::Avx512 => {
+                                F32Kernel::Avx512 => {
                                     let r = MR.min(rows - j);
                                     kernel_f32(
                                         r,
@@ -328,7 +299,7 @@ fn run(
                                     );
                                     r
                                 }
-                                Tier::Avx2 => {
+                                F32Kernel::Avx2 => {
                                     let r = MR_AVX2.min(rows - j);
                                     kernel_avx2(
                                         r,
@@ -389,7 +360,7 @@ pub(crate) mod tests {
     }
 
     /// Compares the product with the dequantised weight's, summed in f64.
-    fn check(m: usize, k: usize, n: usize, format: GgmlDType, tier: Tier, seed: u32) {
+    fn check(m: usize, k: usize, n: usize, format: GgmlDType, tier: F32Kernel, seed: u32) {
         let (q, wd) = quantised_weight(n, k, format, seed);
         let xv = values(m * k, seed + 7);
         let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu).unwrap();
@@ -412,13 +383,13 @@ pub(crate) mod tests {
         }
     }
 
-    fn tiers() -> Vec<Tier> {
+    fn tiers() -> Vec<F32Kernel> {
         let mut tiers = Vec::new();
-        if has_avx512f() {
-            tiers.push(Tier::Avx512);
+        if crate::cpu_matmul::has_avx512f() {
+            tiers.push(F32Kernel::Avx512);
         }
         if has_avx2_fma() {
-            tiers.push(Tier::Avx2);
+            tiers.push(F32Kernel::Avx2);
         }
         tiers
     }
@@ -470,7 +441,7 @@ pub(crate) mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let half = Tensor::zeros((2, 64), DType::F16, &Device::Cpu).unwrap();
         assert!(
-            matmul_on(&q, &half, Some(Tier::Avx2), None)
+            matmul_on(&q, &half, Some(F32Kernel::Avx2), None)
                 .unwrap()
                 .is_none()
         );
@@ -478,16 +449,16 @@ pub(crate) mod tests {
         assert!(matmul_on(&q, &x, None, None).unwrap().is_none());
         let q4_0 = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
         assert!(
-            matmul_on(&q4_0, &x, Some(Tier::Avx2), None)
+            matmul_on(&q4_0, &x, Some(F32Kernel::Avx2), None)
                 .unwrap()
                 .is_none()
         );
         let wrong = Tensor::zeros((2, 65), DType::F32, &Device::Cpu).unwrap();
-        assert!(matmul_on(&q, &wrong, Some(Tier::Avx2), None).is_err());
+        assert!(matmul_on(&q, &wrong, Some(F32Kernel::Avx2), None).is_err());
         // Zero rows are fine.
         let empty = Tensor::zeros((0, 64), DType::F32, &Device::Cpu).unwrap();
         if has_avx2_fma() {
-            let y = matmul_on(&q, &empty, Some(Tier::Avx2), None)
+            let y = matmul_on(&q, &empty, Some(F32Kernel::Avx2), None)
                 .unwrap()
                 .unwrap();
             assert_eq!(y.dims(), &[0, 32]);

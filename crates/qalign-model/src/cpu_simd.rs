@@ -5,20 +5,26 @@
 //! in the ViT's attention (1025² scores per head and layer) and at every bf16 matmul's output
 //! they cost as much as the arithmetic around them. Each function here has an AVX-512 body, used
 //! where the CPU has it, and a scalar body that gives the same results (conversions) or results
-//! within the stated error (`exp`) everywhere else.
+//! within the stated error (`exp`) everywhere else; the softmax's `exp` also has an AVX2 body.
 
 use half::bf16;
 
-use crate::cpu_matmul::has_avx512f;
+use crate::cpu_matmul::{has_avx2_fma, has_avx512f};
 
 /// `row[i] ← exp(row[i] − shift)`, returning the sum of the new values (f32 lanes, then summed).
 /// The vector `exp` is within 2 ulp of the exact value (Cephes' `expf` polynomial); it keeps NaN,
 /// and flushes to zero below the smallest subnormal.
 pub(crate) fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512f() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::exp_shifted_sum(row, shift) };
+    {
+        if has_avx512f() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { avx512::exp_shifted_sum(row, shift) };
+        }
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::exp_shifted_sum(row, shift) };
+        }
     }
     let mut sum = 0f32;
     for x in row.iter_mut() {
@@ -288,6 +294,86 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `exp(x)` per lane, as [`super::avx512`]'s: the same reduction and polynomial, with `2ⁿ`
+    /// applied as two exact powers of two, `2^⌊n/2⌋` then `2^(n−⌊n/2⌋)` (each a normal number for
+    /// n in −150..=128), so a result is rounded once, as `vscalefps` rounds it.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        let clamped = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-104.0)),
+            _mm256_set1_ps(89.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(clamped, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), clamped);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let n = _mm256_cvtps_epi32(n);
+        let half = _mm256_srai_epi32::<1>(n);
+        let pow2 = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let e = _mm256_mul_ps(
+            _mm256_mul_ps(y, pow2(half)),
+            pow2(_mm256_sub_epi32(n, half)),
+        );
+        _mm256_blendv_ps(e, x, nan)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
+        let shift = _mm256_set1_ps(shift);
+        let mut sum = _mm256_setzero_ps();
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            // SAFETY: the chunk holds 8 values.
+            unsafe {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift));
+                _mm256_storeu_ps(chunk.as_mut_ptr(), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let mut lanes = [0f32; 8];
+            lanes[..tail.len()].copy_from_slice(tail);
+            // SAFETY: `lanes` holds 8 values.
+            unsafe {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(lanes.as_ptr()), shift));
+                _mm256_storeu_ps(lanes.as_mut_ptr(), e);
+            }
+            lanes[tail.len()..].fill(0.0);
+            tail.copy_from_slice(&lanes[..tail.len()]);
+            // SAFETY: as above.
+            sum = _mm256_add_ps(sum, unsafe { _mm256_loadu_ps(lanes.as_ptr()) });
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        lanes.iter().sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -303,8 +389,9 @@ mod tests {
 
         #[test]
         fn exp_is_within_two_ulp(values in prop::collection::vec(-84.0f32..85.0, 1..70), shift in -3.0f32..3.0) {
+            for exp_sum in exp_bodies() {
             let mut row = values.clone();
-            let sum = exp_shifted_sum(&mut row, shift);
+            let sum = exp_sum(&mut row, shift);
             let mut want_sum = 0f64;
             for (&x, &got) in values.iter().zip(&row) {
                 let want = ((x - shift) as f64).exp();
@@ -314,6 +401,7 @@ mod tests {
                 }
             }
             prop_assert!(((sum as f64) - want_sum).abs() <= want_sum * 1e-5);
+            }
         }
 
         #[test]
@@ -364,20 +452,60 @@ mod tests {
         }
     }
 
+    /// `exp_shifted_sum` and each of its vector bodies this CPU can run.
+    fn exp_bodies() -> Vec<fn(&mut [f32], f32) -> f32> {
+        let mut out: Vec<fn(&mut [f32], f32) -> f32> = vec![exp_shifted_sum];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            out.push(|row, shift| unsafe { avx2::exp_shifted_sum(row, shift) });
+        }
+        out
+    }
+
     #[test]
     fn exp_handles_the_edges() {
-        let mut row = [
-            f32::NAN,
-            f32::NEG_INFINITY,
-            -200.0,
-            0.0,
-            100.0,
-            f32::INFINITY,
-        ];
-        exp_shifted_sum(&mut row, 0.0);
-        assert!(row[0].is_nan());
-        assert_eq!(&row[1..4], &[0.0, 0.0, 1.0]);
-        assert_eq!(row[4], f32::INFINITY);
-        assert_eq!(row[5], f32::INFINITY);
+        for exp_sum in exp_bodies() {
+            let mut row = [
+                f32::NAN,
+                f32::NEG_INFINITY,
+                -200.0,
+                0.0,
+                100.0,
+                f32::INFINITY,
+            ];
+            exp_sum(&mut row, 0.0);
+            assert!(row[0].is_nan());
+            assert_eq!(&row[1..4], &[0.0, 0.0, 1.0]);
+            assert_eq!(row[4], f32::INFINITY);
+            assert_eq!(row[5], f32::INFINITY);
+        }
+    }
+
+    #[test]
+    fn the_avx2_exp_equals_the_avx512_exp() {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512f() && has_avx2_fma() {
+            // Every 997th f32 from −110 to 95 (subnormal, overflowing and ordinary results), and
+            // rows of every tail length.
+            let values: Vec<f32> = (0..f32::to_bits(110.0) / 997)
+                .flat_map(|i| {
+                    let v = f32::from_bits(i * 997);
+                    [v, -v]
+                })
+                .filter(|v| (-110.0..95.0).contains(v))
+                .collect();
+            for len in [values.len(), 1, 7, 9, 15] {
+                let (mut wide, mut narrow) = (values[..len].to_vec(), values[..len].to_vec());
+                // SAFETY: the CPU has both.
+                unsafe {
+                    avx512::exp_shifted_sum(&mut wide, 0.5);
+                    avx2::exp_shifted_sum(&mut narrow, 0.5);
+                }
+                for (i, (w, n)) in wide.iter().zip(&narrow).enumerate() {
+                    assert_eq!(w.to_bits(), n.to_bits(), "exp({} − 0.5)", values[i]);
+                }
+            }
+        }
     }
 }
