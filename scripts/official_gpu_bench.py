@@ -11,7 +11,11 @@ the five level logits. Per-image time = call time / batch size. Prints one JSON 
   python3 scripts/official_gpu_bench.py --src Q_ALIGN_SOURCES --model docs/bench-configs/onealign \
       --tokenizer tests/fixtures/tiny-onealign --images tests/fixtures/images/*.jpg --batch-sizes 1,32
 
-Needs PyTorch with CUDA, and transformers 4.36.1 with the official code's other imports
+`--device cpu` runs the same on the CPU (still fp16, as the official scorer casts its pixels to
+half): a smoke test of this script and of the official code under the GPU machine's package
+versions, with a small config such as tests/fixtures/tiny-onealign (its times mean little).
+
+Needs PyTorch (with CUDA for `--device cuda`), and transformers 4.36.1 with the official code's other imports
 (scripts/gpu-official-prep.sh gathers their wheels and the sources on a machine with network).
 """
 import argparse
@@ -33,6 +37,7 @@ def main():
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
 
     import torch
@@ -46,7 +51,10 @@ def main():
     from transformers.models.clip.image_processing_clip import CLIPImageProcessor
 
     # One folder with the config, the preprocessor and the tokenizer, named as the hub id the
-    # official constructor asks for.
+    # official model's constructor loads its tokenizer from ("q-future/one-align", relative to the
+    # working directory, which is then that folder's grandparent).
+    images = [Image.open(p).convert("RGB") for p in args.images]
+    args.model, args.tokenizer = os.path.abspath(args.model), os.path.abspath(args.tokenizer)
     work = tempfile.mkdtemp(prefix="official_gpu_")
     model_dir = os.path.join(work, "q-future", "one-align")
     os.makedirs(model_dir)
@@ -55,43 +63,51 @@ def main():
     for name in os.listdir(args.tokenizer):
         if name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(os.path.join(args.tokenizer, name), model_dir)
+    os.chdir(work)
 
     out = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "device": args.device,
         "model": os.path.basename(os.path.normpath(args.model)) + " (random init, fp16, official code)",
         "dtype": "f16",
     }
     t0 = time.perf_counter()
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float16)
+    # Eager attention, as under the official pin (torch 2.0.1). With a newer torch, transformers
+    # 4.36 picks SDPA, and the official modeling_llama2.py's SDPA branch names a function it never
+    # imports (`_prepare_4d_causal_attention_mask_for_sdpa`: NameError).
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float16, attn_implementation="eager")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
     processor = CLIPImageProcessor.from_pretrained(model_dir)
 
-    def loader(model_path, model_base, model_name, device="cuda", **kw):
+    def loader(model_path, model_base, model_name, device=args.device, **kw):
         return tokenizer, model, processor, 2048
 
     official.load_pretrained_model = loader
-    scorer = official.QAlignScorer(pretrained=model_dir, device="cuda")
+    scorer = official.QAlignScorer(pretrained=model_dir, device=args.device)
     out["load_s"] = time.perf_counter() - t0
     out["n_params"] = sum(p.numel() for p in model.parameters())
 
-    images = [Image.open(p).convert("RGB") for p in args.images]
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         inputs = [images[i % len(images)] for i in range(batch)]
         for _ in range(args.warmup):
             scorer(inputs)
-        torch.cuda.synchronize()
+        sync()
         times = []
         for _ in range(args.iters):
             t = time.perf_counter()
             scores = scorer(inputs)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         median = statistics.median(times)
         rows.append({
@@ -104,7 +120,8 @@ def main():
         })
         print(f"# batch {batch}: {median * 1e3 / batch:.2f} ms per image", file=sys.stderr, flush=True)
     out["rows"] = rows
-    out["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.device == "cuda":
+        out["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=1))
 
