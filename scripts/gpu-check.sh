@@ -35,7 +35,8 @@
 #   trainbench  bench --train at the real dims, bf16
 # A rehearsal on a machine without a GPU runs the same steps on the CPU with a small model, to catch
 # a broken step before GPU time is spent on it (file names still say "cuda"):
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_REAL_MODEL=tests/fixtures/tiny-onealign scripts/gpu-check.sh target/release/qalign OUT
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_REAL_MODEL=tests/fixtures/tiny-onealign GPU_CHECK_BATCH_SIZES=1,8 \
+#     scripts/gpu-check.sh target/release/qalign OUT
 set -u
 start=$(date +%s)
 budget=${GPU_CHECK_BUDGET_S:-540}
@@ -46,6 +47,9 @@ out=${2:-gpu-check-out}
 tests_src=${3:-}
 dev=${GPU_CHECK_DEVICE:-cuda}
 real=${GPU_CHECK_REAL_MODEL:-docs/bench-configs/onealign}
+# Batch sizes of the real-dims benches (f16 and bf16 add 64); a CPU rehearsal wants fewer.
+batches=${GPU_CHECK_BATCH_SIZES:-1,8,32}
+batches_half=${GPU_CHECK_BATCH_SIZES:-1,8,32,64}
 mkdir -p "$out"
 work=$(mktemp -d)
 log() { echo "== $*"; }
@@ -92,7 +96,11 @@ for x in r["ratios"]:
 EOF
 }
 # Results are packed after every step, so a run cut short still returns what it finished.
-save() { tar -C "$work" -cf "$out/results.tar" --exclude qalign .; }
+# Only results: the binaries and the official code's packages stay out (the device tool brings back
+# files of at most 16 MiB).
+save() {
+    tar -C "$work" -cf "$out/results.tar" --exclude ./qalign --exclude ./model-tests --exclude ./official-pylib .
+}
 
 log "machine"
 date -u
@@ -177,7 +185,7 @@ bench_real() {
 
 if step f16; then
     log "bench, OneAlign dimensions, random weights, f16 (files_1q rows: decoding overlapped with scoring)"
-    bench_real f16 f16 1,8,32,64 4 180
+    bench_real f16 f16 "$batches_half" 4 180
 fi
 
 # The official code on the same card, when scripts/gpu-official-prep.sh's folder came along:
@@ -198,7 +206,7 @@ if [ -d "$off/src/q_align" ] && step official; then
     echo "pip exit $?"
     PYTHONPATH=$pylib timeout "$(cap 240)" python3 scripts/official_gpu_bench.py --src "$off/src" \
         --device "$dev" --model "$real" --tokenizer tests/fixtures/tiny-onealign \
-        --images tests/fixtures/images/*.jpg --batch-sizes 1,8,32 --iters 5 > "$work/bench-official-onealign-cuda-f16.json"
+        --images tests/fixtures/images/*.jpg --batch-sizes "$batches" --iters 5 > "$work/bench-official-onealign-cuda-f16.json"
     echo "exit $?"
     python3 - "$work" <<'PY'
 import json, sys
@@ -237,12 +245,12 @@ fi
 
 if step composed; then
     log "bench, OneAlign dimensions, random weights, f16, QALIGN_CUDA_KERNELS=composed (no fused kernels)"
-    bench_real f16-composed f16 1,8,32 0 120 QALIGN_CUDA_KERNELS=composed
+    bench_real f16-composed f16 "$batches" 0 120 QALIGN_CUDA_KERNELS=composed
 fi
 
 if step bf16; then
     log "bench, OneAlign dimensions, random weights, bf16"
-    bench_real bf16 bf16 1,8,32,64 4 180
+    bench_real bf16 bf16 "$batches_half" 4 180
 fi
 
 # --quant on CUDA (candle's quantised CUDA kernels, f32 activations): speed, and the most GPU
@@ -254,7 +262,7 @@ if step quant; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$work/gpu-mem-$quant.txt" 2>/dev/null &
         smi=$!
         timeout "$(cap 150)" "$q" bench tests/fixtures/images --model "$real" --random-weights \
-            --device "$dev" --quant "$quant" --batch-sizes 1,8,32 --iters 5 --file-batches 0 --format json \
+            --device "$dev" --quant "$quant" --batch-sizes "$batches" --iters 5 --file-batches 0 --format json \
             > "$work/bench-onealign-cuda-$quant.json"
         echo "exit $?"
         kill $smi 2>/dev/null
@@ -295,7 +303,7 @@ fi
 
 if step f32; then
     log "bench, OneAlign dimensions, random weights, f32"
-    bench_real f32 f32 1,8,32 0 150
+    bench_real f32 f32 "$batches" 0 150
 fi
 
 if step trainbench; then
@@ -307,5 +315,5 @@ if step trainbench; then
     save
 fi
 
-log "done in $(($(date +%s) - start)) s; skipped: $(tr '\n' ' ' < "$work/skipped-steps.txt" 2>/dev/null)"
+log "done in $(($(date +%s) - start)) s; skipped: $(tr '\n' ' ' 2>/dev/null < "$work/skipped-steps.txt")"
 save

@@ -17,13 +17,16 @@ git --git-dir="$git_dir" ls-tree -r --name-only HEAD -- q_align | while read -r 
     git --git-dir="$git_dir" cat-file blob "HEAD:$f" > "$out/src/$f" || rm -f "$out/src/$f"
 done
 git --git-dir="$git_dir" rev-parse HEAD > "$out/src/COMMIT"
-# Pure-Python wheels once; the compiled ones for each Python the GPU machine may have.
+# Pure-Python wheels once; the compiled ones for the GPU machine's Python (3.12 on the lent
+# machines; GPU_PYTHON="3.11 3.12" for several). Only one Python's: with the repository's tracked
+# files, what travels must stay under the device tool's 64 MiB (scripts/gpu-pack.sh size).
+pythons=${GPU_PYTHON:-3.12}
 pip_dl() { python3 -m pip download -q --no-deps --dest "$out/wheels" --only-binary=:all: \
     --platform manylinux2014_x86_64 "$@"; }
-pip_dl --python-version 3.10 transformers==4.36.1 einops==0.6.1 accelerate==0.21.0 icecream==2.1.3 \
+pip_dl --python-version "${pythons%% *}" transformers==4.36.1 einops==0.6.1 accelerate==0.21.0 icecream==2.1.3 \
     executing asttokens colorama pygments huggingface_hub==0.19.4 fsspec requests urllib3 idna \
     certifi tqdm packaging filelock typing_extensions
-for py in 3.10 3.11 3.12 3.13; do
+for py in $pythons; do
     for pkg in "tokenizers>=0.15,<0.16" "safetensors>=0.4.1" "sentencepiece>=0.2.0" regex pyyaml \
         charset_normalizer; do
         pip_dl --python-version "$py" "$pkg" || echo "no $pkg wheel for Python $py"
