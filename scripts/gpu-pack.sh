@@ -63,7 +63,7 @@ hide)
         exit 1
     fi
     ((${#files[@]} == 0)) || rm -f -- "${files[@]}"
-    echo "hid ${#files[@]} tracked files (scripts/gpu-pack.sh restore brings them back)"
+    echo "hid ${#files[@]} tracked files: run scripts/gpu-pack.sh restore after the device call, and commit nothing before"
     "$0" size
     ;;
 size)
