@@ -25,8 +25,12 @@ hidden() {
 
 travelling_bytes() {
     {
-        git ls-files -z --cached --others --exclude-standard | xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh
-        for p in "${carried[@]}"; do [ -e "$p" ] && find "$p" -type f -print0; done
+        # Tracked files still present (hidden ones are listed but gone), and untracked ones.
+        git ls-files -z --cached --others --exclude-standard |
+            xargs -0 -r sh -c 'for f; do if [ -f "$f" ]; then printf "%s\0" "$f"; fi; done' sh
+        for p in "${carried[@]}"; do
+            if [ -e "$p" ]; then find "$p" -type f -print0; fi
+        done
     } | du -cb --files0-from=- | tail -1 | cut -f1
 }
 
@@ -52,7 +56,9 @@ for line in sys.stdin:
         xz -T0 -9 "$out/${pair##*:}"
     done
     git rev-parse HEAD > "$out/COMMIT"
-    git status --porcelain -- crates Cargo.toml Cargo.lock | grep -q . && echo "(with local changes)" >> "$out/COMMIT"
+    if [ -n "$(git status --porcelain -- crates Cargo.toml Cargo.lock)" ]; then
+        echo "(with local changes)" >> "$out/COMMIT"
+    fi
     ls -l "$out"
     ;;
 hide)
