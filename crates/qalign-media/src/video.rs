@@ -211,12 +211,50 @@ pub fn sample_frames(path: &Path, options: &SamplingOptions) -> Result<SampledVi
     FfmpegTools::shared()?.sample(path, options)
 }
 
+/// FFmpeg's demuxers for single-file video containers, the only ones ffprobe and ffmpeg may
+/// pick. Playlists and lists of files (`hls`, `concat`, `dash`, image sequences) are left out:
+/// their demuxers open the other files a file names, so an uploaded "video" could make a server
+/// read media elsewhere on its disk. FFmpeg matches each of a demuxer's names (`mov` stands for
+/// `mov,mp4,m4a,3gp,3g2,mj2`, `matroska` for `matroska,webm`).
+const VIDEO_DEMUXERS: &str = "mov,matroska,avi,flv,asf,mpegts,mpeg,mpegvideo,ogg,yuv4mpegpipe,h264,hevc,m4v,nut,mxf,dv,ivf,obu,rm";
+
 /// An FFmpeg input URL that always means "this local file": the `file:` protocol prefix stops
 /// names like `a:b.mp4` or `-x.mp4` from being read as a protocol or an option.
 fn ffmpeg_input(path: &Path) -> OsString {
     let mut input = OsString::from("file:");
     input.push(path.as_os_str());
     input
+}
+
+/// The arguments that open `path` as ffprobe's or ffmpeg's input: the local file only
+/// ([`ffmpeg_input`], and no protocol but `file` for anything a demuxer opens), read by one of
+/// [`VIDEO_DEMUXERS`].
+fn ffmpeg_input_args(path: &Path) -> [OsString; 6] {
+    [
+        "-protocol_whitelist".into(),
+        "file".into(),
+        "-format_whitelist".into(),
+        VIDEO_DEMUXERS.into(),
+        "-i".into(),
+        ffmpeg_input(path),
+    ]
+}
+
+/// What ffprobe's complaint about a demuxer off [`VIDEO_DEMUXERS`] means, or `None` when its
+/// stderr holds no such complaint: `[hls @ 0x…] Format not on whitelist '…'`.
+fn refused_container(stderr: &str) -> Option<String> {
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("Format not on whitelist"))?;
+    let demuxer = line
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(" @ "))
+        .map_or("this", |(name, _)| name);
+    Some(format!(
+        "a {demuxer} file, not a video container qalign reads (playlists and file lists are \
+         refused because they name other files; it reads MP4/MOV, MKV/WebM, AVI, FLV, WMV, \
+         MPEG-TS/PS, Ogg, Y4M, MXF, NUT, DV, IVF and raw H.264/HEVC/MPEG streams)"
+    ))
 }
 
 /// The last `n` informative lines of a tool's stderr about `input`, joined with " | " (for error

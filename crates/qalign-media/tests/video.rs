@@ -530,3 +530,56 @@ fn decoder_errors_are_cleaned_of_ffmpeg_noise() {
         )
     );
 }
+
+/// A playlist or file list named like a video must not make FFmpeg open the files it names: an
+/// uploaded `clip.mp4` could otherwise read any media file on a server's disk.
+#[test]
+fn playlists_and_file_lists_are_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = testsrc_clip(dir.path(), "secret.ts", "64x48", 5, 2.0);
+    let secret = secret.to_str().unwrap();
+    let lists = [
+        (
+            "hls",
+            format!(
+                "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:2.0,\n{secret}\n#EXT-X-ENDLIST\n"
+            ),
+        ),
+        ("concat", format!("ffconcat version 1.0\nfile '{secret}'\n")),
+    ];
+    for (demuxer, text) in lists {
+        let upload = dir.path().join(format!("{demuxer}.mp4"));
+        std::fs::write(&upload, text).unwrap();
+        let err = tools().probe(&upload).unwrap_err();
+        assert!(matches!(err, MediaError::Unsupported { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("a {demuxer} file"))
+                && message.contains("playlists and file lists are refused"),
+            "{message}"
+        );
+        assert!(!message.contains(secret), "{message}");
+        assert!(tools().sample(&upload, &SamplingOptions::OFFICIAL).is_err());
+    }
+    // The whitelist keeps the containers qalign reads.
+    for (name, codec) in [
+        ("c.mkv", "libx264"),
+        ("c.avi", "mjpeg"),
+        ("c.mpg", "mpeg2video"),
+    ] {
+        let clip = dir.path().join(name);
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=5",
+            "-t",
+            "1",
+            "-c:v",
+            codec,
+            clip.to_str().unwrap(),
+        ]);
+        let sampled = tools().sample(&clip, &SamplingOptions::OFFICIAL).unwrap();
+        assert_eq!(sampled.frames.len(), 1, "{name}");
+    }
+}

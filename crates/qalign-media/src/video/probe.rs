@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use serde::Deserialize;
 
 use super::tools::FfmpegTools;
-use super::{ffmpeg_input, last_lines};
+use super::{ffmpeg_input_args, last_lines, refused_container};
 use crate::MediaError;
 use crate::image::{MAX_PIXELS, too_many_pixels};
 use crate::input;
@@ -199,8 +199,8 @@ pub(crate) fn probe_with(tools: &FfmpegTools, path: &Path) -> Result<VideoInfo, 
             "-show_streams",
             "-show_format",
         ])
-        .args(["-print_format", "json", "-i"])
-        .arg(ffmpeg_input(path))
+        .args(["-print_format", "json"])
+        .args(ffmpeg_input_args(path))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| MediaError::ToolFailed {
@@ -210,6 +210,12 @@ pub(crate) fn probe_with(tools: &FfmpegTools, path: &Path) -> Result<VideoInfo, 
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
+        if let Some(message) = refused_container(&stderr) {
+            return Err(MediaError::Unsupported {
+                path: path.to_path_buf(),
+                message,
+            });
+        }
         return Err(decode_error(format!(
             "not a readable media file (ffprobe: {})",
             last_lines(&stderr, path, 3)

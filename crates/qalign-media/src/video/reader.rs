@@ -13,7 +13,7 @@ use image::RgbImage;
 use super::probe::{Truncation, VideoInfo};
 use super::sampling::SamplingPlan;
 use super::tools::FfmpegTools;
-use super::{ffmpeg_input, last_lines};
+use super::{ffmpeg_input_args, last_lines};
 use crate::MediaError;
 use crate::image::{MAX_PIXELS, too_many_pixels};
 
@@ -93,9 +93,8 @@ impl FrameReader {
                 "-loglevel",
                 "error",
                 "-noautorotate",
-                "-i",
             ])
-            .arg(ffmpeg_input(&info.path))
+            .args(ffmpeg_input_args(&info.path))
             .arg("-map")
             .arg(format!("0:{}", info.stream_index))
             .arg("-vf")
