@@ -2,10 +2,13 @@
 //! base64), limits, auth, and the JSON shapes of answers and errors, documented in the OpenAPI
 //! document served at `/openapi.json`. Nothing here touches the model: jobs go to the engine.
 
+use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -13,6 +16,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use futures_util::{Stream, StreamExt};
 use qalign_core::{Scale, Task};
 use qalign_media::SamplingOptions;
 use qalign_model::{ScoreRecord, VideoOptions};
@@ -27,6 +31,7 @@ use crate::metrics::Metrics;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const DOCS_HTML: &str = include_str!("../assets/docs.html");
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Everything a handler needs.
 #[derive(Clone)]
@@ -66,7 +71,20 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorType::NotFound, "no such route")
         })
+        // After every route, so that each gets it; axum still adds the `Allow` header.
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// 405 as JSON, like every other error; the body, if any, is read first.
+async fn method_not_allowed(State(state): State<AppState>, request: Request) -> ApiError {
+    let message = format!("method {} is not allowed here", request.method());
+    discard_body(request, state.config.limits.max_body_bytes).await;
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorType::MethodNotAllowed,
+        message,
+    )
 }
 
 /// The OpenAPI document.
@@ -143,6 +161,7 @@ pub enum ErrorType {
     Validation,
     Unauthorized,
     NotFound,
+    MethodNotAllowed,
     PayloadTooLarge,
     UnsupportedMediaType,
     /// Too many requests in flight, or the queue is full (503, with Retry-After).
@@ -263,8 +282,10 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start_matches(' '));
     let same = given.len() == key.len()
         && given
             .bytes()
@@ -331,14 +352,11 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-/// Prometheus text.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+/// The metrics in the OpenMetrics text format, which Prometheus scrapes.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics 1.0 text (ends with `# EOF`)", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         state.metrics.render(),
     )
         .into_response()
@@ -420,8 +438,11 @@ async fn score_request(state: &AppState, request: Request) -> Result<Response, A
 /// seconds), so that a client still sending its upload reads the error answer instead of
 /// a broken connection.
 async fn discard_body(request: Request, limit: usize) {
-    use futures_util::StreamExt;
-    let mut stream = request.into_body().into_data_stream();
+    discard(request.into_body().into_data_stream(), limit).await;
+}
+
+/// Reads and drops what is left of `stream`, as [`discard_body`].
+async fn discard<E>(mut stream: impl Stream<Item = Result<Bytes, E>> + Unpin, limit: usize) {
     let drain = async {
         let mut seen = 0usize;
         while let Some(Ok(chunk)) = stream.next().await {
@@ -432,6 +453,22 @@ async fn discard_body(request: Request, limit: usize) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
+/// A request body that the parser reads through while the handler keeps a hold on it, so that
+/// what a parser that failed early left unread can still be discarded.
+#[derive(Clone)]
+struct SharedBody(Arc<Mutex<BodyDataStream>>);
+
+impl Stream for SharedBody {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.0.lock() {
+            Ok(mut stream) => stream.poll_next_unpin(cx),
+            Err(_) => Poll::Ready(None),
+        }
+    }
 }
 
 /// Whether a scoring request may start: the model is loaded and a slot is free.
@@ -466,21 +503,20 @@ async fn score_admitted(
     request: Request,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    let parsed = parse(state, request).await?;
+    let (head, body) = request.into_parts();
+    let body = SharedBody(Arc::new(Mutex::new(body.into_data_stream())));
+    let request = Request::from_parts(head, Body::from_stream(body.clone()));
+    let parsed = match parse(state, request).await {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            // The client may still be uploading: let it finish, then read the error.
+            discard(body, state.config.limits.max_body_bytes).await;
+            return Err(err);
+        }
+    };
     if parsed.parts.is_empty() {
         return Err(ApiError::validation(
             "no file given: send one or more multipart parts named `file`, or a JSON body with `images`",
-        ));
-    }
-    let max_files = state.config.limits.max_client_batch_size;
-    if parsed.parts.len() > max_files {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorType::Validation,
-            format!(
-                "{} files in one request; the limit is {max_files} (--max-client-batch-size)",
-                parsed.parts.len()
-            ),
         ));
     }
     let files: Vec<Upload> = parsed
@@ -708,6 +744,15 @@ fn spool_path(dir: &std::path::Path, index: usize, name: &str) -> std::path::Pat
     dir.join(format!("{index:05}{ext}"))
 }
 
+/// 422 for a request with more files than `--max-client-batch-size`; `count` says how many.
+fn too_many_files(count: &str, max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorType::Validation,
+        format!("{count} files in one request; the limit is {max} (--max-client-batch-size)"),
+    )
+}
+
 fn spool_error(e: std::io::Error) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -724,6 +769,7 @@ async fn parse_multipart(
     let mut multipart = Multipart::from_request(request, state)
         .await
         .map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
+    let max_files = state.config.limits.max_client_batch_size;
     let mut raw = RawParams::default();
     let mut parts = Vec::new();
     loop {
@@ -735,6 +781,9 @@ async fn parse_multipart(
         let field_name = field.name().unwrap_or("").to_string();
         if field_name == "file" || field_name == "files" {
             let index = parts.len();
+            if index == max_files {
+                return Err(too_many_files(&format!("more than {max_files}"), max_files));
+            }
             let name = field
                 .file_name()
                 .filter(|n| !n.is_empty())
@@ -787,7 +836,7 @@ async fn parse_json(
     request: Request,
     dir: tempfile::TempDir,
 ) -> Result<Parsed, ApiError> {
-    let body = axum::body::Bytes::from_request(request, state)
+    let body = Bytes::from_request(request, state)
         .await
         .map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
     let request: JsonScoreRequest = serde_json::from_slice(&body)
@@ -800,17 +849,26 @@ async fn parse_json(
         per_frame: request.per_frame.map(|b| b.to_string()),
     };
     let params = raw.validate()?;
+    let max_files = state.config.limits.max_client_batch_size;
+    if request.images.len() > max_files {
+        return Err(too_many_files(&request.images.len().to_string(), max_files));
+    }
     let mut parts = Vec::with_capacity(request.images.len());
     for (index, image) in request.images.into_iter().enumerate() {
-        let (name, data) = match image {
+        let (name, mut data) = match image {
             JsonImage::Data(data) => (format!("image-{index}"), data),
             JsonImage::Named { name, data } => (name, data),
         };
+        // Line breaks (as `base64` without -w0 writes them) and other ASCII white space are
+        // dropped in place; anything else that is not base64 still fails below.
+        if data.bytes().any(|b| b.is_ascii_whitespace()) {
+            data.retain(|c| !c.is_ascii_whitespace());
+        }
         let encoded = match data.split_once(";base64,") {
             Some((prefix, rest)) if prefix.starts_with("data:") => rest,
             _ => data.as_str(),
         };
-        let content = match base64::engine::general_purpose::STANDARD.decode(encoded.trim()) {
+        let content = match base64::engine::general_purpose::STANDARD.decode(encoded) {
             Ok(bytes) => {
                 let path = spool_path(dir.path(), index, &name);
                 tokio::fs::write(&path, bytes).await.map_err(spool_error)?;

@@ -10,12 +10,14 @@ use qalign_model::{Query, ScoreError, ScoreOptions, Scored, Scorer};
 /// A scoring model as the engine sees it.
 pub trait Backend: Send + 'static {
     /// Scores every file for every query; one outcome per path, in order. An `Err` of the whole
-    /// call means nothing could be scored (a bad query).
+    /// call means nothing could be scored (a bad query). `keep_going` is asked after each file:
+    /// once it says false, the call may stop and return the outcomes it has (fewer than paths).
     fn score(
         &self,
         paths: &[PathBuf],
         queries: &[Query],
         options: &ScoreOptions,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError>;
 
     /// The level words, best first, as records name them.
@@ -28,6 +30,7 @@ impl Backend for Scorer {
         paths: &[PathBuf],
         queries: &[Query],
         options: &ScoreOptions,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let mut outcomes = Vec::with_capacity(paths.len());
         self.score_paths_with(
@@ -36,7 +39,11 @@ impl Backend for Scorer {
             options,
             &mut |item| {
                 outcomes.push(item.result);
-                ControlFlow::Continue(())
+                if keep_going() {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
             },
             None,
         )?;

@@ -2,7 +2,8 @@
 //! jobs into dynamic batches (up to `max_batch_size` files, waiting at most `max_wait` for
 //! more), encodes each batch's files once and runs every query any job of the batch asked for,
 //! then hands each job its own records. A panic fails only its batch; a job whose client went
-//! away before its batch ran is dropped.
+//! away (it left, or its request timed out) is dropped: before its batch runs, or, once every
+//! job of a running batch is gone, after the model batch or video being scored.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -300,11 +301,18 @@ impl<B: Backend> Engine<B> {
             strict: false,
             decode_ahead: true,
         };
+        let anyone_waiting = || batch.iter().any(|job| !job.reply.is_closed());
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.backend.score(&paths, &queries, &options)
+            self.backend
+                .score(&paths, &queries, &options, &anyone_waiting)
         }));
         let outcomes = match outcome {
             Ok(Ok(outcomes)) if outcomes.len() == paths.len() => outcomes,
+            // Stopped early because nobody waits any more (a closed reply stays closed).
+            Ok(Ok(_)) if !anyone_waiting() => {
+                self.metrics.dropped_jobs.inc_by(batch.len() as u64);
+                return;
+            }
             Ok(Ok(outcomes)) => {
                 let message = format!(
                     "{} outcomes for {} files (a backend bug)",
@@ -318,6 +326,11 @@ impl<B: Backend> Engine<B> {
         };
         let mut outcomes = outcomes.into_iter();
         for job in batch {
+            // Its client left while the batch ran: neither answered nor counted as scored.
+            if !self.is_live(&job) {
+                outcomes.by_ref().take(job.files.len()).for_each(drop);
+                continue;
+            }
             let results: Vec<FileOutcome> = job
                 .files
                 .iter()

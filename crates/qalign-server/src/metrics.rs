@@ -1,5 +1,5 @@
-//! Prometheus metrics of the server (`GET /metrics`), in text format: what an operator needs to
-//! size the deployment and to alert on it.
+//! Prometheus metrics of the server (`GET /metrics`), in the OpenMetrics text format: what an
+//! operator needs to size the deployment and to alert on it.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -94,7 +94,7 @@ impl Metrics {
         self.request_duration.observe(seconds);
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (ending with `# EOF`).
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -4,6 +4,7 @@
 //! against the file it belongs to.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,8 +19,13 @@ type Calls = Arc<Mutex<Vec<(usize, Vec<String>)>>>;
 
 struct Fake {
     levels: LevelSet,
+    /// Per call, before any file.
     delay: Duration,
+    /// Per file, before its outcome.
+    file_delay: Duration,
     calls: Calls,
+    /// Files it has scored (or failed), over all calls.
+    files_done: Arc<AtomicUsize>,
 }
 
 fn logits_of(byte: u8) -> Vec<f32> {
@@ -32,35 +38,46 @@ impl Backend for Fake {
         paths: &[PathBuf],
         queries: &[Query],
         _options: &ScoreOptions,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let names = queries.iter().map(|q| q.name().to_string()).collect();
         self.calls.lock().unwrap().push((paths.len(), names));
-        std::thread::sleep(self.delay);
-        Ok(paths
+        // Every file is read first, as the scorer decodes a batch ahead. The spool files of a
+        // client that has left are gone: they read as empty files.
+        let contents: Vec<Vec<u8>> = paths
             .iter()
-            .map(|path| {
-                let bytes = std::fs::read(path).unwrap();
-                match bytes.as_slice() {
-                    b"panic" => panic!("the fake was told to panic"),
-                    b"bad" | [] => Err(ScoreError::NoFrames),
-                    b"nan" => Err(ScoreError::NonFiniteOutput { value: f32::NAN }),
-                    _ => {
-                        let scores = queries
-                            .iter()
-                            .enumerate()
-                            .map(|(q, _)| {
-                                let logits = logits_of(bytes[0].wrapping_add(q as u8));
-                                LevelScores {
-                                    distribution: LevelDistribution::from_logits(&logits).unwrap(),
-                                    logits,
-                                }
-                            })
-                            .collect();
-                        Ok(Scored::Image(scores))
-                    }
+            .map(|path| std::fs::read(path).unwrap_or_default())
+            .collect();
+        std::thread::sleep(self.delay);
+        let mut outcomes = Vec::new();
+        for bytes in contents {
+            std::thread::sleep(self.file_delay);
+            let outcome = match bytes.as_slice() {
+                b"panic" => panic!("the fake was told to panic"),
+                b"bad" | [] => Err(ScoreError::NoFrames),
+                b"nan" => Err(ScoreError::NonFiniteOutput { value: f32::NAN }),
+                _ => {
+                    let scores = queries
+                        .iter()
+                        .enumerate()
+                        .map(|(q, _)| {
+                            let logits = logits_of(bytes[0].wrapping_add(q as u8));
+                            LevelScores {
+                                distribution: LevelDistribution::from_logits(&logits).unwrap(),
+                                logits,
+                            }
+                        })
+                        .collect();
+                    Ok(Scored::Image(scores))
                 }
-            })
-            .collect())
+            };
+            outcomes.push(outcome);
+            self.files_done.fetch_add(1, Ordering::SeqCst);
+            if !keep_going() {
+                break;
+            }
+        }
+        Ok(outcomes)
     }
 
     fn levels(&self) -> &LevelSet {
@@ -78,6 +95,7 @@ fn expected_score(byte: u8, q: u8) -> f64 {
 
 struct Options {
     delay: Duration,
+    file_delay: Duration,
     load_delay: Duration,
     fail_load: bool,
     max_batch_size: usize,
@@ -92,6 +110,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             delay: Duration::ZERO,
+            file_delay: Duration::ZERO,
             load_delay: Duration::ZERO,
             fail_load: false,
             max_batch_size: 8,
@@ -107,6 +126,7 @@ impl Default for Options {
 struct Server {
     url: String,
     calls: Calls,
+    files_done: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -114,10 +134,13 @@ struct Server {
 impl Server {
     async fn start(options: Options) -> Self {
         let calls: Calls = Arc::default();
+        let files_done = Arc::new(AtomicUsize::new(0));
         let fake = Fake {
             levels: LevelSet::itu(),
             delay: options.delay,
+            file_delay: options.file_delay,
             calls: Arc::clone(&calls),
+            files_done: Arc::clone(&files_done),
         };
         let config = ServerConfig {
             engine: EngineConfig {
@@ -158,6 +181,7 @@ impl Server {
         let server = Self {
             url,
             calls,
+            files_done,
             stop: Some(stop),
             done,
         };
@@ -188,6 +212,15 @@ impl Server {
 
     fn post(&self) -> reqwest::RequestBuilder {
         reqwest::Client::new().post(format!("{}/v1/score", self.url))
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -476,6 +509,15 @@ async fn the_api_key_guards_v1_only() {
         .await
         .unwrap();
     assert_eq!(right.status(), 200);
+    // The scheme is case-insensitive.
+    let lower = server
+        .post()
+        .header("authorization", "bearer s3cret")
+        .multipart(form(&[("a.png", &[1])], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
     let info: Value = reqwest::get(format!("{}/info", server.url))
         .await
         .unwrap()
@@ -560,11 +602,15 @@ async fn json_bodies_take_base64_with_names_and_report_bad_base64_per_item() {
     use base64::Engine as _;
     let server = Server::start(Options::default()).await;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let long = b64(&[40; 100]);
+    let wrapped = format!("{}\n{}\r\n", &long[..76], &long[76..]);
     let body = serde_json::json!({
         "images": [
             b64(&[20, 1]),
             {"name": "named.png", "data": format!("data:image/png;base64,{}", b64(&[30]))},
             "***",
+            // As `base64` without -w0 writes it: a line break every 76 characters.
+            wrapped,
         ],
         "task": "quality",
     });
@@ -584,6 +630,12 @@ async fn json_bodies_take_base64_with_names_and_report_bad_base64_per_item() {
     ));
     assert_eq!(results[2]["path"], "image-2");
     assert!(results[2]["error"].as_str().unwrap().contains("base64"));
+    assert_eq!(results[3]["path"], "image-3");
+    assert!(close(
+        results[3]["score"].as_f64().unwrap(),
+        expected_score(40, 0)
+    ));
+    assert_eq!(results.len(), 4);
     server.stop().await.unwrap();
 }
 
@@ -622,12 +674,13 @@ async fn metrics_and_openapi_describe_the_server() {
     let server = Server::start(Options::default()).await;
     let (status, _, _) = send(&server, &[("a.png", &[1]), ("b.png", &[2])], &[]).await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
+    let response = reqwest::get(format!("{}/metrics", server.url))
         .await
         .unwrap();
+    let openmetrics = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    assert_eq!(response.headers()["content-type"], openmetrics);
+    let metrics = response.text().await.unwrap();
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
     for needle in [
         "qalign_requests_total{status=\"200\"} 1",
         "qalign_images_scored_total 2",
@@ -643,6 +696,8 @@ async fn metrics_and_openapi_describe_the_server() {
         .json()
         .await
         .unwrap();
+    let content = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+    assert!(content[openmetrics].is_object(), "{content}");
     let post = &doc["paths"]["/v1/score"]["post"];
     assert!(post["requestBody"]["content"]["multipart/form-data"].is_object());
     assert!(post["requestBody"]["content"]["application/json"].is_object());
@@ -659,6 +714,219 @@ async fn metrics_and_openapi_describe_the_server() {
         let r = reqwest::get(format!("{}{page}", server.url)).await.unwrap();
         assert_eq!(r.status(), 200);
         assert!(r.text().await.unwrap().contains("<html"));
+    }
+    server.stop().await.unwrap();
+}
+
+/// Sends a whole request over a raw socket, as plain clients (Python's urllib) do: the full
+/// body first, then the answer. A server that answers without reading the body breaks the pipe.
+async fn raw_request(url: &str, head: &str, body: &[u8]) -> std::io::Result<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await?;
+    let head = format!(
+        "{head}\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_errors_read_the_upload_and_answer_json() {
+    let server = Server::start(Options {
+        max_body: 40 << 20,
+        ..Options::default()
+    })
+    .await;
+    let big = vec![b'x'; 70 << 20];
+    let (status, body) = raw_request(
+        &server.url,
+        "POST /v1/score HTTP/1.1\r\ncontent-type: multipart/form-data; boundary=XX",
+        &[
+            b"--XX\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n",
+            &big[..],
+        ]
+        .concat(),
+    )
+    .await
+    .expect("the 413 answer");
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    let small = &big[..30 << 20];
+    let (status, body) = raw_request(
+        &server.url,
+        "POST /v1/score HTTP/1.1\r\ncontent-type: text/plain",
+        small,
+    )
+    .await
+    .expect("the 415 answer");
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (415, Some("unsupported_media_type")),
+        "{body}"
+    );
+    let multipart = [
+        &b"--XX\r\ncontent-disposition: form-data; name=\"colour\"\r\n\r\nred\r\n"[..],
+        b"--XX\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n",
+        small,
+        b"\r\n--XX--\r\n",
+    ]
+    .concat();
+    let (status, body) = raw_request(
+        &server.url,
+        "POST /v1/score HTTP/1.1\r\ncontent-type: multipart/form-data; boundary=XX",
+        &multipart,
+    )
+    .await
+    .expect("the 400 answer");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("`colour`"),
+        "{body}"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_files_fail_before_the_files_are_stored() {
+    let server = Server::start(Options::default()).await;
+    // Five files then an unknown field: the count fails at the fifth file, before the field.
+    let five: Vec<(&str, &[u8])> = vec![("a.png", &[1]); 5];
+    let (status, body, _) = send(&server, &five, &[("colour", "red")]).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"],
+        "more than 4 files in one request; the limit is 4 (--max-client-batch-size)"
+    );
+    // 100,000 tiny files (0.7 MB of JSON) are counted, not written out one by one.
+    let started = std::time::Instant::now();
+    let images = vec!["AAAA"; 100_000];
+    let response = server
+        .post()
+        .json(&serde_json::json!({ "images": images }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "100000 files in one request; the limit is 4 (--max-client-batch-size)"
+    );
+    assert_eq!(body["error_type"], "validation");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.files_done.load(Ordering::SeqCst), 0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_gets_405_as_json_with_allow() {
+    let server = Server::start(Options::default()).await;
+    let client = reqwest::Client::new();
+    for (request, allow) in [
+        (client.get(format!("{}/v1/score", server.url)), "POST"),
+        (
+            client.post(format!("{}/health", server.url)).body("x"),
+            "GET,HEAD",
+        ),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()["allow"], allow);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error_type"], "method_not_allowed", "{body}");
+        assert!(body["error"].as_str().unwrap().contains("not allowed"));
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_stops_running_and_counts_as_dropped() {
+    let server = Server::start(Options {
+        file_delay: Duration::from_millis(200),
+        timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    let four: Vec<(&str, &[u8])> = vec![("a.png", &[1]); 4];
+    let (status, body, _) = send(&server, &four, &[]).await;
+    assert_eq!(status, 504, "{body}");
+    // Left alone, the engine would score all four files by 800 ms; it stops after the file it
+    // is on when the request times out (the second, at 400 ms).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let done = server.files_done.load(Ordering::SeqCst);
+    assert!((2..4).contains(&done), "{done} files scored");
+    let metrics = server.metrics().await;
+    for needle in [
+        "qalign_requests_total{status=\"504\"} 1",
+        "qalign_images_scored_total 0",
+        "qalign_dropped_jobs_total 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_a_running_batch_is_dropped_and_the_rest_answered() {
+    let server = Server::start(Options {
+        file_delay: Duration::from_millis(200),
+        max_wait: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    let stays = {
+        let url = server.url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form(&[("stays.png", &[5])], &[]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Joins the batch, which starts at 300 ms, and leaves during its first file.
+    let leaves = server
+        .post()
+        .timeout(Duration::from_millis(350))
+        .multipart(form(&[("a.png", &[6]), ("b.png", &[7])], &[]))
+        .send()
+        .await;
+    assert!(leaves.is_err());
+    assert_eq!(stays.await.unwrap(), 200);
+    let calls = server.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().map(|c| c.0).collect::<Vec<_>>(),
+        [3],
+        "{calls:?}"
+    );
+    let metrics = server.metrics().await;
+    for needle in [
+        "qalign_images_scored_total 1",
+        "qalign_dropped_jobs_total 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
     }
     server.stop().await.unwrap();
 }
