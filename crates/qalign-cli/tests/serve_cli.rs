@@ -168,26 +168,6 @@ fn answers_equal_qalign_score_for_images_and_video() {
     }
 }
 
-/// A valid PNG of 16384x16384 (above the pixel cap) in ~40 KB: 1-bit black rows.
-fn png_bomb() -> Vec<u8> {
-    use std::io::Write;
-    const SIDE: u32 = 16384;
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, SIDE, SIDE);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::One);
-    encoder.set_compression(png::Compression::High);
-    let mut writer = encoder.write_header().unwrap();
-    let mut stream = writer.stream_writer().unwrap();
-    let row = vec![0u8; SIDE as usize / 8];
-    for _ in 0..SIDE {
-        stream.write_all(&row).unwrap();
-    }
-    stream.finish().unwrap();
-    writer.finish().unwrap();
-    out
-}
-
 #[test]
 fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
     let server = ServeProcess::start(&["--max-body-mb", "1"]);
@@ -201,7 +181,7 @@ fn garbage_among_64_concurrent_requests_gets_4xx_and_never_5xx() {
         ("text.jpg".into(), b"this is not an image".to_vec()),
         ("empty.png".into(), Vec::new()),
         ("zeros.bin".into(), vec![0u8; 4096]),
-        ("bomb.png".into(), png_bomb()),
+        ("bomb.png".into(), common::png_bomb()),
     ];
     let rt = runtime();
     let answers = rt.block_on(async {
@@ -404,6 +384,26 @@ fn bad_flags_and_a_bad_model_fail_clearly() {
     cmd.args(["loadtest", "localhost:8080", "--images", "x.png"]);
     let run = common::run_expecting(&mut cmd, 2);
     assert!(run.stderr.contains("http://"), "{}", run.stderr);
+    // Nothing listening: every request fails, the report says so and the run exits 1.
+    let image = common::fixtures().join("images/boy_colorful.jpg");
+    let mut cmd = common::qalign();
+    cmd.args([
+        "loadtest",
+        "http://127.0.0.1:1",
+        "--requests",
+        "3",
+        "--images",
+    ])
+    .arg(&image);
+    let run = common::run_expecting(&mut cmd, 1);
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["ok"], 0);
+    assert_eq!(report["statuses"]["error"], 3);
+    assert!(
+        run.stderr.contains("no request succeeded"),
+        "{}",
+        run.stderr
+    );
     // A folder without a model: the server says so and exits 1.
     let empty = tempfile::tempdir().unwrap();
     let mut server = ServeProcess::spawn(empty.path(), &[]);

@@ -57,14 +57,15 @@ fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
             "0",
             "--max-grad-norm",
             "0",
-            "--lora-dropout",
-            "0",
             "--batch-size",
             "3",
         ])
         .arg("--log-json")
         .arg(log)
         .args(extra);
+    if !extra.contains(&"--lora-dropout") {
+        cmd.args(["--lora-dropout", "0"]);
+    }
     run_expecting(&mut cmd, 0)
 }
 
@@ -348,16 +349,37 @@ fn python_reads_our_pickle_as_torch_load_does() {
 
 #[test]
 fn resuming_from_a_checkpoint_continues_the_same_run() {
+    resume_continues_the_run("0");
+}
+
+/// LoRA dropout draws random masks: a resumed run draws the ones the uninterrupted run drew.
+#[test]
+fn resuming_with_dropout_draws_the_same_masks() {
+    resume_continues_the_run("0.3");
+}
+
+fn resume_continues_the_run(dropout: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
     train_fixture_bar(
         &straight,
         &tmp.path().join("a.jsonl"),
-        &["--max-steps", "3"],
+        &["--max-steps", "3", "--lora-dropout", dropout],
     );
     let split = tmp.path().join("split");
     let log = tmp.path().join("b.jsonl");
-    train_fixture_bar(&split, &log, &["--max-steps", "3", "--save-steps", "2"]);
+    train_fixture_bar(
+        &split,
+        &log,
+        &[
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "2",
+            "--lora-dropout",
+            dropout,
+        ],
+    );
     let checkpoint = split.join("checkpoint-2");
     for f in [
         "adapter_config.json",
@@ -371,7 +393,14 @@ fn resuming_from_a_checkpoint_continues_the_same_run() {
     let r = train_fixture_bar(
         &resumed,
         &log_c,
-        &["--max-steps", "3", "--resume", checkpoint.to_str().unwrap()],
+        &[
+            "--max-steps",
+            "3",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+            "--lora-dropout",
+            dropout,
+        ],
     );
     assert!(r.stderr.contains("step 3/3"), "{}", r.stderr);
     let a = adapter_tensors(&straight);
@@ -465,6 +494,21 @@ fn bad_training_input_is_named_and_nothing_is_written() {
         r.stderr
     );
 
+    // So is an image too large to decode (its header says 16384x16384).
+    let (tmp, data) = dataset(&serde_json::json!([item("huge.png".into(), q, a)]));
+    std::fs::write(tmp.path().join("huge.png"), common::png_bomb()).unwrap();
+    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
+    cmd.args(["--max-steps", "1"]);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(
+        r.stderr.contains("huge.png")
+            && r.stderr.contains("16384x16384 exceeds the limit")
+            && r.stderr.contains("sample 0"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
+
     // Unknown LoRA targets and bad settings.
     let (_tmp, data) = dataset(&serde_json::json!([item("boy_colorful.jpg".into(), q, a)]));
     let r = train_bad(&data, &["--lora-targets", "q_proj,no_such_proj"]);
@@ -480,6 +524,16 @@ fn bad_training_input_is_named_and_nothing_is_written() {
     let r = run_expecting(&mut cmd, 2);
     assert!(r.stderr.contains("--warmup-ratio"), "{}", r.stderr);
     assert!(!out.exists(), "nothing written");
+    let mut cmd = train_cmd(&data, &fixtures().join("images"), &out);
+    cmd.args(["--lora-targets", "q_proj,,v_proj.multiway.1"]);
+    let r = run_expecting(&mut cmd, 2);
+    assert!(r.stderr.contains("an empty LoRA target"), "{}", r.stderr);
+    // The default the help shows is one value --lora-targets takes back.
+    let help = run_expecting(qalign().args(["train", "--help"]), 0).stdout;
+    assert!(
+        help.contains("[default: self_attn.q_proj,self_attn.v_proj.multiway.1]"),
+        "{help}"
+    );
 }
 
 #[test]

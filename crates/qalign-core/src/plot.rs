@@ -109,9 +109,13 @@ pub fn draw_scatter(path: &Path, plot: &ScatterPlot<'_>) -> Result<(), PlotError
                 render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
                 area.present().map_err(|e| draw_error(e.to_string()))?;
             }
-            let file = std::fs::File::create(path).map_err(write_error)?;
-            encode_png(std::io::BufWriter::new(file), &rgb)
-                .map_err(|e| write_error(std::io::Error::other(e)))
+            // Atomically: a failed write keeps the previous plot rather than a truncated PNG.
+            crate::atomic::write_atomic(path, |file, _| {
+                let mut out = std::io::BufWriter::new(file);
+                encode_png(&mut out, &rgb).map_err(std::io::Error::other)?;
+                std::io::Write::flush(&mut out)
+            })
+            .map_err(write_error)
         }
         PlotFormat::Svg => {
             let mut svg = String::new();
@@ -120,7 +124,7 @@ pub fn draw_scatter(path: &Path, plot: &ScatterPlot<'_>) -> Result<(), PlotError
                 render(&area, plot).map_err(|e| draw_error(e.to_string()))?;
                 area.present().map_err(|e| draw_error(e.to_string()))?;
             }
-            std::fs::write(path, svg).map_err(write_error)
+            crate::atomic::write_bytes_atomic(path, svg.as_bytes()).map_err(write_error)
         }
     }
 }

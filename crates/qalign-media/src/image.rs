@@ -185,7 +185,8 @@ fn image_crate_failure(format: ImageFormat, err: ImageError) -> Failure {
 }
 
 /// The message for an image (`what` = "image") or video frame above [`MAX_PIXELS`].
-pub(crate) fn too_many_pixels(what: &str, width: u64, height: u64) -> String {
+/// The error text for `what` (an image, video frames) over [`MAX_PIXELS`].
+pub fn too_many_pixels(what: &str, width: u64, height: u64) -> String {
     format!("{what} too large: {width}x{height} exceeds the limit of {MAX_PIXELS} pixels")
 }
 

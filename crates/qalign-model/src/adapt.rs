@@ -381,6 +381,20 @@ impl Adaptation {
         })
     }
 
+    /// Draws the dropout masks of optimizer step `step` (1-based) from stream `step` of the seed's
+    /// generator, from its start: a step's masks then depend on the seed and the step alone, so
+    /// a run resumed from a checkpoint draws what the uninterrupted run drew. (Stream 0 is the
+    /// LoRA initialisation's.)
+    pub fn begin_step(&self, step: u64) -> Result<()> {
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| ModelError::input("adaptation lock poisoned"))?;
+        rng.set_stream(step);
+        rng.set_word_pos(0);
+        Ok(())
+    }
+
     /// Inverted dropout with probability `p` while training; `x` unchanged otherwise.
     pub fn lora_dropout(&self, x: &Tensor, p: f32) -> Result<Tensor> {
         if !self.is_training() || p <= 0.0 {

@@ -286,14 +286,22 @@ fn answer_level(answer: &str, words: &[String]) -> Option<String> {
     words.iter().find(|w| w.as_str() == last).cloned()
 }
 
-/// Reads only the image header: a file that is not an image at all is caught before training.
+/// Reads only the image header: a file that is not an image at all, or one too large to decode,
+/// is caught before training rather than at the step that reaches it.
 fn check_image_header(path: &Path) -> std::result::Result<(), String> {
-    image::ImageReader::open(path)
+    let (width, height) = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?
         .into_dimensions()
-        .map(|_| ())
-        .map_err(|e| format!("{} is not a readable image: {e}", path.display()))
+        .map_err(|e| format!("{} is not a readable image: {e}", path.display()))?;
+    if u64::from(width) * u64::from(height) > qalign_media::image::MAX_PIXELS {
+        return Err(format!(
+            "{}: {}",
+            path.display(),
+            qalign_media::image::too_many_pixels("image", width.into(), height.into())
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes and preprocesses the visual input of a sample: `[T, 3, S, S]` f32 values, row-major.

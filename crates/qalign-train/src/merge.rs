@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use qalign_model::adapter::Adapter;
-use qalign_model::{WeightFormat, WeightStore, Weights};
+use qalign_model::{ModelConfig, WeightFormat, WeightStore, Weights};
 
 use crate::error::Result;
 use crate::save;
@@ -21,15 +21,21 @@ pub struct MergeSummary {
     pub replaced_tensors: usize,
 }
 
-/// Merges `adapter_dir` into the checkpoint of `base_dir` and writes `out` (replaced atomically). Tensors
-/// keep their stored dtype unless `dtype` is given.
+/// Merges `adapter_dir` into the checkpoint of `base_dir` and writes `out` (replaced atomically; see
+/// [`save::check_output_folder`] for what it may already hold). Tensors keep their stored dtype unless
+/// `dtype` is given.
 pub fn merge_adapter(
     base_dir: &Path,
     adapter_dir: &Path,
     out: &Path,
     dtype: Option<DType>,
 ) -> Result<MergeSummary> {
-    save::refuse_replacing(out, base_dir, "the merged model")?;
+    const WHAT: &str = "the merged model";
+    // Before any work: the output folder, then a config that scoring would refuse (a checkpoint
+    // that cannot be loaded is no result).
+    save::refuse_model_folder(out, base_dir, WHAT)?;
+    save::check_output_folder(out, &save::CHECKPOINT_FILES, WHAT)?;
+    ModelConfig::from_file(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir)?;
     let adaptation = Arc::new(adapter.merged_adaptation());
     let store = Arc::new(WeightStore::open_dir(base_dir, WeightFormat::Auto)?);
@@ -50,7 +56,7 @@ pub fn merge_adapter(
         merged_modules: adapter.lora.len(),
         replaced_tensors: adapter.non_lora.len(),
     };
-    save::write_dir_atomic(out, |dir| {
+    save::write_dir_atomic(out, &save::CHECKPOINT_FILES, WHAT, |dir| {
         save::write_checkpoint(dir, &tensors, Some(base_dir))
     })?;
     Ok(summary)

@@ -12,8 +12,20 @@ use qalign_model::{GGUF_FILE, GgufSummary, LoadObserver, LoadOptions, OneAlignMo
 use crate::error::Result;
 use crate::save;
 
+/// The files a quantised folder may hold: `model.gguf` and the base's companion files.
+pub const QUANTIZED_FILES: [&str; 7] = [
+    GGUF_FILE,
+    save::CHECKPOINT_FILES[1],
+    save::CHECKPOINT_FILES[2],
+    save::CHECKPOINT_FILES[3],
+    save::CHECKPOINT_FILES[4],
+    save::CHECKPOINT_FILES[5],
+    save::CHECKPOINT_FILES[6],
+];
+
 /// Quantises the checkpoint of `base_dir` to `quant` (with `adapter_dir` merged first) and writes
-/// `out` (replaced atomically: a failure leaves no half-written folder). `source` is recorded in
+/// `out` (replaced atomically: a failure leaves no half-written folder; see
+/// [`save::check_output_folder`] for what it may already hold). `source` is recorded in
 /// the file's metadata (the model id or folder the user named); `on_progress` hears the layers as
 /// they are read and quantised.
 pub fn quantize_dir(
@@ -24,7 +36,9 @@ pub fn quantize_dir(
     source: &str,
     on_progress: Option<LoadObserver>,
 ) -> Result<GgufSummary> {
-    save::refuse_replacing(out, base_dir, "the quantised model")?;
+    const WHAT: &str = "the quantised model";
+    save::refuse_model_folder(out, base_dir, WHAT)?;
+    save::check_output_folder(out, &QUANTIZED_FILES, WHAT)?;
     let adaptation = match adapter_dir {
         Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
         None => None,
@@ -35,7 +49,7 @@ pub fn quantize_dir(
         ..LoadOptions::default()
     };
     let mut summary = None;
-    save::write_dir_atomic(out, |dir| {
+    save::write_dir_atomic(out, &QUANTIZED_FILES, WHAT, |dir| {
         save::copy_companions(base_dir, dir)?;
         summary = Some(OneAlignModel::write_quantized(
             base_dir, &opts, quant, dir, source,

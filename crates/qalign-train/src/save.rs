@@ -17,7 +17,7 @@ use crate::error::{Result, TrainError};
 use crate::torch_pickle::{StorageDtype, TensorEntry, save_state_dict};
 
 /// Model-folder files copied next to trained weights so the folder is self-describing.
-const COMPANION_FILES: [&str; 6] = [
+pub const COMPANION_FILES: [&str; 6] = [
     "config.json",
     "preprocessor_config.json",
     "generation_config.json",
@@ -38,8 +38,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     qalign_core::atomic::write_bytes_atomic(path, bytes).map_err(write_err(path))
 }
 
+/// candle writes the file by path (its own owner-only temporary file renamed over `tmp`);
+/// [`qalign_core::atomic::write_atomic`] then gives it an ordinary mode and syncs it.
 fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     qalign_core::atomic::write_atomic(path, |_, tmp| {
+        // For a device or pipe, `tmp` is the destination itself, which candle would replace.
+        if !std::fs::metadata(tmp)?.is_file() {
+            return Err(std::io::Error::other(
+                "not a regular file (safetensors are only written to files)",
+            ));
+        }
         candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
     })
     .map_err(write_err(path))
@@ -189,22 +197,123 @@ fn resolved(path: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
-/// Refuses an output folder that is the input model folder (which [`write_dir_atomic`] would
-/// replace); `what` names the output in the message.
-pub fn refuse_replacing(out: &Path, model_dir: &Path, what: &str) -> Result<()> {
-    if resolved(out).is_some_and(|o| Some(o) == resolved(model_dir)) {
+/// Refuses an output folder that is the model folder or contains it (writing there would replace
+/// or mix with the model the command reads); `what` names the output in the message. The one
+/// check of this kind, shared by `train`, `merge` and `quantize`.
+pub fn refuse_model_folder(out: &Path, model_dir: &Path, what: &str) -> Result<()> {
+    let (Some(out_real), Some(model_real)) = (resolved(out), resolved(model_dir)) else {
+        return Ok(());
+    };
+    if out_real == model_real {
         return Err(TrainError::Overwrite(format!(
             "the output folder {} is the model folder; write {what} elsewhere",
             out.display()
         )));
     }
+    if model_real.starts_with(&out_real) {
+        return Err(TrainError::Overwrite(format!(
+            "the output folder {} contains the model folder {}; write {what} elsewhere",
+            out.display(),
+            model_dir.display()
+        )));
+    }
     Ok(())
 }
 
-/// Builds a folder under a temporary name next to `dest` with `fill`, then renames it to `dest`
-/// (replacing an older one).
-pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
+/// The files a checkpoint folder written by [`write_checkpoint`] may hold (`qalign merge`).
+pub const CHECKPOINT_FILES: [&str; 7] = [
+    "model.safetensors",
+    COMPANION_FILES[0],
+    COMPANION_FILES[1],
+    COMPANION_FILES[2],
+    COMPANION_FILES[3],
+    COMPANION_FILES[4],
+    COMPANION_FILES[5],
+];
+
+/// Checks that `out` may be replaced by a folder holding only `own` (file names) through
+/// [`write_dir_atomic`]: it must not exist, or be a folder that is empty or holds nothing but
+/// files named in `own` (what an earlier run of the same command wrote). Anything else is
+/// refused before any work, since replacing the folder would delete it.
+pub fn check_output_folder(out: &Path, own: &[&str], what: &str) -> Result<()> {
+    let meta = match std::fs::metadata(out) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A dangling link would be replaced by the folder: refuse it too.
+            if std::fs::symlink_metadata(out).is_ok() {
+                return Err(TrainError::Overwrite(format!(
+                    "the output {} is a broken symbolic link; write {what} to a new or empty folder",
+                    out.display()
+                )));
+            }
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(TrainError::Io {
+                path: out.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(TrainError::Overwrite(format!(
+            "the output {} exists and is not a folder; write {what} to a new or empty folder",
+            out.display()
+        )));
+    }
+    let io_err = |source| TrainError::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name();
+        let is_dir = entry.file_type().map_err(io_err)?.is_dir();
+        // A folder is never ours, even under one of our file names.
+        if is_dir || !own.iter().any(|o| name == *o) {
+            foreign.push(name.to_string_lossy().into_owned());
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    const SHOWN: usize = 3;
+    let mut list = foreign[..foreign.len().min(SHOWN)].join(", ");
+    if foreign.len() > SHOWN {
+        list.push_str(&format!(" and {} more", foreign.len() - SHOWN));
+    }
+    Err(TrainError::Overwrite(format!(
+        "the output folder {} is not empty and holds files that {what} does not write ({list}); \
+         it would be replaced, so write to a new or empty folder",
+        out.display()
+    )))
+}
+
+/// Builds a folder under a temporary name next to `dest` with `fill`, then renames it to `dest`,
+/// replacing an older one only if [`check_output_folder`] accepts it for `own` and `what`, both
+/// before the work and again just before the swap (so nothing added meanwhile is deleted). A
+/// `dest` that is a symbolic link to a folder replaces the folder it points to, so the link stays.
+pub fn write_dir_atomic(
+    dest: &Path,
+    own: &[&str],
+    what: &str,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    check_output_folder(dest, own, what)?;
+    let linked;
+    let dest = match std::fs::symlink_metadata(dest) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            linked = dest.canonicalize().map_err(write_err(dest))?;
+            linked.as_path()
+        }
+        _ => dest,
+    };
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     std::fs::create_dir_all(parent).map_err(write_err(parent))?;
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
@@ -218,6 +327,7 @@ pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
             .map_err(write_err(dest))?;
     }
     // An older folder is moved aside first and deleted only once the new one is in place.
+    check_output_folder(dest, own, what)?;
     let old = if dest.exists() {
         let aside = tempfile::Builder::new()
             .prefix(".old-")
@@ -247,4 +357,68 @@ pub fn write_optimizer(dir: &Path, state: &HashMap<String, Tensor>) -> Result<()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     save_safetensors(&dir.join("optimizer.safetensors"), &cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_folder_replaces_only_what_the_same_output_wrote() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let own = ["a.bin", "b.json"];
+        let write = |bytes: &'static [u8]| {
+            write_dir_atomic(&out, &own, "the test output", |dir| {
+                write_atomic(&dir.join("a.bin"), bytes)
+            })
+        };
+        write(b"1").unwrap();
+        std::fs::write(out.join("b.json"), "{}").unwrap();
+        write(b"2").unwrap();
+        assert_eq!(names(&out), ["a.bin"]);
+        assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"2");
+        // A file that appears while the new folder is being built is not deleted.
+        let err = write_dir_atomic(&out, &own, "the test output", |dir| {
+            std::fs::write(out.join("notes.txt"), "mine").unwrap();
+            write_atomic(&dir.join("a.bin"), b"3")
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("(notes.txt)"), "{err}");
+        assert_eq!(names(&out), ["a.bin", "notes.txt"]);
+        assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"2");
+        assert_eq!(names(tmp.path()), ["out"], "no temporary folder left");
+    }
+
+    #[test]
+    fn the_model_folder_and_its_ancestors_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("models/base");
+        std::fs::create_dir_all(&model).unwrap();
+        for out in [
+            model.clone(),
+            model.join("."),
+            tmp.path().join("models"),
+            tmp.path().to_owned(),
+        ] {
+            let err = refuse_model_folder(&out, &model, "it").unwrap_err();
+            assert!(err.to_string().contains("model folder"), "{err}");
+        }
+        for out in [
+            model.join("lora"),
+            tmp.path().join("models/base2"),
+            tmp.path().join("elsewhere/x"),
+        ] {
+            refuse_model_folder(&out, &model, "it").unwrap();
+        }
+    }
 }

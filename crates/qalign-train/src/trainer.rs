@@ -11,7 +11,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use qalign_core::LevelSet;
 use qalign_media::{PreprocessConfig, SamplingOptions};
-use qalign_model::adapter::{Adapter, AdapterConfig};
+use qalign_model::adapter::{
+    ADAPTER_CONFIG, ADAPTER_SAFETENSORS, Adapter, AdapterConfig, NON_LORA_TRAINABLES,
+};
 use qalign_model::scorer::{folder_preprocess, folder_tokenizer};
 use qalign_model::{
     Adaptation, LoadOptions, ModelConfig, OneAlignModel, Param, Trainable, TrainingSample,
@@ -81,6 +83,8 @@ pub struct TrainConfig {
     pub seed: u64,
     pub save_steps: Option<usize>,
     pub resume: Option<PathBuf>,
+    /// One JSON line per optimizer step. The file is started afresh by each run (with `resume`,
+    /// rewritten with the checkpoint's log), so it always holds exactly this run's steps.
     pub log_json: Option<PathBuf>,
     pub device: Device,
     pub dtype: DType,
@@ -179,6 +183,21 @@ struct TrainerState {
 const STATE_FILE: &str = "trainer_state.json";
 const TRAINING_LOG: &str = "training_log.jsonl";
 
+/// The files a checkpoint-N folder may hold (an older one of the same name is replaced).
+fn checkpoint_files() -> Vec<&'static str> {
+    let mut files = vec![
+        ADAPTER_CONFIG,
+        ADAPTER_SAFETENSORS,
+        NON_LORA_TRAINABLES,
+        "model.safetensors",
+        "optimizer.safetensors",
+        TRAINING_LOG,
+        STATE_FILE,
+    ];
+    files.extend(save::COMPANION_FILES);
+    files
+}
+
 /// Called after every optimizer step.
 pub type Progress<'a> = &'a mut dyn FnMut(&StepLog, usize);
 
@@ -239,6 +258,8 @@ impl Trainer {
     /// Reads the data, loads the model with its trainable tensors, and checks everything.
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.check()?;
+        // Before anything is read: a full run would write model.safetensors over the base's.
+        save::refuse_model_folder(&config.output, &config.model_dir, "the training output")?;
         let dir = &config.model_dir;
         let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
         let (tokenizer, _) = folder_tokenizer(dir)?;
@@ -478,6 +499,11 @@ impl Trainer {
                 let order = self.epoch_order(epoch);
                 let ids = &order[in_epoch * bs..((in_epoch + 1) * bs).min(order.len())];
                 let samples: Vec<&Sample> = ids.iter().map(|&i| &self.dataset.samples[i]).collect();
+                // A step's dropout masks depend on the seed and the step alone, so a resumed run
+                // draws what the uninterrupted one drew.
+                if in_epoch.is_multiple_of(self.config.grad_accum) {
+                    self.adaptation.begin_step(state.global_step as u64 + 1)?;
+                }
                 let loss = self.micro_loss(&samples)?;
                 let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
                 if !value.is_finite() {
@@ -619,7 +645,7 @@ impl Trainer {
             .config
             .output
             .join(format!("checkpoint-{}", state.global_step));
-        save::write_dir_atomic(&dest, |dir| {
+        save::write_dir_atomic(&dest, &checkpoint_files(), "a checkpoint", |dir| {
             self.write_weights(dir, opt)?;
             save::write_optimizer(dir, &opt.state())?;
             save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;

@@ -1,7 +1,7 @@
 //! `qalign quantize`: writes a pre-quantised copy of a model (GGUF) that `--model` loads directly,
 //! so quantised scoring skips the quantisation at every start.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -21,13 +21,23 @@ pub struct Args {
     /// A LoRA adapter folder, merged into the base before quantising.
     #[arg(long, value_name = "DIR")]
     lora: Option<PathBuf>,
-    /// Output folder: model.gguf with the base's config, tokenizer and preprocessor files
-    /// (replaced atomically; never the model folder itself).
+    /// Output folder: model.gguf with the base's config, tokenizer and preprocessor files. New,
+    /// empty, or from an earlier quantize (replaced atomically; never the model folder or a folder
+    /// containing it, nor one holding other files).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    // Before a hub model is downloaded (a local model folder is checked as named here, and
+    // again once resolved).
+    let what = "the quantised model";
+    qalign_train::save::refuse_model_folder(&args.out, Path::new(&args.base.model), what)?;
+    qalign_train::save::check_output_folder(
+        &args.out,
+        &qalign_train::quantize::QUANTIZED_FILES,
+        what,
+    )?;
     let base = args.base.resolve()?;
     let started = Instant::now();
     eprintln!(

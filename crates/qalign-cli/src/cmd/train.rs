@@ -2,7 +2,7 @@
 //! its base). Flags become a validated [`TrainConfig`]; the loop, the optimizer and the output formats
 //! live in `qalign-train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -41,7 +41,8 @@ pub struct Args {
     /// Folder the `image` paths of the JSON are relative to.
     #[arg(long, value_name = "DIR", default_value = ".")]
     image_folder: PathBuf,
-    /// Where the adapter (or, with --full, the checkpoint) and checkpoint-N folders go.
+    /// Where the adapter (or, with --full, the checkpoint) and checkpoint-N folders go (never the
+    /// model folder or a folder containing it).
     #[arg(long, value_name = "DIR")]
     output: PathBuf,
     /// LoRA on the LLM plus the whole visual abstractor (the official recipe; the default).
@@ -63,11 +64,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0.05, value_parser = flags::dropout, allow_negative_numbers = true)]
     lora_dropout: f32,
     /// Comma-separated LoRA targets: module names or suffixes such as q_proj, v_proj.multiway.1, o_proj.
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LORA_TARGETS.map(String::from))]
+    #[arg(long, value_delimiter = ',', default_value = default_lora_targets(), value_parser = lora_target)]
     lora_targets: Vec<String>,
     /// Peak learning rate (default 2e-4 with LoRA, 2e-5 with --full).
     #[arg(long, value_parser = flags::non_negative, allow_negative_numbers = true)]
     lr: Option<f64>,
+    /// How the learning rate falls after the warm-up: cosine, linear or constant.
     #[arg(long, default_value = "cosine", value_parser = parse_schedule)]
     lr_schedule: Schedule,
     /// Fraction of the steps spent warming up linearly from 0.
@@ -85,6 +87,7 @@ pub struct Args {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     grad_accum: u64,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100000))]
     epochs: u64,
     /// Stop after this many optimizer steps (overrides --epochs).
@@ -99,7 +102,8 @@ pub struct Args {
     /// Continue from a checkpoint-N folder of an earlier run with the same settings.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
-    /// Also append one JSON object per optimizer step to this file.
+    /// Also write one JSON object per optimizer step to this file, a line as each step ends. An
+    /// existing file is replaced when the run starts (with --resume, by the checkpoint's log).
     #[arg(long, value_name = "FILE")]
     log_json: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
@@ -122,6 +126,21 @@ pub struct Args {
     /// Build the base with random weights of the folder's config.json (for benchmarks only).
     #[arg(long, hide = true)]
     random_weights: bool,
+}
+
+/// The default targets as `--lora-targets` takes them (comma-separated), so that the default the
+/// help shows can be passed back.
+fn default_lora_targets() -> &'static str {
+    static JOINED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JOINED.get_or_init(|| DEFAULT_LORA_TARGETS.join(","))
+}
+
+fn lora_target(s: &str) -> std::result::Result<String, String> {
+    let target = s.trim();
+    if target.is_empty() {
+        return Err("an empty LoRA target (two commas in a row?)".into());
+    }
+    Ok(target.to_string())
 }
 
 fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {
@@ -253,7 +272,8 @@ pub struct MergeArgs {
     /// The LoRA adapter folder.
     #[arg(long, value_name = "DIR")]
     lora: PathBuf,
-    /// Output folder (replaced atomically).
+    /// Output folder: new, empty, or from an earlier merge (replaced atomically; never the model
+    /// folder or a folder containing it, nor one holding other files).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Store every tensor in this dtype (default: each tensor's dtype in the base).
@@ -262,6 +282,15 @@ pub struct MergeArgs {
 }
 
 pub fn run_merge(args: MergeArgs) -> Result<ExitCode> {
+    // Before a hub model is downloaded (a local model folder is checked as named here, and
+    // again once resolved).
+    let what = "the merged model";
+    qalign_train::save::refuse_model_folder(&args.out, Path::new(&args.base.model), what)?;
+    qalign_train::save::check_output_folder(
+        &args.out,
+        &qalign_train::save::CHECKPOINT_FILES,
+        what,
+    )?;
     let base = args.base.resolve()?;
     let dtype = args.dtype.map(|d| match d {
         DtypeArg::F32 => DType::F32,

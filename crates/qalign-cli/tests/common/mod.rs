@@ -247,3 +247,23 @@ pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
     std::fs::copy(src, &dst).unwrap();
     dst
 }
+
+/// A valid PNG of 16384x16384 (above the pixel cap) in ~40 KB: 1-bit black rows.
+pub fn png_bomb() -> Vec<u8> {
+    use std::io::Write;
+    const SIDE: u32 = 16384;
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, SIDE, SIDE);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::One);
+    encoder.set_compression(png::Compression::High);
+    let mut writer = encoder.write_header().unwrap();
+    let mut stream = writer.stream_writer().unwrap();
+    let row = vec![0u8; SIDE as usize / 8];
+    for _ in 0..SIDE {
+        stream.write_all(&row).unwrap();
+    }
+    stream.finish().unwrap();
+    writer.finish().unwrap();
+    out
+}
