@@ -120,10 +120,27 @@ fn identity(path: &Path) -> PathBuf {
     }
 }
 
-/// Expand arguments into files; `-` (stdin) is kept as it is. A missing file or a glob with no match is an error: a typo
-/// should not silently score nothing. A file reached more than once is listed once, with a
-/// warning on stderr naming the repeats.
+/// What [`expand_entries`] does with a path that does not exist.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// An error: a typo on the command line should not silently score nothing.
+    Refuse,
+    /// Kept as a file, which then fails alone (skipped, exit code 3): one vanished file in a
+    /// manifest of millions should not stop the job, nor shift every later input's shard.
+    Keep,
+}
+
+/// Expand command-line arguments into files; see [`expand_entries`].
 pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
+    expand_entries(args.iter().map(|arg| (Path::new(arg), Missing::Refuse)))
+}
+
+/// Expand entries into files; `-` (stdin) is kept as it is. A glob with no match is an error, a
+/// missing file as its [`Missing`] says. A file reached more than once is listed once, with a
+/// warning on stderr naming the repeats.
+pub fn expand_entries<'a>(
+    entries: impl IntoIterator<Item = (&'a Path, Missing)>,
+) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut duplicates: Vec<PathBuf> = Vec::new();
@@ -135,8 +152,10 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
             duplicates.push(p);
         }
     };
-    for arg in args {
-        let path = Path::new(arg);
+    for (path, missing) in entries {
+        // A name that is not UTF-8 is taken as it is: it cannot be a glob.
+        let glob = path.to_str().filter(|arg| has_glob_chars(arg));
+        let arg = path.display();
         if crate::stdin::is_stdin(path) {
             push(path.to_path_buf(), &mut out);
         } else if path.is_dir() {
@@ -149,14 +168,16 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
             }
         } else if path.exists() {
             push(path.to_path_buf(), &mut out);
-        } else if has_glob_chars(arg) {
-            let found = glob_files(arg)?;
+        } else if let Some(glob) = glob {
+            let found = glob_files(glob)?;
             if found.is_empty() {
                 bail!("no file matches `{arg}`");
             }
             for p in found {
                 push(p, &mut out);
             }
+        } else if missing == Missing::Keep {
+            push(path.to_path_buf(), &mut out);
         } else if is_dangling_link(path) {
             bail!("{arg}: broken symbolic link");
         } else {

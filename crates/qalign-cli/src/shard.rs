@@ -61,36 +61,45 @@ pub fn read_manifest(path: &Path) -> Result<Vec<String>> {
     Ok(entries)
 }
 
+/// What a record answers, as far as resuming goes: its task, the custom question if any, and
+/// the scale. A rerun that asks something else (another task, question or scale) scores anew,
+/// and leaves the records it did not ask for where they are.
+pub fn record_kind(task: &str, question: Option<&str>, scale: &str) -> String {
+    match question {
+        Some(question) => format!("{task} {scale} {question:?}"),
+        None => format!("{task} {scale}"),
+    }
+}
+
 /// A JSONL output file that a rerun resumes.
 pub struct ResumableOut {
     path: PathBuf,
     file: File,
-    /// Inputs with a record for every task asked.
+    /// Inputs with a record for every kind asked.
     pub done: HashSet<String>,
 }
 
 impl ResumableOut {
-    /// Opens `path` for appending. Records already there count as done when their input has one
-    /// for each of `tasks`; an input with only some, or a last line cut off, is dropped from the
-    /// file (rewritten atomically) so that it is scored again.
-    pub fn open(path: &Path, tasks: &[&str]) -> Result<Self> {
+    /// Opens `path` for appending. An input counts as done when it has a record of each of
+    /// `kinds` ([`record_kind`]). Records of an input with only some of them, and a last line cut
+    /// off, are dropped from the file (rewritten atomically) so that the input is scored again;
+    /// records of other kinds are kept as they are. Only a regular file is read back: a device
+    /// or a pipe (`/dev/stdout`) is written to and never resumed.
+    pub fn open(path: &Path, kinds: &[String]) -> Result<Self> {
         let mut done = HashSet::new();
-        if path.exists() {
-            let (complete, lines, dropped) = read_records(path, tasks)?;
-            if dropped > 0 {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            let records = read_records(path, kinds)?;
+            if records.dropped > 0 {
                 eprintln!(
-                    "{}: dropping {dropped} incomplete record line(s) (an interrupted run); their inputs are scored again",
-                    path.display()
+                    "{}: dropping {} record line(s) of inputs scored only in part (an interrupted run, or one that asked fewer tasks); they are scored again",
+                    path.display(),
+                    records.dropped
                 );
-                let kept: String = lines
-                    .into_iter()
-                    .filter(|(p, _)| complete.contains(p))
-                    .map(|(_, l)| l + "\n")
-                    .collect();
+                let kept: String = records.kept.into_iter().map(|l| l + "\n").collect();
                 qalign_core::atomic::write_bytes_atomic(path, kept.as_bytes())
                     .with_context(|| format!("cannot rewrite {}", path.display()))?;
             }
-            done = complete;
+            done = records.complete;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -113,15 +122,22 @@ impl ResumableOut {
     }
 }
 
-/// The inputs of `path` with a record for every task, every complete line with its input, and
-/// how many lines do not count (a cut-off last line, records of incomplete inputs).
-type Records = (HashSet<String>, Vec<(String, String)>, usize);
+/// What an earlier run left in an output file.
+struct Records {
+    /// Inputs with a record of every kind asked.
+    complete: HashSet<String>,
+    /// The lines to keep, in order: those of complete inputs and those of other kinds.
+    kept: Vec<String>,
+    /// Lines that do not count: a cut-off last line, records of inputs scored in part.
+    dropped: usize,
+}
 
-fn read_records(path: &Path, tasks: &[&str]) -> Result<Records> {
+fn read_records(path: &Path, kinds: &[String]) -> Result<Records> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let text = String::from_utf8_lossy(&bytes);
-    let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
-    let mut lines = Vec::new();
+    let mut seen: HashMap<String, HashSet<&String>> = HashMap::new();
+    // Each line with the input it scored when it is of a kind asked.
+    let mut lines: Vec<(Option<String>, &str)> = Vec::new();
     let mut dropped = 0;
     let ends_complete = text.ends_with('\n');
     let all: Vec<&str> = text.lines().collect();
@@ -149,18 +165,34 @@ fn read_records(path: &Path, tasks: &[&str]) -> Result<Records> {
                 n + 1
             );
         };
-        seen.entry(input.to_owned())
-            .or_default()
-            .insert(task.to_owned());
-        lines.push((input.to_owned(), (*line).to_owned()));
+        let kind = record_kind(
+            task,
+            record["question"].as_str(),
+            record["scale"].as_str().unwrap_or("1-5"),
+        );
+        let asked = kinds.iter().find(|k| **k == kind);
+        if let Some(asked) = asked {
+            seen.entry(input.to_owned()).or_default().insert(asked);
+        }
+        lines.push((asked.map(|_| input.to_owned()), line));
     }
     let complete: HashSet<String> = seen
         .into_iter()
-        .filter(|(_, got)| tasks.iter().all(|t| got.contains(*t)))
+        .filter(|(_, got)| got.len() == kinds.len())
         .map(|(p, _)| p)
         .collect();
-    dropped += lines.iter().filter(|(p, _)| !complete.contains(p)).count();
-    Ok((complete, lines, dropped))
+    let mut kept = Vec::with_capacity(lines.len());
+    for (input, line) in lines {
+        match input {
+            Some(input) if !complete.contains(&input) => dropped += 1,
+            _ => kept.push(line.to_owned()),
+        }
+    }
+    Ok(Records {
+        complete,
+        kept,
+        dropped,
+    })
 }
 
 #[cfg(test)]
@@ -186,6 +218,10 @@ mod tests {
         }
     }
 
+    fn kinds(tasks: &[&str]) -> Vec<String> {
+        tasks.iter().map(|t| record_kind(t, None, "1-5")).collect()
+    }
+
     #[test]
     fn a_cut_record_and_incomplete_inputs_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -196,12 +232,61 @@ mod tests {
              {\"path\":\"b\",\"task\":\"quality\"}\n{\"path\":\"b\",\"ta",
         )
         .unwrap();
-        let out = ResumableOut::open(&path, &["quality", "aesthetics"]).unwrap();
+        let out = ResumableOut::open(&path, &kinds(&["quality", "aesthetics"])).unwrap();
         assert_eq!(out.done, HashSet::from(["a".to_string()]));
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.ends_with('\n'));
         std::fs::write(&path, "not json\n{}\n").unwrap();
-        assert!(ResumableOut::open(&path, &["quality"]).is_err());
+        assert!(ResumableOut::open(&path, &kinds(&["quality"])).is_err());
+    }
+
+    #[test]
+    fn records_of_other_tasks_questions_and_scales_are_kept_and_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let earlier = [
+            r#"{"path":"a","task":"quality","scale":"1-5"}"#,
+            r#"{"path":"a","task":"custom","question":"How sharp?","scale":"1-5"}"#,
+            r#"{"path":"b","task":"quality","scale":"0-1"}"#,
+            r#"{"path":"c","task":"aesthetics","scale":"1-5"}"#,
+        ];
+        std::fs::write(&path, earlier.join("\n") + "\n").unwrap();
+        // Another task: nothing is done, nothing is dropped.
+        let out = ResumableOut::open(&path, &kinds(&["aesthetics"])).unwrap();
+        assert_eq!(out.done, HashSet::from(["c".to_string()]));
+        drop(out);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            earlier.join("\n") + "\n"
+        );
+        // Another question, or another scale, is not the one answered.
+        let noisy = [record_kind("custom", Some("How noisy?"), "1-5")];
+        assert!(ResumableOut::open(&path, &noisy).unwrap().done.is_empty());
+        let sharp = [record_kind("custom", Some("How sharp?"), "1-5")];
+        let out = ResumableOut::open(&path, &sharp).unwrap();
+        assert_eq!(out.done, HashSet::from(["a".to_string()]));
+        drop(out);
+        let on_0_1 = [record_kind("quality", None, "0-1")];
+        let out = ResumableOut::open(&path, &on_0_1).unwrap();
+        assert_eq!(out.done, HashSet::from(["b".to_string()]));
+        drop(out);
+        // Quality and aesthetics: a and c hold one each; only those two lines go.
+        let out = ResumableOut::open(&path, &kinds(&["quality", "aesthetics"])).unwrap();
+        assert!(out.done.is_empty());
+        drop(out);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            [earlier[1], earlier[2]].join("\n") + "\n"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_device_is_written_to_and_never_read_back() {
+        let out = ResumableOut::open(Path::new("/dev/null"), &kinds(&["quality"])).unwrap();
+        assert!(out.done.is_empty());
+        let mut out = out;
+        out.append("{}\n").unwrap();
     }
 }

@@ -430,3 +430,64 @@ fn extreme_magnitudes_give_the_plain_numbers() {
         assert!((a - b).abs() < 1e-9, "logistic PLCC at ×{k}: {b} vs {a}");
     }
 }
+
+/// `qalign score --task all` writes a quality and an aesthetics record per path: `--task` picks
+/// one, and without it the mixed file is refused rather than half of it silently dropped.
+#[test]
+fn task_picks_one_of_several_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = std::fs::read_to_string(livec_predictions(dir.path())).unwrap();
+    let mut both = String::new();
+    for line in single.lines() {
+        let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+        record["task"] = "quality".into();
+        both += &format!("{record}\n");
+        record["task"] = "aesthetics".into();
+        record["score"] = (-record["score"].as_f64().unwrap()).into();
+        both += &format!("{record}\n");
+    }
+    let pred = write(dir.path(), "both.jsonl", &both);
+    let srcc = |task: &str| {
+        let output = qalign()
+            .arg("eval")
+            .arg("--pred")
+            .arg(&pred)
+            .arg("--labels")
+            .arg(labels("livec.json"))
+            .args(["--format", "json", "--bootstrap", "0", "--task", task])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let v: serde_json::Value = serde_json::from_slice(&output).unwrap();
+        assert_eq!(v["n"], 1165, "{task}");
+        v["srcc"].as_f64().unwrap()
+    };
+    // The same pairs as json_output_joins_and_reports_unmatched, and their mirror image.
+    assert!((srcc("quality") - 0.7830676762705022).abs() <= 1e-9);
+    assert!((srcc("aesthetics") + 0.7830676762705022).abs() <= 1e-9);
+    qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--labels")
+        .arg(labels("livec.json"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "holds predictions of several tasks (aesthetics: 1166, quality: 1166); choose one with --task",
+        ));
+    qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--labels")
+        .arg(labels("livec.json"))
+        .args(["--task", "custom"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "holds no prediction of task `custom`",
+        ));
+}

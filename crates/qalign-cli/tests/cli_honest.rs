@@ -157,6 +157,31 @@ fn csv_output_parses_back_with_odd_paths() {
     }
 }
 
+/// A file name that is not UTF-8 (Latin-1 `café.png`) is scored when named on the command line,
+/// as it is when its folder is; the record shows the name with U+FFFD for the odd byte.
+#[cfg(unix)]
+#[test]
+fn a_name_that_is_not_utf8_is_scored() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.png");
+    let path = tmp.path().join(name);
+    std::fs::copy(images_dir().join("synth_portrait_120x333_gray.png"), &path).unwrap();
+    let r = run_expecting(score().arg(&path).args(["--format", "jsonl"]), 0);
+    let record: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(
+        record["path"].as_str().unwrap(),
+        format!("{}/caf\u{fffd}.png", tmp.path().display())
+    );
+    let e = expected_task("synth_portrait_120x333_gray.png", "quality");
+    assert_close(
+        num(&record["score"]),
+        num(&e["score15"]),
+        TOL_SCORE15,
+        "score",
+    );
+}
+
 /// `score --format jsonl` run in `cwd`: (exit code, scored paths, stderr).
 fn score_in(cwd: &Path, args: &[&str]) -> (i32, Vec<String>, String) {
     let r = run(score()

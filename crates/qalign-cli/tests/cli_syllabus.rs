@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+#[cfg(unix)]
+use std::os::unix::fs::FileTypeExt;
+
 use assert_cmd::Command;
 use predicates::prelude::*;
 
@@ -414,4 +417,106 @@ fn extreme_magnitudes_and_the_undefined_reason() {
         one["undefined"],
         format!("all {n} items got the same level").as_str()
     );
+}
+
+/// A `--report-json` that cannot be written fails the run before the SFT JSON is written, so no
+/// finished-looking output is left behind.
+#[test]
+fn an_unwritable_report_leaves_no_sft_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sft.json");
+    qalign()
+        .arg("syllabus")
+        .arg(labels("train_koniq.json"))
+        .args(["--task", "quality", "--input", "image"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--report-json")
+        .arg(dir.path().join("missing-folder/report.json"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("missing-folder"));
+    assert!(!out.exists());
+}
+
+/// A FIFO as the output is written into, not opened for reading first (which would wait for a
+/// writer forever).
+#[cfg(unix)]
+#[test]
+fn a_fifo_output_is_written_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("sft.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    qalign()
+        .arg("syllabus")
+        .arg(labels("livec.json"))
+        .args(["--task", "quality", "--input", "image"])
+        .arg("--out")
+        .arg(&fifo)
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success();
+    let items: serde_json::Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+    assert_eq!(items.as_array().unwrap().len(), 1169);
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+}
+
+/// The same label file twice, or an image rated twice with different scores, is written as
+/// asked, with a warning naming the repeats.
+#[test]
+fn repeated_images_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels_file = dir.path().join("labels.csv");
+    std::fs::write(
+        &labels_file,
+        "image,mos\na.jpg,1\nb.jpg,3\na.jpg,5\nc.jpg,2\n",
+    )
+    .unwrap();
+    let out = dir.path().join("sft.json");
+    qalign()
+        .arg("syllabus")
+        .arg(&labels_file)
+        .args(["--task", "quality", "--input", "image"])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "warning: 1 image(s) are items more than once (a.jpg ×2), 1 of them with different levels",
+        ));
+    qalign()
+        .arg("syllabus")
+        .arg(labels("livec.json"))
+        .arg(labels("livec.json"))
+        .args(["--task", "quality", "--input", "image"])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "warning: 1169 image(s) are items more than once",
+        ))
+        .stderr(predicate::str::contains("0 of them with different levels"));
+    qalign()
+        .arg("syllabus")
+        .arg(labels("livec.json"))
+        .args(["--task", "quality", "--input", "image"])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("more than once").not());
 }

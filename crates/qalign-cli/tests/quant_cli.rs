@@ -69,6 +69,17 @@ fn quant_with_half_activations_is_refused_clearly() {
     );
     assert!(!r.stderr.contains("loading model"), "{}", r.stderr);
     assert!(r.stdout.is_empty());
+    // Training a quantised model is a usage error too.
+    let r = run_expecting(
+        qalign()
+            .arg("bench")
+            .arg(&image)
+            .arg("--model")
+            .arg(tiny_model())
+            .args(["--train", "--quant", "q8_0"]),
+        2,
+    );
+    assert!(r.stderr.contains("--quant is for scoring"), "{}", r.stderr);
 }
 
 #[test]

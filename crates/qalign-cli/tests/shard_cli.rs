@@ -93,8 +93,97 @@ fn the_shards_union_is_the_unsharded_run_and_reruns_resume() {
     std::fs::write(&part, cut).unwrap();
     let r = sharded(&list, "0/3", &part);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("incomplete record"), "{}", r.stderr);
+    assert!(r.stderr.contains("scored only in part"), "{}", r.stderr);
     assert_eq!(jsonl_scores(&part), full);
+}
+
+/// `(path, task, question, scale)` of each line of a JSONL file, in order.
+fn record_kinds(path: &Path) -> Vec<(String, String, Option<String>, String)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let text = |key: &str| v[key].as_str().map(str::to_owned);
+            (
+                text("path").unwrap(),
+                text("task").unwrap(),
+                text("question"),
+                text("scale").unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn one_out_file_collects_tasks_questions_and_scales() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = images_dir().join("boy_colorful.jpg");
+    let out = dir.path().join("scores.jsonl");
+    let score_into = |extra: &[&str]| {
+        let r = run(score().arg(&image).args(extra).arg("--out").arg(&out));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r
+    };
+    score_into(&["--task", "quality"]);
+    // Another task adds its records and keeps the earlier ones.
+    let r = score_into(&["--task", "aesthetics"]);
+    assert!(!r.stderr.contains("dropping"), "{}", r.stderr);
+    let sharp = ["--question", "How sharp is it?", "--answer-prefix", "It is"];
+    score_into(&sharp);
+    // Another question is not the one answered: it is asked too.
+    let noisy = ["--question", "How noisy is it?", "--answer-prefix", "It is"];
+    let r = score_into(&noisy);
+    assert!(!r.stderr.contains("already in"), "{}", r.stderr);
+    score_into(&["--task", "quality", "--scale", "0-1"]);
+    let name = image.display().to_string();
+    let kind = |task: &str, question: Option<&str>, scale: &str| {
+        (
+            name.clone(),
+            task.to_owned(),
+            question.map(str::to_owned),
+            scale.to_owned(),
+        )
+    };
+    let expected = vec![
+        kind("quality", None, "1-5"),
+        kind("aesthetics", None, "1-5"),
+        kind("custom", Some("How sharp is it?"), "1-5"),
+        kind("custom", Some("How noisy is it?"), "1-5"),
+        kind("quality", None, "0-1"),
+    ];
+    assert_eq!(record_kinds(&out), expected);
+    // Rerunning any of them finds it done and leaves the file as it is.
+    let before = std::fs::read(&out).unwrap();
+    for extra in [&sharp[..], &["--task", "all"]] {
+        let r = score_into(extra);
+        assert!(r.stderr.contains("already in"), "{}", r.stderr);
+    }
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn a_missing_file_in_a_manifest_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("files.txt");
+    let image = images_dir().join("boy_colorful.jpg");
+    std::fs::write(
+        &list,
+        format!("/nonexistent/gone.jpg\n{}\n", image.display()),
+    )
+    .unwrap();
+    let out = dir.path().join("scores.jsonl");
+    let r = run(score().arg("--manifest").arg(&list).arg("--out").arg(&out));
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("/nonexistent/gone.jpg"), "{}", r.stderr);
+    let scored = jsonl_scores(&out);
+    assert_eq!(
+        scored.keys().collect::<Vec<_>>(),
+        [&(image.display().to_string(), "quality".to_string())]
+    );
+    // On the command line the same path is a typo: refused before anything is scored.
+    let r = run(score().arg(&image).arg("/nonexistent/gone.jpg"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stdout.is_empty());
 }
 
 #[test]

@@ -107,6 +107,10 @@ impl Dataset {
 pub struct Prediction {
     pub path: String,
     pub score: f64,
+    /// The record's `task` (`quality`, `aesthetics`, `custom` in `qalign score` output), when
+    /// the file has that key or column: one file may hold several tasks per path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Which keys / columns hold the path and the score. `None` means: try the defaults.
@@ -196,6 +200,7 @@ pub fn parse_predictions(
         .map(|r| Prediction {
             path: r.path,
             score: r.score,
+            task: r.task,
         })
         .collect())
 }
@@ -205,6 +210,7 @@ struct RawRecord {
     score: f64,
     id: Option<String>,
     answer: Option<String>,
+    task: Option<String>,
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DatasetError> {
@@ -374,11 +380,13 @@ fn parse_json_record(
         .and_then(|t| t.get("value"))
         .and_then(Value::as_str)
         .map(str::to_string);
+    let task = map.get("task").and_then(Value::as_str).map(str::to_string);
     Ok(RawRecord {
         path,
         score,
         id,
         answer,
+        task,
     })
 }
 
@@ -498,6 +506,7 @@ fn read_csv(
     };
     let path_col = find(&columns.path, &CSV_PATH_COLUMNS, "path")?;
     let score_col = find(&columns.score, &CSV_SCORE_COLUMNS, "score")?;
+    let task_col = header.iter().position(|h| h.eq_ignore_ascii_case("task"));
     let mut out = Vec::new();
     for (index, row) in reader.records().enumerate() {
         let row = row.map_err(csv_error)?;
@@ -522,6 +531,10 @@ fn read_csv(
             score,
             id: None,
             answer: None,
+            task: task_col
+                .and_then(|c| row.get(c))
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
         });
     }
     Ok(out)

@@ -395,6 +395,11 @@ fn file_name(path: &str) -> &str {
 /// The first of `inputs` that `output` would overwrite: the same file however spelled
 /// (`./a.json`, `dir/../a.json`, a symlink or a hard link). A missing output overwrites nothing.
 pub fn overwritten_input<'a, P: AsRef<Path>>(output: &Path, inputs: &'a [P]) -> Option<&'a Path> {
+    // Only an existing regular file can be a label file; checking first also keeps
+    // `is_same_file` from opening a FIFO, which would wait for a writer.
+    if !std::fs::metadata(output).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
     inputs
         .iter()
         .map(AsRef::as_ref)

@@ -23,6 +23,7 @@ fn pred(path: &str, score: f64) -> Prediction {
     Prediction {
         path: path.to_string(),
         score,
+        task: None,
     }
 }
 

@@ -14,6 +14,9 @@ use crate::video_score::{ClipResult, VideoResult};
 pub struct ScoreRecord {
     pub path: String,
     pub task: String,
+    /// The question asked, for task `custom` (absent for the official tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
     /// `"image"` or `"video"`.
     #[cfg_attr(feature = "openapi", schema(value_type = String, example = "image"))]
     pub input: MediaKind,
@@ -94,6 +97,7 @@ impl ScoreRecord {
         Self {
             path: path.to_string(),
             task: task.to_string(),
+            question: None,
             input: MediaKind::Image,
             score: d.score(scale).value,
             scale,
@@ -122,9 +126,19 @@ impl ScoreRecord {
         queries
             .iter()
             .enumerate()
-            .map(|(q, query)| match scored {
-                Scored::Image(scores) => Self::image(path, query.name(), &scores[q], levels, scale),
-                Scored::Video(video) => Self::video(path, query.name(), q, video, levels, scale),
+            .map(|(q, query)| {
+                let mut record = match scored {
+                    Scored::Image(scores) => {
+                        Self::image(path, query.name(), &scores[q], levels, scale)
+                    }
+                    Scored::Video(video) => {
+                        Self::video(path, query.name(), q, video, levels, scale)
+                    }
+                };
+                if let Query::Custom { question, .. } = query {
+                    record.question = Some(question.clone());
+                }
+                record
             })
             .collect()
     }

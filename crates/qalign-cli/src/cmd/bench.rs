@@ -331,9 +331,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     if args.train {
         if args.model.quant.is_some() {
-            bail!(
-                "--quant is for scoring: training runs on dense weights (drop --quant or --train)"
-            );
+            return Ok(crate::cmd::usage_error(
+                "--quant is for scoring: training runs on dense weights (drop --quant or --train)",
+            ));
         }
         return run_train(&args);
     }

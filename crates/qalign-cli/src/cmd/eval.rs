@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use indicatif::ProgressBar;
 
-use qalign_core::dataset::{Columns, read_labels, read_predictions};
+use qalign_core::dataset::{Columns, Prediction, read_labels, read_predictions};
 use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join};
 use qalign_core::metrics::bootstrap::MAX_RESAMPLES;
 use qalign_core::metrics::{BootstrapOptions, Interval, Logistic4};
@@ -26,6 +26,10 @@ pub struct Args {
     /// Human labels (any Q-Align label schema, JSONL or CSV).
     #[arg(long, value_name = "LABELS")]
     labels: PathBuf,
+    /// Evaluate the predictions of this task only (`quality`, `aesthetics`, `custom`): needed
+    /// when PRED holds several, as `qalign score --task all` writes.
+    #[arg(long, value_name = "TASK")]
+    task: Option<String>,
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -91,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             score: args.pred_score_key.clone(),
         },
     )?;
+    let predictions = select_task(predictions, args.task.as_deref(), &args.pred)?;
     let labels = read_labels(
         &args.labels,
         &Columns {
@@ -154,6 +159,50 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Format::Table => crate::output::write_all(&table(&report))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The predictions of `task`; with no `--task`, all of them when they are of one task (or carry
+/// none), else an error: scores of two tasks for one path are not one evaluation.
+fn select_task(
+    predictions: Vec<Prediction>,
+    task: Option<&str>,
+    file: &std::path::Path,
+) -> anyhow::Result<Vec<Prediction>> {
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in &predictions {
+        *counts.entry(p.task.as_deref().unwrap_or("")).or_default() += 1;
+    }
+    let listed = || {
+        counts
+            .iter()
+            .map(|(t, n)| match *t {
+                "" => format!("no task: {n}"),
+                t => format!("{t}: {n}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match task {
+        None if counts.len() > 1 => anyhow::bail!(
+            "{} holds predictions of several tasks ({}); choose one with --task",
+            file.display(),
+            listed()
+        ),
+        None => Ok(predictions),
+        Some(task) => {
+            if !counts.contains_key(task) {
+                anyhow::bail!(
+                    "{} holds no prediction of task `{task}` ({})",
+                    file.display(),
+                    listed()
+                );
+            }
+            Ok(predictions
+                .into_iter()
+                .filter(|p| p.task.as_deref() == Some(task))
+                .collect())
+        }
+    }
 }
 
 fn progress_bar(resamples: usize, n: usize) -> ProgressBar {

@@ -64,5 +64,38 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .block_on(run_load(config))
         .context("load test failed")?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(ExitCode::SUCCESS)
+    // The report is printed either way; the exit code says whether the figures mean anything.
+    if report.ok == report.requests {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let statuses = serde_json::to_string(&report.statuses)?;
+    if report.ok == 0 {
+        eprintln!(
+            "error: no request succeeded (answers by status: {statuses}; \"error\": no answer). {}",
+            failure_hint(&report.statuses)
+        );
+        return Ok(ExitCode::from(1));
+    }
+    eprintln!(
+        "warning: {} of {} requests failed (answers by status: {statuses}); the figures are of the others",
+        report.requests - report.ok,
+        report.requests
+    );
+    Ok(ExitCode::from(3))
+}
+
+/// What the commonest failure usually means.
+fn failure_hint(statuses: &std::collections::BTreeMap<String, usize>) -> &'static str {
+    let commonest = statuses
+        .iter()
+        .filter(|(status, _)| status.as_str() != "200")
+        .max_by_key(|(_, n)| **n)
+        .map(|(status, _)| status.as_str());
+    match commonest {
+        Some("error") => "Is the server running at that URL?",
+        Some("401") => "The server wants an API key: give --api-key (or QALIGN_API_KEY).",
+        Some("422") => "The server could not read the files given with --images.",
+        Some("503") => "The server was overloaded: lower --concurrency.",
+        _ => "See the server's log.",
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -19,6 +19,7 @@ use qalign_model::{
 };
 
 use crate::cmd::{EXIT_PARTIAL, usage_error};
+use crate::inputs::Missing;
 use crate::progress;
 use crate::{flags, inputs, output, shard, stdin};
 
@@ -59,9 +60,9 @@ pub struct Args {
     /// is reported and skipped, and the exit code is then 3. `-` reads one image or video from
     /// stdin (at most 512 MiB); its records say `-`.
     #[arg(required_unless_present = "manifest", value_name = "PATH")]
-    paths: Vec<String>,
+    paths: Vec<PathBuf>,
     /// A file listing inputs, one path, directory or glob per line (blank lines and `#` comments
-    /// skipped), scored after the PATHs.
+    /// skipped), scored after the PATHs. A listed file that is missing fails alone (exit code 3).
     #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
     /// Score only part I of N (0-based) of the inputs: those whose position in the full list is
@@ -69,7 +70,8 @@ pub struct Args {
     #[arg(long, value_name = "I/N", value_parser = shard::parse_shard)]
     shard: Option<shard::Shard>,
     /// Append the records as JSONL to FILE instead of printing them. A rerun skips the inputs FILE
-    /// already holds (and re-scores one whose records a crash cut off): it resumes.
+    /// already holds for the same task, question and scale (and re-scores one whose records a
+    /// crash cut off): it resumes. Records of other tasks stay in FILE.
     #[arg(long, value_name = "FILE", conflicts_with = "format")]
     out: Option<PathBuf>,
     /// What to rate.
@@ -267,11 +269,13 @@ impl Args {
         };
         let sampling = SamplingOptions::new(self.fps, self.max_frames.map(|n| n as usize))
             .map_err(|e| anyhow::anyhow!("--fps/--max-frames: {e}"))?;
-        let mut entries = self.paths.clone();
-        if let Some(manifest) = &self.manifest {
-            entries.extend(shard::read_manifest(manifest)?);
-        }
-        let mut all = inputs::expand(&entries)?;
+        let listed = match &self.manifest {
+            Some(manifest) => shard::read_manifest(manifest)?,
+            None => Vec::new(),
+        };
+        let entries = (self.paths.iter().map(|p| (p.as_path(), Missing::Refuse)))
+            .chain(listed.iter().map(|p| (Path::new(p), Missing::Keep)));
+        let mut all = inputs::expand_entries(entries)?;
         if let Some(shard) = self.shard {
             all = shard.select(all);
         }
@@ -298,8 +302,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     config.stdin_path = spooled_stdin.as_ref().map(|s| s.path().to_path_buf());
     // `--out`: what an earlier run of this job wrote is skipped before the model loads.
     let resumable = if let Some(path) = &args.out {
-        let tasks: Vec<&str> = config.queries.iter().map(Query::name).collect();
-        let file = shard::ResumableOut::open(path, &tasks)?;
+        let scale = config.scale.to_string();
+        let kinds: Vec<String> = config
+            .queries
+            .iter()
+            .map(|query| {
+                let question = match query {
+                    Query::Custom { question, .. } => Some(question.as_str()),
+                    Query::Task(_) => None,
+                };
+                shard::record_kind(query.name(), question, &scale)
+            })
+            .collect();
+        let file = shard::ResumableOut::open(path, &kinds)?;
         let before = config.inputs.len();
         config
             .inputs

@@ -6,7 +6,7 @@ use anyhow::Context;
 use qalign_core::dataset::{Columns, read_labels};
 use qalign_core::levels::ScoreRange;
 use qalign_core::syllabus::{
-    self, ConversionReport, SyllabusOptions, build_syllabus, write_json_atomic,
+    self, ConversionReport, SftItem, SyllabusOptions, build_syllabus, write_json_atomic,
 };
 use qalign_core::{MediaKind, Task};
 
@@ -142,7 +142,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     options.fraction = args.fraction;
     options.seed = args.seed;
     let syllabus = build_syllabus(&datasets, &options)?;
+    // The small report first: a report path that cannot be written then leaves no SFT JSON
+    // behind that looks like a finished run.
+    if let Some(path) = &args.report_json {
+        write_json_atomic(
+            path,
+            &ReportFile {
+                datasets: &syllabus.reports,
+            },
+        )?;
+    }
     write_json_atomic(&args.out, &syllabus.items)?;
+    if let Some(warning) = repeated_images_warning(&syllabus.items) {
+        eprintln!("{warning}");
+    }
     crate::output::write_all(&reports_table(&syllabus.reports))?;
     for r in &syllabus.reports {
         if let Some(why) = &r.undefined {
@@ -152,14 +165,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if let Some(path) = &args.report_json {
-        write_json_atomic(
-            path,
-            &ReportFile {
-                datasets: &syllabus.reports,
-            },
-        )?;
-    }
     eprintln!(
         "wrote {} items from {} file(s) to {}",
         syllabus.items.len(),
@@ -167,6 +172,41 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Images that are items more than once (a label file given twice, a dataset that repeats
+/// itself): they weigh more in training, and with different levels they teach both.
+fn repeated_images_warning(items: &[SftItem]) -> Option<String> {
+    let mut answers: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for item in items {
+        let answer = item.conversations.last().map_or("", |t| t.value.as_str());
+        answers.entry(item.image.as_str()).or_default().push(answer);
+    }
+    let mut repeated: Vec<(&str, &Vec<&str>)> = answers
+        .iter()
+        .filter(|(_, a)| a.len() > 1)
+        .map(|(image, a)| (*image, a))
+        .collect();
+    if repeated.is_empty() {
+        return None;
+    }
+    repeated.sort();
+    let conflicting = repeated
+        .iter()
+        .filter(|(_, a)| a.iter().any(|x| x != &a[0]))
+        .count();
+    let examples: Vec<String> = repeated
+        .iter()
+        .take(3)
+        .map(|(image, a)| format!("{image} ×{}", a.len()))
+        .collect();
+    Some(format!(
+        "warning: {} image(s) are items more than once ({}{}), {conflicting} of them with different levels; \
+         repeats weigh more in training",
+        repeated.len(),
+        examples.join(", "),
+        if repeated.len() > 3 { ", ..." } else { "" }
+    ))
 }
 
 /// `--report-json`: `{"datasets": [{"name", "n", "m", "M", "srcc", "plcc", "level_counts"}]}`.
