@@ -447,45 +447,29 @@ fn task_picks_one_of_several_tasks() {
         both += &format!("{record}\n");
     }
     let pred = write(dir.path(), "both.jsonl", &both);
-    let srcc = |task: &str| {
-        let output = qalign()
-            .arg("eval")
+    let eval = |extra: &[&str]| {
+        let mut cmd = qalign();
+        cmd.arg("eval")
             .arg("--pred")
             .arg(&pred)
             .arg("--labels")
             .arg(labels("livec.json"))
-            .args(["--format", "json", "--bootstrap", "0", "--task", task])
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        let v: serde_json::Value = serde_json::from_slice(&output).unwrap();
+            .args(extra);
+        cmd.assert()
+    };
+    let srcc = |task: &str| {
+        let run = eval(&["--format", "json", "--bootstrap", "0", "--task", task]).success();
+        let v: serde_json::Value = serde_json::from_slice(&run.get_output().stdout).unwrap();
         assert_eq!(v["n"], 1165, "{task}");
         v["srcc"].as_f64().unwrap()
     };
     // The same pairs as json_output_joins_and_reports_unmatched, and their mirror image.
     assert!((srcc("quality") - 0.7830676762705022).abs() <= 1e-9);
     assert!((srcc("aesthetics") + 0.7830676762705022).abs() <= 1e-9);
-    qalign()
-        .arg("eval")
-        .arg("--pred")
-        .arg(&pred)
-        .arg("--labels")
-        .arg(labels("livec.json"))
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "holds predictions of several tasks (aesthetics: 1166, quality: 1166); choose one with --task",
-        ));
-    qalign()
-        .arg("eval")
-        .arg("--pred")
-        .arg(&pred)
-        .arg("--labels")
-        .arg(labels("livec.json"))
-        .args(["--task", "custom"])
-        .assert()
+    eval(&[]).code(1).stderr(predicate::str::contains(
+        "holds predictions of several tasks (aesthetics: 1166, quality: 1166); choose one with --task",
+    ));
+    eval(&["--task", "custom"])
         .code(1)
         .stderr(predicate::str::contains(
             "holds no prediction of task `custom`",

@@ -486,37 +486,22 @@ fn repeated_images_are_warned_about() {
     )
     .unwrap();
     let out = dir.path().join("sft.json");
-    qalign()
-        .arg("syllabus")
-        .arg(&labels_file)
-        .args(["--task", "quality", "--input", "image"])
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success()
-        .stderr(predicate::str::contains(
-            "warning: 1 image(s) are items more than once (a.jpg ×2), 1 of them with different levels",
-        ));
-    qalign()
-        .arg("syllabus")
-        .arg(labels("livec.json"))
-        .arg(labels("livec.json"))
-        .args(["--task", "quality", "--input", "image"])
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success()
+    let syllabus = |files: &[PathBuf]| {
+        let mut cmd = qalign();
+        cmd.arg("syllabus")
+            .args(files)
+            .args(["--task", "quality", "--input", "image"])
+            .arg("--out")
+            .arg(&out);
+        cmd.assert().success()
+    };
+    syllabus(&[labels_file]).stderr(predicate::str::contains(
+        "warning: 1 image(s) are items more than once (a.jpg ×2), 1 of them with different levels",
+    ));
+    syllabus(&[labels("livec.json"), labels("livec.json")])
         .stderr(predicate::str::contains(
             "warning: 1169 image(s) are items more than once",
         ))
         .stderr(predicate::str::contains("0 of them with different levels"));
-    qalign()
-        .arg("syllabus")
-        .arg(labels("livec.json"))
-        .args(["--task", "quality", "--input", "image"])
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success()
-        .stderr(predicate::str::contains("more than once").not());
+    syllabus(&[labels("livec.json")]).stderr(predicate::str::contains("more than once").not());
 }

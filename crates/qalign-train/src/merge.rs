@@ -21,6 +21,9 @@ pub struct MergeSummary {
     pub replaced_tensors: usize,
 }
 
+/// What error messages call a merged model folder.
+pub const MERGED: &str = "the merged model";
+
 /// Merges `adapter_dir` into the checkpoint of `base_dir` and writes `out` (replaced atomically; see
 /// [`save::check_output_folder`] for what it may already hold). Tensors keep their stored dtype unless
 /// `dtype` is given.
@@ -30,11 +33,9 @@ pub fn merge_adapter(
     out: &Path,
     dtype: Option<DType>,
 ) -> Result<MergeSummary> {
-    const WHAT: &str = "the merged model";
     // Before any work: the output folder, then a config that scoring would refuse (a checkpoint
     // that cannot be loaded is no result).
-    save::refuse_model_folder(out, base_dir, WHAT)?;
-    save::check_output_folder(out, &save::CHECKPOINT_FILES, WHAT)?;
+    save::check_model_output(out, base_dir, &save::CHECKPOINT_FILES, MERGED)?;
     ModelConfig::from_file(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir)?;
     let adaptation = Arc::new(adapter.merged_adaptation());
@@ -56,7 +57,7 @@ pub fn merge_adapter(
         merged_modules: adapter.lora.len(),
         replaced_tensors: adapter.non_lora.len(),
     };
-    save::write_dir_atomic(out, &save::CHECKPOINT_FILES, WHAT, |dir| {
+    save::write_dir_atomic(out, &save::CHECKPOINT_FILES, MERGED, |dir| {
         save::write_checkpoint(dir, &tensors, Some(base_dir))
     })?;
     Ok(summary)

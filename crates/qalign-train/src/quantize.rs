@@ -12,6 +12,9 @@ use qalign_model::{GGUF_FILE, GgufSummary, LoadObserver, LoadOptions, OneAlignMo
 use crate::error::Result;
 use crate::save;
 
+/// What error messages call a quantised model folder.
+pub const QUANTIZED: &str = "the quantised model";
+
 /// The files a quantised folder may hold: `model.gguf` and the base's companion files.
 pub const QUANTIZED_FILES: [&str; 7] = [
     GGUF_FILE,
@@ -36,9 +39,7 @@ pub fn quantize_dir(
     source: &str,
     on_progress: Option<LoadObserver>,
 ) -> Result<GgufSummary> {
-    const WHAT: &str = "the quantised model";
-    save::refuse_model_folder(out, base_dir, WHAT)?;
-    save::check_output_folder(out, &QUANTIZED_FILES, WHAT)?;
+    save::check_model_output(out, base_dir, &QUANTIZED_FILES, QUANTIZED)?;
     let adaptation = match adapter_dir {
         Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
         None => None,
@@ -49,7 +50,7 @@ pub fn quantize_dir(
         ..LoadOptions::default()
     };
     let mut summary = None;
-    save::write_dir_atomic(out, &QUANTIZED_FILES, WHAT, |dir| {
+    save::write_dir_atomic(out, &QUANTIZED_FILES, QUANTIZED, |dir| {
         save::copy_companions(base_dir, dir)?;
         summary = Some(OneAlignModel::write_quantized(
             base_dir, &opts, quant, dir, source,

@@ -291,6 +291,13 @@ pub fn check_output_folder(out: &Path, own: &[&str], what: &str) -> Result<()> {
     )))
 }
 
+/// Both checks an output folder of `merge` or `quantize` takes before any work:
+/// [`refuse_model_folder`], then [`check_output_folder`] for the files it writes (`own`).
+pub fn check_model_output(out: &Path, model_dir: &Path, own: &[&str], what: &str) -> Result<()> {
+    refuse_model_folder(out, model_dir, what)?;
+    check_output_folder(out, own, what)
+}
+
 /// Builds a folder under a temporary name next to `dest` with `fill`, then renames it to `dest`,
 /// replacing an older one only if [`check_output_folder`] accepts it for `own` and `what`, both
 /// before the work and again just before the swap (so nothing added meanwhile is deleted). A

@@ -31,12 +31,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode> {
     // Before a hub model is downloaded (a local model folder is checked as named here, and
     // again once resolved).
-    let what = "the quantised model";
-    qalign_train::save::refuse_model_folder(&args.out, Path::new(&args.base.model), what)?;
-    qalign_train::save::check_output_folder(
+    qalign_train::save::check_model_output(
         &args.out,
+        Path::new(&args.base.model),
         &qalign_train::quantize::QUANTIZED_FILES,
-        what,
+        qalign_train::quantize::QUANTIZED,
     )?;
     let base = args.base.resolve()?;
     let started = Instant::now();

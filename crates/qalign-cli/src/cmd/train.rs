@@ -284,12 +284,11 @@ pub struct MergeArgs {
 pub fn run_merge(args: MergeArgs) -> Result<ExitCode> {
     // Before a hub model is downloaded (a local model folder is checked as named here, and
     // again once resolved).
-    let what = "the merged model";
-    qalign_train::save::refuse_model_folder(&args.out, Path::new(&args.base.model), what)?;
-    qalign_train::save::check_output_folder(
+    qalign_train::save::check_model_output(
         &args.out,
+        Path::new(&args.base.model),
         &qalign_train::save::CHECKPOINT_FILES,
-        what,
+        qalign_train::merge::MERGED,
     )?;
     let base = args.base.resolve()?;
     let dtype = args.dtype.map(|d| match d {
