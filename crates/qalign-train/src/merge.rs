@@ -21,9 +21,6 @@ pub struct MergeSummary {
     pub replaced_tensors: usize,
 }
 
-/// What error messages call a merged model folder.
-pub const MERGED: &str = "the merged model";
-
 /// Merges `adapter_dir` into the checkpoint of `base_dir` and writes `out` (replaced atomically; see
 /// [`save::check_output_folder`] for what it may already hold). Tensors keep their stored dtype unless
 /// `dtype` is given.
@@ -35,7 +32,7 @@ pub fn merge_adapter(
 ) -> Result<MergeSummary> {
     // Before any work: the output folder, then a config that scoring would refuse (a checkpoint
     // that cannot be loaded is no result).
-    save::check_model_output(out, base_dir, &save::CHECKPOINT_FILES, MERGED)?;
+    save::check_model_output(out, base_dir, &save::MERGED)?;
     ModelConfig::from_file(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir)?;
     let adaptation = Arc::new(adapter.merged_adaptation());
@@ -57,7 +54,7 @@ pub fn merge_adapter(
         merged_modules: adapter.lora.len(),
         replaced_tensors: adapter.non_lora.len(),
     };
-    save::write_dir_atomic(out, &save::CHECKPOINT_FILES, MERGED, |dir| {
+    save::write_dir_atomic(out, &save::MERGED, |dir| {
         save::write_checkpoint(dir, &tensors, Some(base_dir))
     })?;
     Ok(summary)

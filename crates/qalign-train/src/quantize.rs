@@ -12,19 +12,11 @@ use qalign_model::{GGUF_FILE, GgufSummary, LoadObserver, LoadOptions, OneAlignMo
 use crate::error::Result;
 use crate::save;
 
-/// What error messages call a quantised model folder.
-pub const QUANTIZED: &str = "the quantised model";
-
-/// The files a quantised folder may hold: `model.gguf` and the base's companion files.
-pub const QUANTIZED_FILES: [&str; 7] = [
-    GGUF_FILE,
-    save::CHECKPOINT_FILES[1],
-    save::CHECKPOINT_FILES[2],
-    save::CHECKPOINT_FILES[3],
-    save::CHECKPOINT_FILES[4],
-    save::CHECKPOINT_FILES[5],
-    save::CHECKPOINT_FILES[6],
-];
+/// A quantised folder: `model.gguf` beside the base's companion files.
+pub const QUANTIZED: save::OutputFolder = save::OutputFolder {
+    what: "the quantised model",
+    files: &[GGUF_FILE],
+};
 
 /// Quantises the checkpoint of `base_dir` to `quant` (with `adapter_dir` merged first) and writes
 /// `out` (replaced atomically: a failure leaves no half-written folder; see
@@ -39,7 +31,7 @@ pub fn quantize_dir(
     source: &str,
     on_progress: Option<LoadObserver>,
 ) -> Result<GgufSummary> {
-    save::check_model_output(out, base_dir, &QUANTIZED_FILES, QUANTIZED)?;
+    save::check_model_output(out, base_dir, &QUANTIZED)?;
     let adaptation = match adapter_dir {
         Some(dir) => Some(Arc::new(Adapter::load(dir)?.merged_adaptation())),
         None => None,
@@ -50,7 +42,7 @@ pub fn quantize_dir(
         ..LoadOptions::default()
     };
     let mut summary = None;
-    save::write_dir_atomic(out, &QUANTIZED_FILES, QUANTIZED, |dir| {
+    save::write_dir_atomic(out, &QUANTIZED, |dir| {
         save::copy_companions(base_dir, dir)?;
         summary = Some(OneAlignModel::write_quantized(
             base_dir, &opts, quant, dir, source,

@@ -158,6 +158,35 @@ pub fn write_full(
     write_checkpoint(dir, &tensors, model_dir)
 }
 
+/// The weights file of a checkpoint folder.
+pub const MODEL_SAFETENSORS: &str = "model.safetensors";
+/// The optimizer state of a training checkpoint.
+pub const OPTIMIZER_SAFETENSORS: &str = "optimizer.safetensors";
+
+/// A folder a command writes whole with [`write_dir_atomic`]: what messages call it, and the
+/// files it writes besides the base's [`COMPANION_FILES`]. Together they are all an earlier run
+/// of the same command can have left there.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputFolder {
+    pub what: &'static str,
+    pub files: &'static [&'static str],
+}
+
+impl OutputFolder {
+    fn owns(&self, name: &std::ffi::OsStr) -> bool {
+        self.files
+            .iter()
+            .chain(&COMPANION_FILES)
+            .any(|f| name == *f)
+    }
+}
+
+/// A checkpoint folder as [`write_checkpoint`] writes it (`qalign merge`).
+pub const MERGED: OutputFolder = OutputFolder {
+    what: "the merged model",
+    files: &[MODEL_SAFETENSORS],
+};
+
 /// `model.safetensors` from `tensors`, plus the companion files of `model_dir`.
 pub fn write_checkpoint(
     dir: &Path,
@@ -167,7 +196,7 @@ pub fn write_checkpoint(
     if let Some(model_dir) = model_dir {
         copy_companions(model_dir, dir)?;
     }
-    save_safetensors(&dir.join("model.safetensors"), tensors)
+    save_safetensors(&dir.join(MODEL_SAFETENSORS), tensors)
 }
 
 /// Copies the base model's configuration, tokenizer and preprocessor files into `to`.
@@ -220,22 +249,12 @@ pub fn refuse_model_folder(out: &Path, model_dir: &Path, what: &str) -> Result<(
     Ok(())
 }
 
-/// The files a checkpoint folder written by [`write_checkpoint`] may hold (`qalign merge`).
-pub const CHECKPOINT_FILES: [&str; 7] = [
-    "model.safetensors",
-    COMPANION_FILES[0],
-    COMPANION_FILES[1],
-    COMPANION_FILES[2],
-    COMPANION_FILES[3],
-    COMPANION_FILES[4],
-    COMPANION_FILES[5],
-];
-
-/// Checks that `out` may be replaced by a folder holding only `own` (file names) through
-/// [`write_dir_atomic`]: it must not exist, or be a folder that is empty or holds nothing but
-/// files named in `own` (what an earlier run of the same command wrote). Anything else is
-/// refused before any work, since replacing the folder would delete it.
-pub fn check_output_folder(out: &Path, own: &[&str], what: &str) -> Result<()> {
+/// Checks that `out` may be replaced through [`write_dir_atomic`] by a folder of kind `kind`: it
+/// must not exist, or be a folder that is empty or holds nothing but files `kind` owns (what an
+/// earlier run of the same command wrote). Anything else is refused before any work, since
+/// replacing the folder would delete it.
+pub fn check_output_folder(out: &Path, kind: &OutputFolder) -> Result<()> {
+    let what = kind.what;
     let meta = match std::fs::metadata(out) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -271,7 +290,7 @@ pub fn check_output_folder(out: &Path, own: &[&str], what: &str) -> Result<()> {
         let name = entry.file_name();
         let is_dir = entry.file_type().map_err(io_err)?.is_dir();
         // A folder is never ours, even under one of our file names.
-        if is_dir || !own.iter().any(|o| name == *o) {
+        if is_dir || !kind.owns(&name) {
             foreign.push(name.to_string_lossy().into_owned());
         }
     }
@@ -292,23 +311,22 @@ pub fn check_output_folder(out: &Path, own: &[&str], what: &str) -> Result<()> {
 }
 
 /// Both checks an output folder of `merge` or `quantize` takes before any work:
-/// [`refuse_model_folder`], then [`check_output_folder`] for the files it writes (`own`).
-pub fn check_model_output(out: &Path, model_dir: &Path, own: &[&str], what: &str) -> Result<()> {
-    refuse_model_folder(out, model_dir, what)?;
-    check_output_folder(out, own, what)
+/// [`refuse_model_folder`], then [`check_output_folder`].
+pub fn check_model_output(out: &Path, model_dir: &Path, kind: &OutputFolder) -> Result<()> {
+    refuse_model_folder(out, model_dir, kind.what)?;
+    check_output_folder(out, kind)
 }
 
 /// Builds a folder under a temporary name next to `dest` with `fill`, then renames it to `dest`,
-/// replacing an older one only if [`check_output_folder`] accepts it for `own` and `what`, both
-/// before the work and again just before the swap (so nothing added meanwhile is deleted). A
-/// `dest` that is a symbolic link to a folder replaces the folder it points to, so the link stays.
+/// replacing an older one only if [`check_output_folder`] accepts it for `kind`, both before the
+/// work and again just before the swap (so nothing added meanwhile is deleted). A `dest` that is
+/// a symbolic link to a folder replaces the folder it points to, so the link stays.
 pub fn write_dir_atomic(
     dest: &Path,
-    own: &[&str],
-    what: &str,
+    kind: &OutputFolder,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    check_output_folder(dest, own, what)?;
+    check_output_folder(dest, kind)?;
     let linked;
     let dest = match std::fs::symlink_metadata(dest) {
         Ok(meta) if meta.file_type().is_symlink() => {
@@ -334,7 +352,7 @@ pub fn write_dir_atomic(
             .map_err(write_err(dest))?;
     }
     // An older folder is moved aside first and deleted only once the new one is in place.
-    check_output_folder(dest, own, what)?;
+    check_output_folder(dest, kind)?;
     let old = if dest.exists() {
         let aside = tempfile::Builder::new()
             .prefix(".old-")
@@ -363,7 +381,7 @@ pub fn write_optimizer(dir: &Path, state: &HashMap<String, Tensor>) -> Result<()
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    save_safetensors(&dir.join("optimizer.safetensors"), &cpu)
+    save_safetensors(&dir.join(OPTIMIZER_SAFETENSORS), &cpu)
 }
 
 #[cfg(test)]
@@ -383,11 +401,12 @@ mod tests {
     fn a_folder_replaces_only_what_the_same_output_wrote() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
-        let own = ["a.bin", "b.json"];
+        let own = OutputFolder {
+            what: "the test output",
+            files: &["a.bin", "b.json"],
+        };
         let write = |bytes: &'static [u8]| {
-            write_dir_atomic(&out, &own, "the test output", |dir| {
-                write_atomic(&dir.join("a.bin"), bytes)
-            })
+            write_dir_atomic(&out, &own, |dir| write_atomic(&dir.join("a.bin"), bytes))
         };
         write(b"1").unwrap();
         std::fs::write(out.join("b.json"), "{}").unwrap();
@@ -395,7 +414,7 @@ mod tests {
         assert_eq!(names(&out), ["a.bin"]);
         assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"2");
         // A file that appears while the new folder is being built is not deleted.
-        let err = write_dir_atomic(&out, &own, "the test output", |dir| {
+        let err = write_dir_atomic(&out, &own, |dir| {
             std::fs::write(out.join("notes.txt"), "mine").unwrap();
             write_atomic(&dir.join("a.bin"), b"3")
         })

@@ -183,20 +183,19 @@ struct TrainerState {
 const STATE_FILE: &str = "trainer_state.json";
 const TRAINING_LOG: &str = "training_log.jsonl";
 
-/// The files a checkpoint-N folder may hold (an older one of the same name is replaced).
-fn checkpoint_files() -> Vec<&'static str> {
-    let mut files = vec![
+/// A checkpoint-N folder (an older one of the same name is replaced).
+const CHECKPOINT: save::OutputFolder = save::OutputFolder {
+    what: "a checkpoint",
+    files: &[
         ADAPTER_CONFIG,
         ADAPTER_SAFETENSORS,
         NON_LORA_TRAINABLES,
-        "model.safetensors",
-        "optimizer.safetensors",
+        save::MODEL_SAFETENSORS,
+        save::OPTIMIZER_SAFETENSORS,
         TRAINING_LOG,
         STATE_FILE,
-    ];
-    files.extend(save::COMPANION_FILES);
-    files
-}
+    ],
+};
 
 /// Called after every optimizer step.
 pub type Progress<'a> = &'a mut dyn FnMut(&StepLog, usize);
@@ -645,7 +644,7 @@ impl Trainer {
             .config
             .output
             .join(format!("checkpoint-{}", state.global_step));
-        save::write_dir_atomic(&dest, &checkpoint_files(), "a checkpoint", |dir| {
+        save::write_dir_atomic(&dest, &CHECKPOINT, |dir| {
             self.write_weights(dir, opt)?;
             save::write_optimizer(dir, &opt.state())?;
             save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;
@@ -711,7 +710,7 @@ impl Trainer {
             p.var
                 .set(&t.to_device(p.var.device())?.to_dtype(p.var.dtype())?)?;
         }
-        let opt_path = dir.join("optimizer.safetensors");
+        let opt_path = dir.join(save::OPTIMIZER_SAFETENSORS);
         let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)?;
         opt.load_state(&opt_state, state.global_step)?;
         self.log = read(TRAINING_LOG)?
@@ -740,7 +739,7 @@ impl Trainer {
             Ok(out)
         } else {
             Ok(candle_core::safetensors::load(
-                dir.join("model.safetensors"),
+                dir.join(save::MODEL_SAFETENSORS),
                 &Device::Cpu,
             )?)
         }

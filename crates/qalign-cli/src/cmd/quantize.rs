@@ -34,8 +34,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     qalign_train::save::check_model_output(
         &args.out,
         Path::new(&args.base.model),
-        &qalign_train::quantize::QUANTIZED_FILES,
-        qalign_train::quantize::QUANTIZED,
+        &qalign_train::quantize::QUANTIZED,
     )?;
     let base = args.base.resolve()?;
     let started = Instant::now();

@@ -287,8 +287,7 @@ pub fn run_merge(args: MergeArgs) -> Result<ExitCode> {
     qalign_train::save::check_model_output(
         &args.out,
         Path::new(&args.base.model),
-        &qalign_train::save::CHECKPOINT_FILES,
-        qalign_train::merge::MERGED,
+        &qalign_train::save::MERGED,
     )?;
     let base = args.base.resolve()?;
     let dtype = args.dtype.map(|d| match d {
