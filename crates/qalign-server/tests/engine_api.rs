@@ -860,17 +860,18 @@ async fn a_wrong_method_gets_405_as_json_with_allow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_request_stops_running_and_counts_as_dropped() {
     let server = Server::start(Options {
-        file_delay: Duration::from_millis(200),
-        timeout: Duration::from_millis(300),
+        file_delay: Duration::from_millis(600),
+        timeout: Duration::from_millis(900),
         ..Options::default()
     })
     .await;
     let four: Vec<(&str, &[u8])> = vec![("a.png", &[1]); 4];
     let (status, body, _) = send(&server, &four, &[]).await;
     assert_eq!(status, 504, "{body}");
-    // Left alone, the engine would score all four files by 800 ms; it stops after the file it
-    // is on when the request times out (the second, at 400 ms).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Left alone, the engine would score all four files by 2.4 s; it stops after the file it is
+    // on when the request times out (the second, at 1.2 s). The steps are 300 ms apart or more,
+    // so that a loaded 2-core machine keeps their order.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let done = server.files_done.load(Ordering::SeqCst);
     assert!((2..4).contains(&done), "{done} files scored");
     let metrics = server.metrics().await;
@@ -887,8 +888,8 @@ async fn a_timed_out_request_stops_running_and_counts_as_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_a_running_batch_is_dropped_and_the_rest_answered() {
     let server = Server::start(Options {
-        file_delay: Duration::from_millis(200),
-        max_wait: Duration::from_millis(300),
+        file_delay: Duration::from_millis(600),
+        max_wait: Duration::from_millis(900),
         ..Options::default()
     })
     .await;
@@ -905,11 +906,12 @@ async fn a_client_that_leaves_a_running_batch_is_dropped_and_the_rest_answered()
                 .as_u16()
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // Joins the batch, which starts at 300 ms, and leaves during its first file.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Joins the batch, which starts at 900 ms, and leaves during its first file (900–1500 ms),
+    // at 1200 ms: 300 ms from each edge, so that a loaded machine keeps the order.
     let leaves = server
         .post()
-        .timeout(Duration::from_millis(350))
+        .timeout(Duration::from_millis(1050))
         .multipart(form(&[("a.png", &[6]), ("b.png", &[7])], &[]))
         .send()
         .await;
