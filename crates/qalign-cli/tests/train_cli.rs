@@ -411,6 +411,13 @@ fn resume_continues_the_run(dropout: &str) {
     }
     let logged = log_lines(&log_c);
     assert_eq!(logged.len(), 3, "the resumed log holds all steps");
+    // The checkpoint's steps come back as they were written, and the clock goes on from them.
+    let before = std::fs::read_to_string(&log).unwrap();
+    let after = std::fs::read_to_string(&log_c).unwrap();
+    let restored: Vec<&str> = after.lines().take(2).collect();
+    assert_eq!(restored, before.lines().take(2).collect::<Vec<_>>());
+    let elapsed = |v: &Value| v["elapsed_s"].as_f64().unwrap();
+    assert!(elapsed(&logged[2]) >= elapsed(&logged[1]), "{after}");
 }
 
 /// A dataset folder with the fixture images and an SFT JSON made of `items`.

@@ -51,7 +51,19 @@ pub fn mode() -> KernelMode {
         Ok("composed") => KernelMode::Composed,
         Ok("avx2") => KernelMode::Avx2,
         Ok("avx-vnni") => KernelMode::AvxVnni,
-        _ => KernelMode::Best,
+        Ok("best") | Err(std::env::VarError::NotPresent) => KernelMode::Best,
+        Ok(other) => {
+            // A mistyped knob would otherwise measure the default without a word.
+            eprintln!(
+                "warning: QALIGN_CPU_KERNELS={other:?} is not one of best, avx2, avx-vnni, \
+                 composed; using best"
+            );
+            KernelMode::Best
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("warning: QALIGN_CPU_KERNELS is not UTF-8; using best");
+            KernelMode::Best
+        }
     })
 }
 

@@ -474,6 +474,8 @@ impl Trainer {
         if let Some(dir) = self.config.resume.clone() {
             state = self.resume(&dir, &mut opt, &state)?;
         }
+        // A resumed run's clock goes on from its checkpoint's last step.
+        let elapsed_before = self.log.last().map_or(0.0, |l| l.elapsed_s);
         std::fs::create_dir_all(&self.config.output).map_err(|source| TrainError::Write {
             path: self.config.output.clone(),
             source,
@@ -554,7 +556,7 @@ impl Trainer {
                     lr,
                     grad_norm: norm,
                     samples_per_s: step_samples as f64 / secs.max(1e-9),
-                    elapsed_s: start.elapsed().as_secs_f64(),
+                    elapsed_s: elapsed_before + start.elapsed().as_secs_f64(),
                 };
                 step_start = Instant::now();
                 step_samples = 0;

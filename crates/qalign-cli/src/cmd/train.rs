@@ -276,7 +276,8 @@ pub struct MergeArgs {
     /// folder or a folder containing it, nor one holding other files).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Store every tensor in this dtype (default: each tensor's dtype in the base).
+    /// Store every tensor in this dtype (default: each tensor's dtype in the base; f32 keeps the merge
+    /// exact, as `score --lora` scores, where a bf16 base rounds the merged weights).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
 }
