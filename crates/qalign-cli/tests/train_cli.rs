@@ -39,6 +39,10 @@ fn train_cmd(data: &Path, images: &Path, out: &Path) -> assert_cmd::Command {
 
 /// `qalign train` on the fixture batch with the settings of the LoRA fixture (the bar).
 fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
+    run_expecting(&mut fixture_bar_cmd(out, log, extra), 0)
+}
+
+fn fixture_bar_cmd(out: &Path, log: &Path, extra: &[&str]) -> assert_cmd::Command {
     let mut cmd = train_cmd(
         &fixtures().join("training/sft_batch.json"),
         &fixtures().join("images"),
@@ -66,7 +70,7 @@ fn train_fixture_bar(out: &Path, log: &Path, extra: &[&str]) -> common::Run {
     if !extra.contains(&"--lora-dropout") {
         cmd.args(["--lora-dropout", "0"]);
     }
-    run_expecting(&mut cmd, 0)
+    cmd
 }
 
 fn log_lines(path: &Path) -> Vec<Value> {
@@ -418,6 +422,28 @@ fn resume_continues_the_run(dropout: &str) {
     assert_eq!(restored, before.lines().take(2).collect::<Vec<_>>());
     let elapsed = |v: &Value| v["elapsed_s"].as_f64().unwrap();
     assert!(elapsed(&logged[2]) >= elapsed(&logged[1]), "{after}");
+
+    // Other settings would make another run than the one resumed: refused, naming what changed.
+    let changed = tmp.path().join("changed");
+    let r = run_expecting(
+        &mut fixture_bar_cmd(
+            &changed,
+            &tmp.path().join("d.jsonl"),
+            &[
+                "--max-steps",
+                "4",
+                "--resume",
+                checkpoint.to_str().unwrap(),
+                "--lora-dropout",
+                if dropout == "0" { "0.1" } else { "0" },
+            ],
+        ),
+        1,
+    );
+    for field in ["total_steps: 3 → 4", "adaptation: "] {
+        assert!(r.stderr.contains(field), "{}", r.stderr);
+    }
+    assert!(!changed.join("adapter_config.json").exists());
 }
 
 /// A dataset folder with the fixture images and an SFT JSON made of `items`.

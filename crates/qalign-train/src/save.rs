@@ -340,8 +340,25 @@ pub fn write_dir_atomic(
         _ => Path::new("."),
     };
     std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+    // The temporary folder is named after `dest`, so that what a killed run left half-built for
+    // it is found and removed here (a folder moved aside as `.old-*` is kept: it may be all that
+    // is left of the previous output).
+    let name = dest.file_name().map_or_else(
+        || "output".to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let prefix = format!(".{name}.tmp-");
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix)
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(&prefix)
         .tempdir_in(parent)
         .map_err(write_err(dest))?;
     fill(tmp.path())?;
@@ -423,6 +440,24 @@ mod tests {
         assert_eq!(names(&out), ["a.bin", "notes.txt"]);
         assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"2");
         assert_eq!(names(tmp.path()), ["out"], "no temporary folder left");
+    }
+
+    #[test]
+    fn what_a_killed_write_left_half_built_is_removed_by_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let own = OutputFolder {
+            what: "the test output",
+            files: &["a.bin"],
+        };
+        // As a run killed while filling its temporary folder leaves it; and the folder another
+        // output's run is building, and a previous output moved aside, which both stay.
+        for left in [".out.tmp-x1", ".other.tmp-x2", ".old-x3"] {
+            std::fs::create_dir_all(tmp.path().join(left)).unwrap();
+            std::fs::write(tmp.path().join(left).join("a.bin"), "partial").unwrap();
+        }
+        write_dir_atomic(&out, &own, |dir| write_atomic(&dir.join("a.bin"), b"1")).unwrap();
+        assert_eq!(names(tmp.path()), [".old-x3", ".other.tmp-x2", "out"]);
     }
 
     #[test]

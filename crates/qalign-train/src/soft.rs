@@ -80,10 +80,15 @@ impl SoftTargets {
         sigma: f64,
     ) -> Result<Self> {
         let (lo, hi) = dataset.mos_range().ok_or_else(|| {
-            TrainError::Config(
-                "the soft loss needs MOS values in the sample ids (`name->score`, as the syllabus writes them)"
+            TrainError::Config(match dataset.samples.iter().find_map(|s| s.mos) {
+                None => "the soft loss needs MOS values in the sample ids (`name->score`, as the \
+                         syllabus writes them)"
                     .into(),
-            )
+                Some(mos) => format!(
+                    "every sample's MOS is {mos}: the soft loss maps MOS onto the levels over their \
+                     range, which needs at least two different values"
+                ),
+            })
         })?;
         let words: Vec<&str> = levels.words().iter().map(String::as_str).collect();
         let level_ids = level_token_ids(tokenizer, &words)?;
@@ -99,6 +104,12 @@ impl SoftTargets {
             })
             .collect();
         Ok(Self { level_ids, targets })
+    }
+
+    /// How many samples train on the one-hot answer instead (no MOS in the id, or an answer that
+    /// does not end with a level word).
+    pub fn one_hot_samples(&self, dataset: &Dataset) -> usize {
+        dataset.samples.len() - self.targets.len()
     }
 
     /// The loss of a micro-batch (`samples` are the dataset samples behind `batch`, in order).

@@ -178,6 +178,42 @@ struct TrainerState {
     batch_size: usize,
     grad_accum: usize,
     mode: String,
+    /// The rest of what shapes the updates; absent in checkpoints older than it (not checked then).
+    #[serde(default)]
+    recipe: Option<Recipe>,
+}
+
+/// What a resumed run must share with its checkpoint besides the seed, batch size, accumulation and
+/// mode: a change to any of these would silently make a different run than the one resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Recipe {
+    lr: f64,
+    schedule: String,
+    warmup_ratio: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    total_steps: usize,
+    /// LoRA rank, alpha, dropout and targets (or `full`).
+    adaptation: String,
+    loss: String,
+    samples: usize,
+    /// SHA-256 of every sample's id, media paths, tokens and labels.
+    data_sha256: String,
+}
+
+impl Recipe {
+    /// The fields that differ from `other`, as `name: saved → now`.
+    fn differences(&self, now: &Recipe) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+            (serde_json::to_value(self), serde_json::to_value(now))
+        else {
+            return vec!["the recipe".into()];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {v} → {}", b.get(k).unwrap_or(&serde_json::Value::Null)))
+            .collect()
+    }
 }
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -231,6 +267,11 @@ pub fn llm_linear_modules(config: &ModelConfig) -> Vec<String> {
     out
 }
 
+/// An f32 flag value as the user wrote it (0.05, not 0.05000000074505806), for adapter_config.json.
+fn as_written(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// PEFT's matching: a target names a module exactly or is a dotted suffix of its name.
 pub fn resolve_targets(targets: &[String], modules: &[String]) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -263,6 +304,15 @@ impl Trainer {
         let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
         let (tokenizer, _) = folder_tokenizer(dir)?;
         let preprocess = folder_preprocess(dir, model_config.vision.image_size)?;
+        // A mistyped LoRA target fails before the data's media are all checked.
+        if let Mode::Lora {
+            targets,
+            init: None,
+            ..
+        } = &config.mode
+        {
+            resolve_targets(targets, &llm_linear_modules(&model_config))?;
+        }
         let levels = LevelSet::itu();
         let data_opts = DataOptions {
             image_folder: config.image_folder.clone(),
@@ -312,7 +362,7 @@ impl Trainer {
                             },
                         );
                         let mut cfg = adapter.config.clone();
-                        cfg.lora_dropout = f64::from(*dropout);
+                        cfg.lora_dropout = as_written(*dropout);
                         cfg.base_model_name_or_path = Some(config.model_name.clone());
                         (adaptation, Some(cfg))
                     }
@@ -327,7 +377,7 @@ impl Trainer {
                             Some(config.model_name.clone()),
                             *rank,
                             *alpha,
-                            f64::from(*dropout),
+                            as_written(*dropout),
                             modules,
                         );
                         (adaptation, Some(cfg))
@@ -374,6 +424,11 @@ impl Trainer {
 
     pub fn dataset(&self) -> &Dataset {
         &self.dataset
+    }
+
+    /// With the soft loss, how many samples fall back to the one-hot answer.
+    pub fn one_hot_soft_samples(&self) -> Option<usize> {
+        self.soft.as_ref().map(|s| s.one_hot_samples(&self.dataset))
     }
 
     pub fn model(&self) -> &OneAlignModel {
@@ -470,21 +525,24 @@ impl Trainer {
             batch_size: self.config.batch_size,
             grad_accum: self.config.grad_accum,
             mode: self.mode_name().into(),
+            recipe: Some(self.recipe(total)),
         };
         if let Some(dir) = self.config.resume.clone() {
             state = self.resume(&dir, &mut opt, &state)?;
         }
         // A resumed run's clock goes on from its checkpoint's last step.
         let elapsed_before = self.log.last().map_or(0.0, |l| l.elapsed_s);
-        std::fs::create_dir_all(&self.config.output).map_err(|source| TrainError::Write {
-            path: self.config.output.clone(),
-            source,
-        })?;
         if let Some(path) = &self.config.log_json
             && state.global_step == 0
         {
             save::write_atomic(path, b"")?;
         }
+        // A run that fails before its first step removes the (empty) output folder it made.
+        let made_output = !self.config.output.exists();
+        std::fs::create_dir_all(&self.config.output).map_err(|source| TrainError::Write {
+            path: self.config.output.clone(),
+            source,
+        })?;
         self.adaptation.set_training(true);
         let per_epoch = self.micro_batches_per_epoch();
         let bs = self.config.batch_size;
@@ -576,6 +634,8 @@ impl Trainer {
             // Keep what was learnt: a checkpoint of the last completed step, then the error.
             if state.global_step > 0 {
                 self.save_checkpoint(&state, &opt)?;
+            } else if made_output {
+                let _ = std::fs::remove_dir(&self.config.output);
             }
             return Err(err);
         }
@@ -591,6 +651,37 @@ impl Trainer {
             seconds: start.elapsed().as_secs_f64(),
             output: self.config.output.clone(),
         })
+    }
+
+    /// This run's [`Recipe`], `total` optimizer steps long.
+    fn recipe(&self, total: usize) -> Recipe {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for s in &self.dataset.samples {
+            hash.update(format!("{}\0{:?}\0{:?}\0{:?}\n", s.id, s.visual, s.input_ids, s.labels));
+        }
+        let adaptation = match &self.config.mode {
+            Mode::Full => "full".to_string(),
+            Mode::Lora {
+                rank,
+                alpha,
+                dropout,
+                targets,
+                ..
+            } => format!("r {rank}, alpha {alpha}, dropout {dropout}, targets {targets:?}"),
+        };
+        Recipe {
+            lr: self.config.lr,
+            schedule: format!("{:?}", self.config.schedule),
+            warmup_ratio: self.config.warmup_ratio,
+            weight_decay: self.config.weight_decay,
+            max_grad_norm: self.config.max_grad_norm,
+            total_steps: total,
+            adaptation,
+            loss: format!("{:?}", self.config.loss),
+            samples: self.dataset.samples.len(),
+            data_sha256: format!("{:x}", hash.finalize()),
+        }
     }
 
     fn mode_name(&self) -> &'static str {
@@ -695,6 +786,17 @@ impl Trainer {
                 fresh.grad_accum,
                 fresh.mode
             )));
+        }
+        if let (Some(saved), Some(now)) = (&state.recipe, &fresh.recipe) {
+            let changed = saved.differences(now);
+            if !changed.is_empty() {
+                return Err(TrainError::Resume(format!(
+                    "{} belongs to a run with other settings ({}); resume it with the same ones, \
+                     or start a new run (--lora-init continues from an adapter)",
+                    dir.display(),
+                    changed.join("; ")
+                )));
+            }
         }
         let saved = self.saved_params(dir)?;
         for p in &self.params {

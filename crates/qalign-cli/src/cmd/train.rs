@@ -229,6 +229,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         config.model_dir.display(),
         config.data.display()
     );
+    let (schedule, warmup_ratio) = (config.schedule, config.warmup_ratio);
     let mut trainer = Trainer::new(config).context("cannot set up training")?;
     let total = trainer.total_steps();
     let n_params: usize = trainer.params().iter().map(|p| p.var.elem_count()).sum();
@@ -238,6 +239,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         trainer.params().len(),
         n_params
     );
+    if let Some(n) = trainer.one_hot_soft_samples().filter(|&n| n > 0) {
+        eprintln!(
+            "warning: {n} of {} samples have no MOS in their id (`name->score`) or an answer that \
+             does not end with a level word: the soft loss trains them on the one-hot answer",
+            trainer.dataset().samples.len()
+        );
+    }
+    let warmup = qalign_train::optim::warmup_steps(total, warmup_ratio);
+    if (0..total).all(|step| qalign_train::optim::lr_factor(schedule, step, warmup, total) == 0.0) {
+        eprintln!(
+            "warning: the learning rate is 0 at every one of the {total} step(s) (warm-up starts \
+             at 0 and takes {warmup}), so the result will equal the base: train more steps, or \
+             use --warmup-ratio 0"
+        );
+    }
     let bar = crate::progress::bar(total as u64, "training");
     let summary = trainer.run(&mut |log, _| {
         bar.set_position(log.step as u64);
