@@ -542,6 +542,21 @@ fn bad_training_input_is_named_and_nothing_is_written() {
     );
     assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
 
+    // And one whose padded square is 3 pixels wide, which the official preprocessing misreads.
+    let (tmp, data) = dataset(&serde_json::json!([item("tiny.png".into(), q, a)]));
+    image::RgbImage::new(3, 2)
+        .save(tmp.path().join("tiny.png"))
+        .unwrap();
+    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
+    cmd.args(["--max-steps", "1"]);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(
+        r.stderr.contains("tiny.png") && r.stderr.contains("sample 0"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
+
     // Unknown LoRA targets and bad settings.
     let (_tmp, data) = dataset(&serde_json::json!([item("boy_colorful.jpg".into(), q, a)]));
     let r = train_bad(&data, &["--lora-targets", "q_proj,no_such_proj"]);

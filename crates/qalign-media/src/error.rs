@@ -19,6 +19,22 @@ pub enum MediaError {
     /// The file (or a configuration) is valid but uses something this crate does not support.
     #[error("unsupported input {}: {message}", path.display())]
     Unsupported { path: PathBuf, message: String },
+    /// An image (or video frame) whose `expand2square` square is 1 or 3 pixels wide. The official
+    /// preprocessing has no right answer for it: transformers' `CLIPImageProcessor` takes the
+    /// (side, side, 3) array for channels-first, so it fails on side 1 ("mean must have 1
+    /// elements") and reads a 3×3 image's rows as colour channels.
+    #[error(
+        "unsupported input {}: a {width}x{height} image pads to a {side}x{side} square, which the \
+         official Q-Align preprocessing fails on (1x1) or misreads as channels-first (3x3), so \
+         there is no reference result to match",
+        path.display()
+    )]
+    DegenerateSquare {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        side: u32,
+    },
     /// An external program this crate drives (ffmpeg, ffprobe) is not installed or not found.
     #[error("{tool} not found: install Debian's ffmpeg package or set {env_var} ({searched})")]
     ToolNotFound {
@@ -46,6 +62,7 @@ impl MediaError {
             Self::Io { path, .. }
             | Self::Decode { path, .. }
             | Self::Unsupported { path, .. }
+            | Self::DegenerateSquare { path, .. }
             | Self::ToolFailed { path, .. } => Some(path),
             Self::ToolNotFound { .. } | Self::InvalidArgument { .. } => None,
         }

@@ -7,10 +7,19 @@
 //! * PNG, BMP, WebP, TIFF: the `image` crate, then Pillow's conversion to RGB:
 //!   grayscale is replicated, alpha is dropped without blending, 16-bit RGB(A) and gray+alpha
 //!   keep the high byte (Pillow's `RGB;16B` unpacking), 16-bit grayscale is clamped to 255
-//!   (Pillow opens it as mode `I` and `I → RGB` saturates). Float images are rejected.
-//! * GIF: the first frame through its colour table (transparency ignored, as `P → RGB` does).
-//! * EXIF orientation is ignored unless [`DecodeOptions::exif_orientation`] is set
-//!   (the official code does not apply it).
+//!   (Pillow opens it as mode `I` and `I → RGB` saturates; a 16-bit gray PNG with a tRNS
+//!   key too). Float images are rejected.
+//! * BMP with 16-bit pixels: Pillow's truncating channel expansion (`v · 255 / 31`, and `/ 63`
+//!   for 5-6-5 green) where the `image` crate rounds; bit masks other than 5-5-5 and 5-6-5 are
+//!   refused, as Pillow refuses them.
+//! * TIFF: the Orientation tag is always applied (Pillow's `TiffImagePlugin.load_end` calls
+//!   `exif_transpose`), associated alpha (ExtraSamples = 1) is divided out as Pillow's `RGBa`
+//!   unpacking does, and FillOrder 2 is honoured (see `src/tiff_tags.rs`).
+//! * GIF: the first frame through its colour table (transparency ignored, as `P → RGB` does);
+//!   without a colour table (or with a gray-ramp one) a pixel is its index, as in Pillow's
+//!   mode `L`; stray bytes and unknown extensions before the image are skipped, as Pillow does.
+//! * JPEG, PNG, WebP EXIF orientation is ignored unless [`DecodeOptions::exif_orientation`] is
+//!   set (the official code does not apply it).
 
 use std::io::{Cursor, Read};
 use std::num::NonZeroU64;
@@ -20,7 +29,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
 
 use crate::jpeg::{self, JpegError};
-use crate::{MediaError, input};
+use crate::{MediaError, input, tiff_tags};
 
 /// Largest accepted image, in pixels: Pillow's decompression-bomb error threshold
 /// (2 × `Image.MAX_IMAGE_PIXELS`). Protects against headers that claim absurd sizes. Video frames
@@ -42,8 +51,9 @@ const IN_MEMORY: &str = "<in-memory image>";
 /// How to decode an image file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DecodeOptions {
-    /// Rotate/flip according to the EXIF orientation tag. Off by default, like the official
-    /// code (Pillow's `Image.open` does not apply it).
+    /// Rotate/flip JPEG, PNG and WebP images according to their EXIF orientation tag. Off by
+    /// default, like the official code (Pillow's `Image.open` does not apply it to them). A
+    /// TIFF's Orientation tag is applied either way, because Pillow applies it when loading.
     pub exif_orientation: bool,
 }
 
@@ -163,6 +173,8 @@ fn decode_bytes(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, Failure>
             (decoded.image, decoded.orientation)
         }
         ImageFormat::Gif => (gif_first_frame(bytes)?, None),
+        // Pillow transposes a TIFF by its Orientation tag while loading it.
+        ImageFormat::Tiff => decode_with_image_crate(bytes, format, true)?,
         _ => decode_with_image_crate(bytes, format, opts.exif_orientation)?,
     };
     Ok(match orientation {
@@ -210,6 +222,15 @@ fn decode_with_image_crate(
     want_orientation: bool,
 ) -> Result<(RgbImage, Option<Orientation>), Failure> {
     let fail = |e| image_crate_failure(format, e);
+    let tiff = match format {
+        ImageFormat::Tiff => Some(tiff_tags::quirks(bytes).map_err(Failure::Unsupported)?),
+        _ => None,
+    };
+    let bytes = tiff.as_ref().map_or(bytes, |t| &t.bytes);
+    let bmp16 = match format {
+        ImageFormat::Bmp => bmp16_green_bits(bytes)?,
+        _ => None,
+    };
     let mut decoder = ImageReader::with_format(Cursor::new(bytes), format)
         .into_decoder()
         .map_err(fail)?;
@@ -220,8 +241,118 @@ fn decode_with_image_crate(
     } else {
         None
     };
-    let dynamic = DynamicImage::from_decoder(decoder).map_err(fail)?;
-    Ok((to_rgb_like_pillow(dynamic)?, orientation))
+    let mut dynamic = DynamicImage::from_decoder(decoder).map_err(fail)?;
+    if format == ImageFormat::Png && png_is_gray16(bytes) {
+        dynamic = gray16_without_alpha(dynamic);
+    }
+    let mut rgb = match tiff {
+        Some(t) if t.premultiplied => unpremultiplied_rgb(dynamic)?,
+        _ => to_rgb_like_pillow(dynamic)?,
+    };
+    if let Some(green_bits) = bmp16 {
+        bmp16_like_pillow(&mut rgb, green_bits);
+    }
+    Ok((rgb, orientation))
+}
+
+/// Whether a PNG's IHDR says 16-bit grayscale (colour type 0). With a tRNS chunk the `png`
+/// crate adds an alpha channel, but Pillow opens such a file as mode `I` (the key only goes to
+/// `info["transparency"]`) and converts it like plain 16-bit gray.
+fn png_is_gray16(bytes: &[u8]) -> bool {
+    bytes.get(24..26) == Some(&[16, 0])
+}
+
+/// Drops the alpha the `png` crate derived from a tRNS key (see [`png_is_gray16`]).
+fn gray16_without_alpha(dynamic: DynamicImage) -> DynamicImage {
+    match dynamic {
+        DynamicImage::ImageLumaA16(img) => {
+            let (width, height) = img.dimensions();
+            let gray = img.as_raw().iter().step_by(2).copied().collect();
+            match image::ImageBuffer::from_raw(width, height, gray) {
+                Some(gray) => DynamicImage::ImageLuma16(gray),
+                None => DynamicImage::ImageLumaA16(img),
+            }
+        }
+        other => other,
+    }
+}
+
+/// RGB of a TIFF with associated (premultiplied) alpha, as Pillow's `RGBa` / `RGBa;16`
+/// unpacking gives it: each colour divided by alpha (16-bit samples by their high bytes).
+fn unpremultiplied_rgb(dynamic: DynamicImage) -> Result<RgbImage, Failure> {
+    let (width, height) = (dynamic.width(), dynamic.height());
+    let rgba: Vec<[u8; 4]> = match &dynamic {
+        DynamicImage::ImageRgba8(img) => img
+            .as_raw()
+            .chunks_exact(4)
+            .map(|p| [p[0], p[1], p[2], p[3]])
+            .collect(),
+        DynamicImage::ImageRgba16(img) => img
+            .as_raw()
+            .chunks_exact(4)
+            .map(|p| [p[0], p[1], p[2], p[3]].map(|v| (v >> 8) as u8))
+            .collect(),
+        _ => return to_rgb_like_pillow(dynamic),
+    };
+    let data = rgba
+        .iter()
+        .flat_map(|p| tiff_tags::unpremultiply([p[0], p[1], p[2]], p[3]))
+        .collect();
+    RgbImage::from_raw(width, height, data)
+        .ok_or_else(|| Failure::Corrupt("decoded buffer has the wrong size".to_string()))
+}
+
+/// For a 16-bit BMP, the width of its green field (5 or 6); `None` for other BMPs. Pillow reads
+/// only the 5-5-5 (`BI_RGB`, or those masks) and 5-6-5 layouts and refuses other masks.
+fn bmp16_green_bits(bytes: &[u8]) -> Result<Option<u32>, Failure> {
+    let le = |at: usize, n: usize| {
+        bytes.get(at..at + n).map(|b| {
+            b.iter()
+                .rev()
+                .fold(0u32, |acc, &x| (acc << 8) | u32::from(x))
+        })
+    };
+    let header = le(14, 4).unwrap_or(0);
+    // The bit count follows width and height: 16-bit fields in the 12-byte OS/2 header.
+    let bits = if header == 12 { le(24, 2) } else { le(28, 2) };
+    if bits != Some(16) {
+        return Ok(None);
+    }
+    match (header >= 40).then(|| le(30, 4)).flatten().unwrap_or(0) {
+        0 => Ok(Some(5)),
+        3 => match (le(54, 4), le(58, 4), le(62, 4)) {
+            (Some(0x7C00), Some(0x3E0), Some(0x1F)) => Ok(Some(5)),
+            (Some(0xF800), Some(0x7E0), Some(0x1F)) => Ok(Some(6)),
+            (Some(r), Some(g), Some(b)) => Err(Failure::Unsupported(format!(
+                "16-bit BMP with bit masks {r:#x}/{g:#x}/{b:#x}: only the 5-5-5 and 5-6-5 \
+                 layouts are supported (Pillow refuses the others too)"
+            ))),
+            _ => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Re-expands 16-bit BMP channels as Pillow does (`v · 255 / max`, truncated). The `image`
+/// crate rounds (`(v · 255 + max / 2) / max`), an injective map, so `v` is recovered from its
+/// output byte.
+fn bmp16_like_pillow(rgb: &mut RgbImage, green_bits: u32) {
+    let table = |bits: u32| {
+        let max = (1u32 << bits) - 1;
+        let mut map: [u8; 256] = std::array::from_fn(|i| i as u8);
+        for v in 0..=max {
+            map[((v * 255 + max / 2) / max) as usize] = (v * 255 / max) as u8;
+        }
+        map
+    };
+    let (five, green) = (table(5), table(green_bits));
+    for px in rgb.pixels_mut() {
+        px.0 = [
+            five[usize::from(px.0[0])],
+            green[usize::from(px.0[1])],
+            five[usize::from(px.0[2])],
+        ];
+    }
 }
 
 /// `convert("RGB")` as Pillow does it for the modes Pillow would have opened the file in.
@@ -275,8 +406,9 @@ fn to_rgb_like_pillow(dynamic: DynamicImage) -> Result<RgbImage, Failure> {
 
 /// The first GIF frame as Pillow shows it: a canvas of the logical screen size (grown to hold
 /// the frame), filled with the frame's transparent index (else index 0), the frame's indices
-/// pasted at its offset, then mapped through the frame's colour table (local, else global,
-/// else a gray ramp). Indices beyond the table map to black.
+/// pasted at its offset, then mapped through the frame's colour table (local, else global).
+/// Indices beyond the table map to black. Pillow ignores a table that is a gray ramp (its
+/// `_is_palette_needed` is false); without any other table the pixel is the index (mode `L`).
 ///
 /// The canvas size is checked against [`MAX_PIXELS`] from the frame header, before the frame's
 /// pixels are allocated; the `gif` crate's own 50 MB per-frame budget is raised to the same cap
@@ -284,11 +416,14 @@ fn to_rgb_like_pillow(dynamic: DynamicImage) -> Result<RgbImage, Failure> {
 fn gif_first_frame(bytes: &[u8]) -> Result<RgbImage, Failure> {
     let mut options = gif::DecodeOptions::new();
     options.set_color_output(gif::ColorOutput::Indexed);
+    // Unknown extensions are skipped by their sub-blocks, as Pillow does.
+    options.allow_unknown_blocks(true);
     options.set_memory_limit(gif::MemoryLimit::Bytes(
         NonZeroU64::new(MAX_PIXELS).expect("MAX_PIXELS is not zero"),
     ));
+    let (head, rest) = gif_patched_head(bytes);
     let mut decoder = options
-        .read_info(Cursor::new(bytes))
+        .read_info(Cursor::new(head).chain(rest))
         .map_err(|e| gif_failure(e, None))?;
     let global_palette = decoder.global_palette().map(<[u8]>::to_vec);
     let (screen_w, screen_h) = (usize::from(decoder.width()), usize::from(decoder.height()));
@@ -321,7 +456,11 @@ fn gif_first_frame(bytes: &[u8]) -> Result<RgbImage, Failure> {
         }
     }
 
-    let palette = local_palette.as_deref().or(global_palette.as_deref());
+    // Pillow drops a gray-ramp table; a frame whose local table is dropped takes the global one.
+    let palette = local_palette
+        .as_deref()
+        .filter(|p| !is_gray_ramp(p))
+        .or(global_palette.as_deref().filter(|p| !is_gray_ramp(p)));
     let mut table = [[0u8; 3]; 256];
     for (i, entry) in table.iter_mut().enumerate() {
         *entry = match palette {
@@ -338,6 +477,81 @@ fn gif_first_frame(bytes: &[u8]) -> Result<RgbImage, Failure> {
         .collect();
     RgbImage::from_raw(width as u32, height as u32, data)
         .ok_or_else(|| Failure::Corrupt("decoded buffer has the wrong size".to_string()))
+}
+
+/// Pillow's test for a colour table that is only a gray ramp (entry i = (i, i, i)), which it
+/// drops, opening the frame as mode `L`.
+fn is_gray_ramp(palette: &[u8]) -> bool {
+    palette
+        .chunks(3)
+        .enumerate()
+        .all(|(i, rgb)| rgb.iter().all(|&c| usize::from(c) == i))
+}
+
+/// The GIF as the `gif` crate should read it, where Pillow is more lenient: `(head, rest)`, to
+/// be read one after the other.
+/// * Without a global colour table, a 256-entry gray ramp is inserted as one, so a frame without
+///   a local table decodes (Pillow: mode `L`, pixel = index); a local table still wins.
+/// * A byte before the first image descriptor that starts no block is dropped (Pillow skips it).
+///
+/// The head is the header and the blocks before the first image descriptor; it is copied only
+/// when something needs patching.
+fn gif_patched_head(bytes: &[u8]) -> (Vec<u8>, &[u8]) {
+    let unchanged = (Vec::new(), bytes);
+    let Some(&flags) = bytes.get(10) else {
+        return unchanged;
+    };
+    let has_global = flags & 0x80 != 0;
+    let start = 13
+        + if has_global {
+            3 << ((flags & 7) + 1)
+        } else {
+            0
+        };
+    // The blocks before the first image descriptor, scanned as Pillow's `_seek` does; `pos`
+    // stops at the descriptor, the trailer, or data the scan cannot follow.
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    let mut pos = start;
+    let mut stray = false;
+    while let Some(&byte) = bytes.get(pos) {
+        match byte {
+            b',' | b';' => break,
+            b'!' => {
+                // Label, then sub-blocks until a zero length.
+                let mut at = pos + 2;
+                while let Some(&len) = bytes.get(at) {
+                    at += 1 + usize::from(len);
+                    if len == 0 {
+                        break;
+                    }
+                }
+                if at > bytes.len() {
+                    break;
+                }
+                kept.push((pos, at));
+                pos = at;
+            }
+            _ => {
+                stray = true;
+                pos += 1;
+            }
+        }
+    }
+    if has_global && !stray || bytes.len() < start {
+        return unchanged;
+    }
+    let mut head = Vec::with_capacity(start + 768);
+    head.extend_from_slice(&bytes[..13]);
+    if has_global {
+        head.extend_from_slice(&bytes[13..start]);
+    } else {
+        head[10] = (flags & 0x78) | 0x87;
+        head.extend((0..=255u8).flat_map(|i| [i; 3]));
+    }
+    for &(from, to) in &kept {
+        head.extend_from_slice(&bytes[from..to]);
+    }
+    (head, &bytes[pos..])
 }
 
 /// A `gif` decoding error; its allocation failures ("Out of Memory", "Memory limit reached")

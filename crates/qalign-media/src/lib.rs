@@ -7,6 +7,7 @@ mod input;
 mod jpeg;
 pub mod preprocess;
 pub mod resize;
+mod tiff_tags;
 pub mod video;
 
 pub use self::image::{

@@ -312,6 +312,8 @@ impl PreprocessConfig {
     }
 
     /// The Q-Align pipeline: `expand2square` with [`Self::background`], then the CLIP processor.
+    /// Any size is processed; [`check_square_side`] says which ones the official code cannot
+    /// (`preprocess_path` and video sampling refuse those).
     pub fn preprocess(&self, img: &RgbImage) -> Pixels {
         self.normalize(&self.pad_resize_and_crop(img))
     }
@@ -431,13 +433,31 @@ pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     out
 }
 
-/// Loads an image file and runs the Q-Align pipeline on it.
+/// Refuses a `width` × `height` image whose `expand2square` side is 1 or 3 pixels (see
+/// [`MediaError::DegenerateSquare`]): there is no official tensor to match for it.
+pub fn check_square_side(path: &Path, width: u32, height: u32) -> Result<(), MediaError> {
+    let side = square_layout(width, height).side;
+    if side == 1 || side == 3 {
+        return Err(MediaError::DegenerateSquare {
+            path: path.to_path_buf(),
+            width,
+            height,
+            side,
+        });
+    }
+    Ok(())
+}
+
+/// Loads an image file and runs the Q-Align pipeline on it; images the official pipeline
+/// cannot preprocess are refused ([`check_square_side`]).
 pub fn preprocess_path(
     path: &Path,
     config: &PreprocessConfig,
     opts: &DecodeOptions,
 ) -> Result<Pixels, MediaError> {
-    Ok(config.preprocess(&load_rgb(path, opts)?))
+    let img = load_rgb(path, opts)?;
+    check_square_side(path, img.width(), img.height())?;
+    Ok(config.preprocess(&img))
 }
 
 #[cfg(test)]

@@ -301,7 +301,7 @@ fn check_image_header(path: &Path) -> std::result::Result<(), String> {
             qalign_media::image::too_many_pixels("image", width.into(), height.into())
         ));
     }
-    Ok(())
+    qalign_media::preprocess::check_square_side(path, width, height).map_err(|e| e.to_string())
 }
 
 /// Decodes and preprocesses the visual input of a sample: `[T, 3, S, S]` f32 values, row-major.

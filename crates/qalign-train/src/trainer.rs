@@ -211,7 +211,12 @@ impl Recipe {
         };
         a.iter()
             .filter(|(k, v)| b.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {v} → {}", b.get(k).unwrap_or(&serde_json::Value::Null)))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {v} → {}",
+                    b.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
             .collect()
     }
 }
@@ -658,7 +663,10 @@ impl Trainer {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         for s in &self.dataset.samples {
-            hash.update(format!("{}\0{:?}\0{:?}\0{:?}\n", s.id, s.visual, s.input_ids, s.labels));
+            hash.update(format!(
+                "{}\0{:?}\0{:?}\0{:?}\n",
+                s.id, s.visual, s.input_ids, s.labels
+            ));
         }
         let adaptation = match &self.config.mode {
             Mode::Full => "full".to_string(),

@@ -312,6 +312,8 @@ fn info_from_probe(path: &Path, probe: ProbeOutput) -> Result<VideoInfo, MediaEr
     } else {
         (coded_width, coded_height)
     };
+    // Frames padding to a 1- or 3-pixel square have no official tensor (`DegenerateSquare`).
+    crate::preprocess::check_square_side(path, width, height)?;
     let format = probe.format.as_ref();
     let duration = stream
         .duration
@@ -444,6 +446,19 @@ mod tests {
         assert_eq!(info.rotation, 0, "89.5 truncates to 89 as in decord");
         let info = rotated(r#","side_data_list":[{"rotation":89.5}]"#);
         assert_eq!(info.rotation, 270, "-89.5 wraps to 270.5, truncated to 270");
+    }
+
+    #[test]
+    fn frames_padding_to_a_1_or_3_pixel_square_are_refused() {
+        let err = parse(
+            r#"{"streams":[{"index":0,"codec_name":"h264","codec_type":"video","width":3,
+                "height":2,"avg_frame_rate":"1/1","nb_read_packets":"3"}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, MediaError::DegenerateSquare { side: 3, .. }),
+            "{err}"
+        );
     }
 
     #[test]

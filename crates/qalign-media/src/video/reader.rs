@@ -84,6 +84,7 @@ impl FrameReader {
                 message: too_many_pixels("video frames", width.into(), height.into()),
             });
         }
+        crate::preprocess::check_square_side(&info.path, width, height)?;
         let frame_bytes = width as usize * height as usize * 3;
         let mut command = Command::new(tools.ffmpeg());
         command

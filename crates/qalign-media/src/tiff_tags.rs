@@ -1,0 +1,243 @@
+//! The TIFF tags the `image` crate ignores but Pillow 10.2 honours, read from the first IFD:
+//! FillOrder (266) and ExtraSamples (338). The `tiff` crate decodes the pixels; this module only
+//! patches the input (FillOrder) or the output (associated alpha) so the result is Pillow's.
+//! (Orientation, 274, is read through the `image` crate's decoder.)
+
+use std::borrow::Cow;
+
+const FILL_ORDER: u16 = 266;
+const EXTRA_SAMPLES: u16 = 338;
+const COMPRESSION: u16 = 259;
+const PHOTOMETRIC: u16 = 262;
+const BITS_PER_SAMPLE: u16 = 258;
+const SAMPLES_PER_PIXEL: u16 = 277;
+const STRIP_OFFSETS: u16 = 273;
+const STRIP_BYTE_COUNTS: u16 = 279;
+const TILE_OFFSETS: u16 = 324;
+const TILE_BYTE_COUNTS: u16 = 325;
+
+/// What the first IFD says beyond what the `tiff` crate uses.
+pub(crate) struct TiffQuirks<'a> {
+    /// The file with every strip/tile's bytes bit-reversed when FillOrder is 2, else borrowed.
+    pub bytes: Cow<'a, [u8]>,
+    /// RGBA with ExtraSamples = 1 (associated alpha): Pillow reads it as `RGBa` and divides the
+    /// colour by alpha.
+    pub premultiplied: bool,
+}
+
+/// Reads the tags and applies FillOrder. A file whose IFD cannot be read is passed on as is
+/// (the `tiff` crate then reports what is wrong). `Err` is a FillOrder layout Pillow does not
+/// read either, or one this crate does not reproduce.
+pub(crate) fn quirks(bytes: &[u8]) -> Result<TiffQuirks<'_>, String> {
+    let Some(ifd) = Ifd::first(bytes) else {
+        return Ok(TiffQuirks {
+            bytes: Cow::Borrowed(bytes),
+            premultiplied: false,
+        });
+    };
+    let one = |tag, default| {
+        ifd.values(tag)
+            .and_then(|v| v.first().copied())
+            .unwrap_or(default)
+    };
+    let photometric = one(PHOTOMETRIC, 0);
+    let samples = one(SAMPLES_PER_PIXEL, 1);
+    let premultiplied =
+        photometric == 2 && samples == 4 && ifd.values(EXTRA_SAMPLES) == Some(vec![1]);
+    let bytes = match one(FILL_ORDER, 1) {
+        1 => Cow::Borrowed(bytes),
+        2 => {
+            let compression = one(COMPRESSION, 1);
+            let bits = ifd.values(BITS_PER_SAMPLE).unwrap_or_else(|| vec![1]);
+            let bits = bits.first().copied().unwrap_or(1);
+            // Pillow's FillOrder=2 modes that the `tiff` crate decodes: bilevel and 8-bit gray,
+            // 8-bit RGB. Compressions whose coded bytes libtiff bit-reverses before decoding
+            // (none, LZW, Deflate, PackBits; the fax codecs read LSB-first, the same thing).
+            let layout = matches!((photometric, samples, bits), (0 | 1, 1, 1 | 8) | (2, 3, 8));
+            if !layout || !matches!(compression, 1..=5 | 8 | 32773 | 32946) {
+                return Err(format!(
+                    "TIFF FillOrder 2 is supported only for uncompressed, LZW, Deflate, PackBits \
+                     or fax bilevel, 8-bit gray or 8-bit RGB images (this one: photometric \
+                     {photometric}, {samples} samples of {bits} bits, compression {compression})"
+                ));
+            }
+            Cow::Owned(reverse_data_bits(bytes, &ifd)?)
+        }
+        other => {
+            return Err(format!(
+                "TIFF FillOrder {other} is not a valid value (1 or 2); Pillow refuses it too"
+            ));
+        }
+    };
+    Ok(TiffQuirks {
+        bytes,
+        premultiplied,
+    })
+}
+
+/// A copy of `bytes` with the bits of each byte of every strip (or tile) reversed, each byte at
+/// most once even where strips overlap: what libtiff (and Pillow's `;R` raw modes) decode.
+fn reverse_data_bits(bytes: &[u8], ifd: &Ifd) -> Result<Vec<u8>, String> {
+    let (offsets, counts) = match (ifd.values(STRIP_OFFSETS), ifd.values(STRIP_BYTE_COUNTS)) {
+        (Some(o), Some(c)) => (o, c),
+        _ => match (ifd.values(TILE_OFFSETS), ifd.values(TILE_BYTE_COUNTS)) {
+            (Some(o), Some(c)) => (o, c),
+            _ => return Err("TIFF has no strip or tile offsets".to_string()),
+        },
+    };
+    let len = bytes.len() as u64;
+    let mut ranges: Vec<(usize, usize)> = offsets
+        .iter()
+        .zip(&counts)
+        .map(|(&start, &count)| {
+            let start = start.min(len);
+            (
+                start as usize,
+                start.saturating_add(count).min(len) as usize,
+            )
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut out = bytes.to_vec();
+    let mut done = 0;
+    for (start, end) in ranges {
+        for byte in &mut out[start.max(done)..end.max(done)] {
+            *byte = byte.reverse_bits();
+        }
+        done = done.max(end);
+    }
+    Ok(out)
+}
+
+/// Pillow's `RGBa` unpacking of one premultiplied pixel: `c · 255 / a`, truncated and clipped;
+/// alpha 0 gives black and alpha 255 keeps the colour.
+pub(crate) fn unpremultiply(rgb: [u8; 3], alpha: u8) -> [u8; 3] {
+    match alpha {
+        0 => [0; 3],
+        255 => rgb,
+        a => rgb.map(|c| (u32::from(c) * 255 / u32::from(a)).min(255) as u8),
+    }
+}
+
+/// The first IFD of a classic or Big TIFF, read only as far as tag values go.
+struct Ifd<'a> {
+    bytes: &'a [u8],
+    big_endian: bool,
+    big_tiff: bool,
+    /// The entry table (12-byte entries, or 20-byte ones in BigTIFF).
+    entries: &'a [u8],
+}
+
+impl<'a> Ifd<'a> {
+    fn first(bytes: &'a [u8]) -> Option<Self> {
+        let big_endian = match bytes.get(..2)? {
+            b"II" => false,
+            b"MM" => true,
+            _ => return None,
+        };
+        let mut ifd = Ifd {
+            bytes,
+            big_endian,
+            big_tiff: false,
+            entries: &[],
+        };
+        ifd.big_tiff = match ifd.uint(2, 2)? {
+            42 => false,
+            43 => true,
+            _ => return None,
+        };
+        let (start, count, entry) = if ifd.big_tiff {
+            let start = ifd.uint(8, 8)?;
+            (start, ifd.uint(start, 8)?, 20)
+        } else {
+            let start = ifd.uint(4, 4)?;
+            (start, ifd.uint(start, 2)?, 12)
+        };
+        let table = start.checked_add(if ifd.big_tiff { 8 } else { 2 })?;
+        let size = count.checked_mul(entry)?;
+        ifd.entries = ifd.slice(table, size)?;
+        Some(ifd)
+    }
+
+    /// The bytes at `offset..offset + len`, if inside the file.
+    fn slice(&self, offset: u64, len: u64) -> Option<&'a [u8]> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.bytes.get(start..end)
+    }
+
+    /// An unsigned integer of `size` bytes (1, 2, 4 or 8) in the file's byte order.
+    fn uint(&self, offset: u64, size: u64) -> Option<u64> {
+        Some(self.read(self.slice(offset, size)?))
+    }
+
+    fn read(&self, raw: &[u8]) -> u64 {
+        let fold = |acc: u64, &b: &u8| (acc << 8) | u64::from(b);
+        if self.big_endian {
+            raw.iter().fold(0, fold)
+        } else {
+            raw.iter().rev().fold(0, fold)
+        }
+    }
+
+    /// The values of an unsigned-integer tag (BYTE, SHORT, LONG, LONG8, IFD), if present and
+    /// inside the file (the count is bounded by the file size before anything is allocated).
+    /// A repeated tag counts by its last entry, as in Pillow.
+    fn values(&self, tag: u16) -> Option<Vec<u64>> {
+        let entry_len = if self.big_tiff { 20 } else { 12 };
+        let entry = self
+            .entries
+            .chunks_exact(entry_len)
+            .rfind(|e| self.read(&e[..2]) == u64::from(tag))?;
+        let size: u64 = match self.read(&entry[2..4]) {
+            1 => 1,
+            3 => 2,
+            4 | 13 => 4,
+            16 | 18 => 8,
+            _ => return None,
+        };
+        let (count, field) = if self.big_tiff {
+            (self.read(&entry[4..12]), &entry[12..20])
+        } else {
+            (self.read(&entry[4..8]), &entry[8..12])
+        };
+        let total = count.checked_mul(size)?;
+        let data = if total <= field.len() as u64 {
+            field.get(..total as usize)?
+        } else {
+            self.slice(self.read(field), total)?
+        };
+        Some(
+            data.chunks_exact(size as usize)
+                .map(|v| self.read(v))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpremultiply_is_pillows_integer_division() {
+        assert_eq!(unpremultiply([100, 50, 20], 128), [199, 99, 39]);
+        assert_eq!(unpremultiply([200, 1, 0], 100), [255, 2, 0]);
+        assert_eq!(unpremultiply([10, 20, 30], 0), [0, 0, 0]);
+        assert_eq!(unpremultiply([10, 20, 30], 255), [10, 20, 30]);
+    }
+
+    #[test]
+    fn overlapping_strips_are_reversed_once() {
+        // Little-endian TIFF, IFD at 8 with two entries: StripOffsets = [38, 39],
+        // StripByteCounts = [2, 2] (both as inline SHORT pairs); data at 38..41.
+        let mut file = b"II*\0\x08\0\0\0\x02\0".to_vec();
+        file.extend_from_slice(&[0x11, 1, 3, 0, 2, 0, 0, 0, 38, 0, 39, 0]);
+        file.extend_from_slice(&[0x17, 1, 3, 0, 2, 0, 0, 0, 2, 0, 2, 0]);
+        file.extend_from_slice(&[0, 0, 0, 0, 0b0000_0001, 0b1000_0000, 0b0000_0011]);
+        let ifd = Ifd::first(&file).unwrap();
+        let out = reverse_data_bits(&file, &ifd).unwrap();
+        assert_eq!(&out[38..], &[0b1000_0000, 0b0000_0001, 0b1100_0000]);
+        assert_eq!(&out[..38], &file[..38]);
+    }
+}
