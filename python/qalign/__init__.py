@@ -12,8 +12,9 @@ numpy ``H×W×3`` ``uint8`` arrays.
 from __future__ import annotations
 
 import json
+import operator
 import os
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._qalign import QAlignError, __version__
 from ._qalign import Scorer as _RustScorer
@@ -22,19 +23,59 @@ __all__ = ["Scorer", "QAlignError", "create_metric", "QAlignMetric", "__version_
 
 TASKS = ("quality", "aesthetics", "all")
 SCALES = ("1-5", "0-1")
+#: Consecutive paths handed to the engine per call: enough to keep its batches full and its
+#: decoder ahead, few enough that a long generator is read as it is scored.
+PATH_RUN = 256
+
+_Rgb = Tuple[bytes, int, int]
+
+
+def _task_name(name: Any) -> str:
+    """``name`` in lower case, ``aesthetic`` (pyiqa's spelling) read as ``aesthetics``."""
+    if not isinstance(name, str):
+        raise TypeError(f"a task is a name (quality, aesthetics or all), not a {type(name).__name__}")
+    key = name.strip().lower()
+    key = "aesthetics" if key == "aesthetic" else key
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}: expected quality, aesthetics or all")
+    return key
 
 
 def _tasks(task: Union[str, Sequence[str]]) -> List[str]:
-    names = [task] if isinstance(task, str) else list(task)
-    for name in names:
-        if not isinstance(name, str) or name.lower() not in TASKS + ("aesthetic",):
-            raise ValueError(f"unknown task {name!r}: expected quality, aesthetics or all")
-    if not names:
+    if not isinstance(task, (str, Iterable)):
+        raise TypeError(f"task must be a name or a list of names, not {type(task).__name__}")
+    out: List[str] = []
+    for name in [task] if isinstance(task, str) else task:
+        key = _task_name(name)
+        for one in ("quality", "aesthetics") if key == "all" else (key,):
+            if one not in out:
+                out.append(one)
+    if not out:
         raise ValueError("no task given: expected quality, aesthetics or all")
-    return names
+    return out
+
+
+def _one_task(task: str) -> str:
+    key = _task_name(task)
+    if key == "all":
+        raise ValueError(f"unknown task {task!r}: expected quality or aesthetics (one task)")
+    return key
+
+
+def _batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool):
+        raise TypeError("batch_size must be an integer, not a bool")
+    try:
+        n = operator.index(batch_size)
+    except TypeError:
+        raise TypeError(f"batch_size must be an integer, not {type(batch_size).__name__}") from None
+    if n < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {n}")
+    return n
 
 
 def _is_array(x: Any) -> bool:
+    # Test `_is_pil` first: a PIL image's `__array_interface__` decodes it (and may raise).
     return hasattr(x, "__array_interface__") and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
@@ -42,19 +83,39 @@ def _is_pil(x: Any) -> bool:
     return hasattr(x, "convert") and hasattr(x, "size") and hasattr(x, "tobytes") and hasattr(x, "mode")
 
 
-def _rgb_of_array(x: Any, name: str) -> Tuple[bytes, int, int]:
+def _is_single(x: Any) -> bool:
+    """One input, as opposed to an iterable of them."""
+    return isinstance(x, (str, bytes, bytearray, memoryview, os.PathLike)) or _is_pil(x) or _is_array(x)
+
+
+def _rgb_of_array(x: Any) -> _Rgb:
     shape = tuple(x.shape)
     if len(shape) != 3 or shape[2] != 3 or str(x.dtype) != "uint8":
-        raise ValueError(f"{name}: expected an H×W×3 uint8 array, got shape {shape} and dtype {x.dtype}")
+        raise ValueError(f"expected an H×W×3 uint8 array, got shape {shape} and dtype {x.dtype}")
     height, width = shape[0], shape[1]
-    data = x.tobytes(order="C")
-    return data, width, height
+    return x.tobytes(order="C"), width, height
 
 
-def _rgb_of_pil(image: Any) -> Tuple[bytes, int, int]:
+def _rgb_of_pil(image: Any) -> _Rgb:
     rgb = image.convert("RGB")
     width, height = rgb.size
     return rgb.tobytes(), width, height
+
+
+def _chained(message: str, cause: Exception) -> QAlignError:
+    # Not built in the `except` block: a local there would make a cycle with the traceback,
+    # keeping the bad input alive until the garbage collector runs.
+    error = QAlignError(message)
+    error.__cause__ = cause
+    return error
+
+
+def _records(name: str, records: List[str]) -> Iterator[dict]:
+    for text in records:
+        record = json.loads(text)
+        # The caller's own string: the engine's rendering of a path is lossy when not UTF-8.
+        record["path"] = name
+        yield record
 
 
 class Scorer:
@@ -97,93 +158,103 @@ class Scorer:
         batch_size: int = 8,
         errors: str = "raise",
     ) -> List[dict]:
-        """Scores one input or a list of them; returns one dict per input and task, in order.
+        """Scores one input or an iterable of them; returns one dict per input and task, in order.
 
-        With ``errors="raise"`` (the default) the first bad input raises :class:`QAlignError`
-        naming it; with ``errors="return"`` it gets one dict ``{"path": ..., "error": ...}`` in its
-        place and the others are still scored.
+        Inputs are read as they are scored (a generator of images is never held whole). With
+        ``errors="raise"`` (the default) the first bad input raises :class:`QAlignError` naming it,
+        before later inputs are scored; with ``errors="return"`` it gets one dict
+        ``{"path": ..., "error": ...}`` in its place and the others are still scored.
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}: expected '1-5' or '0-1'")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        batch_size = _batch_size(batch_size)
         tasks = _tasks(task)
-        items = self._items(inputs)
-        results: List[Optional[List[dict]]] = [None] * len(items)
-        failures: List[Optional[str]] = [None] * len(items)
-        paths = [(i, value) for i, (kind, value, _) in enumerate(items) if kind == "path"]
-        if paths:
-            outcomes = self._inner.score_paths([p for _, p in paths], tasks, scale, batch_size)
-            for (i, _), (records, error) in zip(paths, outcomes):
-                results[i], failures[i] = records, error
-        for i, (kind, value, name) in enumerate(items):
-            if kind == "bytes":
-                results[i], failures[i] = self._inner.score_bytes(value, name, tasks, scale)
-            elif kind == "rgb":
-                data, width, height = value
-                try:
-                    results[i] = self._inner.score_rgb(data, (width, height), name, tasks, scale)
-                except QAlignError as e:
-                    failures[i] = str(e)
-        out: List[dict] = []
-        for i, (_, _, name) in enumerate(items):
-            if failures[i] is not None:
-                if errors == "raise":
-                    raise QAlignError(failures[i])
-                out.append({"path": name, "error": failures[i]})
-            else:
-                out.extend(json.loads(r) for r in results[i] or [])
-        return out
-
-    def _items(self, inputs: Any) -> List[Tuple[str, Any, str]]:
-        single = isinstance(inputs, (str, bytes, bytearray, memoryview, os.PathLike)) or _is_array(inputs) or _is_pil(inputs)
-        if single:
+        if _is_single(inputs):
             inputs = [inputs]
         elif not isinstance(inputs, Iterable):
             raise TypeError(f"cannot score a {type(inputs).__name__}: give paths, bytes, PIL images or numpy arrays")
-        items: List[Tuple[str, Any, str]] = []
-        for i, x in enumerate(inputs):
-            if isinstance(x, (str, os.PathLike)):
-                path = os.fspath(x)
-                items.append(("path", path, path))
-            elif isinstance(x, (bytes, bytearray, memoryview)):
-                items.append(("bytes", bytes(x), f"<bytes #{i}>"))
-            elif _is_array(x):
-                name = f"<array #{i}>"
-                items.append(("rgb", _rgb_of_array(x, name), name))
-            elif _is_pil(x):
-                name = getattr(x, "filename", "") or f"<image #{i}>"
-                items.append(("rgb", _rgb_of_pil(x), name))
+        out: List[dict] = []
+
+        def add(name: str, records: Optional[List[str]], error: Optional[QAlignError]) -> None:
+            if error is None:
+                out.extend(_records(name, records or []))
+            elif errors == "raise":
+                raise error
             else:
-                raise TypeError(
-                    f"input #{i} is a {type(x).__name__}: give paths, bytes, PIL images or numpy arrays"
+                out.append({"path": name, "error": str(error)})
+
+        run: List[str] = []
+
+        def flush() -> None:
+            if run:
+                # `min`: a Python int may not fit the engine's usize, and no batch needs more.
+                outcomes = self._inner.score_paths(
+                    run, tasks, scale, min(batch_size, len(run)), stop_on_error=errors == "raise"
                 )
-        if not items:
+                for name, (records, error) in zip(run, outcomes):
+                    add(name, records, None if error is None else QAlignError(error))
+                run.clear()
+
+        count = 0
+        for i, x in enumerate(inputs):
+            count += 1
+            if isinstance(x, (str, os.PathLike)):
+                run.append(os.fsdecode(x))
+                if len(run) >= max(PATH_RUN, batch_size):
+                    flush()
+            else:
+                flush()
+                add(*self._score_one(x, i, tasks, scale))
+        flush()
+        if not count:
             raise ValueError("no inputs given")
-        return items
+        return out
+
+    def _score_one(
+        self, x: Any, i: int, tasks: List[str], scale: str
+    ) -> Tuple[str, Optional[List[str]], Optional[QAlignError]]:
+        """Scores one input that is not a path: ``(name, records, error)``."""
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            name = f"<bytes #{i}>"
+            records, message = self._inner.score_bytes(
+                x if isinstance(x, (bytes, bytearray)) else bytes(x), name, tasks, scale
+            )
+            return name, records, None if message is None else QAlignError(message)
+        convert: Callable[[Any], _Rgb]
+        if _is_pil(x):
+            name, convert = getattr(x, "filename", "") or f"<image #{i}>", _rgb_of_pil
+        elif _is_array(x):
+            name, convert = f"<array #{i}>", _rgb_of_array
+        else:
+            raise TypeError(f"input #{i} is a {type(x).__name__}: give paths, bytes, PIL images or numpy arrays")
+        try:
+            data, width, height = convert(x)
+            return name, self._inner.score_rgb(data, (width, height), name, tasks, scale), None
+        except QAlignError as e:
+            return name, None, e
+        except Exception as e:  # what numpy or Pillow say of a bad image (a truncated file, ...)
+            return name, None, _chained(f"{name}: {e}", e)
 
 
 class QAlignMetric:
     """A pyiqa-style metric: ``metric(img_or_path_or_batch)`` returns the score on [1, 5] of one
-    input (a float) or of each input of a list (a list of floats). Higher is better."""
+    input (a float) or of each input of a list or other iterable (a list of floats). Higher is
+    better."""
 
     lower_better = False
     score_range = (1.0, 5.0)
 
     def __init__(self, scorer: Scorer, task: str, batch_size: int = 8) -> None:
-        if task not in ("quality", "aesthetics", "aesthetic"):
-            raise ValueError(f"unknown task {task!r}: expected quality or aesthetics")
         self.scorer = scorer
-        self.task = task
-        self.batch_size = batch_size
+        self.task = _one_task(task)
+        self.batch_size = _batch_size(batch_size)
 
     def __call__(self, inputs: Any) -> Union[float, List[float]]:
-        is_batch = isinstance(inputs, (list, tuple))
         records = self.scorer.score(inputs, task=self.task, scale="1-5", batch_size=self.batch_size)
         scores = [float(r["score"]) for r in records]
-        return scores if is_batch else scores[0]
+        return scores[0] if _is_single(inputs) else scores
 
 
 def create_metric(
@@ -197,6 +268,6 @@ def create_metric(
     aliases = {"qalign": "quality", "qalign_aesthetic": "aesthetics", "qalign_aesthetics": "aesthetics"}
     if name not in aliases:
         raise ValueError(f"unknown metric {name!r}: expected one of {sorted(aliases)}")
-    if name != "qalign":
-        task = aliases[name]
+    # Checked before the model loads (which takes long).
+    task = _one_task(task if name == "qalign" else aliases[name])
     return QAlignMetric(Scorer(model, **scorer_kwargs), task)

@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension (crates/qalign-py); use the wrappers in `qalign`."""
 
 import os
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union, final
 
 __version__: str
 
@@ -10,6 +10,7 @@ class QAlignError(Exception):
 
 _Outcome = Tuple[Optional[List[str]], Optional[str]]
 
+@final
 class Scorer:
     def __init__(
         self,
@@ -21,9 +22,16 @@ class Scorer:
         offline: bool = False,
     ) -> None: ...
     def score_paths(
-        self, paths: List[str], tasks: List[str], scale: str = "1-5", batch_size: int = 8
+        self,
+        paths: List[str],
+        tasks: List[str],
+        scale: str = "1-5",
+        batch_size: int = 8,
+        stop_on_error: bool = False,
     ) -> List[_Outcome]: ...
-    def score_bytes(self, data: bytes, name: str, tasks: List[str], scale: str = "1-5") -> _Outcome: ...
+    def score_bytes(
+        self, data: Union[bytes, bytearray], name: str, tasks: List[str], scale: str = "1-5"
+    ) -> _Outcome: ...
     def score_rgb(
         self, data: bytes, size: Tuple[int, int], name: str, tasks: List[str], scale: str = "1-5"
     ) -> List[str]: ...

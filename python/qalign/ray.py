@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
-from . import Scorer
+from . import Scorer, _batch_size, _one_task
 
 __all__ = ["score_dataset"]
 
@@ -30,6 +30,7 @@ class _QAlignUDF:
 
         if self.column not in batch:
             raise KeyError(f"the dataset has no column {self.column!r} (it has {sorted(batch)})")
+        _check_free(batch)
         inputs: List[Union[str, bytes]] = []
         for value in batch[self.column]:
             if isinstance(value, (bytes, bytearray, memoryview)):
@@ -67,6 +68,12 @@ class _QAlignUDF:
         return result
 
 
+def _check_free(columns: Any) -> None:
+    taken = sorted(set(COLUMNS) & set(columns))
+    if taken:
+        raise ValueError(f"the dataset already has the column(s) {taken} that score_dataset adds: rename or drop them")
+
+
 def score_dataset(
     ds: Any,
     model: Union[str, "os.PathLike[str]"],
@@ -75,20 +82,28 @@ def score_dataset(
     batch_size: int = 8,
     concurrency: int = 1,
     num_gpus: float = 0,
+    num_cpus: Optional[float] = None,
+    ray_remote_args: Optional[Dict[str, Any]] = None,
     **scorer_kwargs: Any,
 ) -> Any:
     """Adds ``score``, ``probs``, ``std``, ``entropy``, ``level`` and ``error`` columns to ``ds``.
 
     ``column`` holds paths (local or on a shared file system) or encoded bytes (e.g. the
     ``bytes`` column of ``ray.data.read_binary_files``). ``concurrency`` actors each load the
-    model once (``num_gpus`` per actor; ``device="cuda"`` goes in ``scorer_kwargs``). A row that
+    model once (``num_gpus`` and ``num_cpus`` per actor, other Ray resources such as ``memory`` in
+    ``ray_remote_args``; ``device="cuda"`` goes in ``scorer_kwargs``). A row that
     cannot be scored gets its message in ``error`` (and NaN / None elsewhere) instead of failing
     the job. Lazy, as Ray Data is: write or iterate the result to run it.
     """
-    if task not in ("quality", "aesthetics", "aesthetic"):
-        raise ValueError(f"unknown task {task!r}: score_dataset takes one task, quality or aesthetics")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    task = _one_task(task)
+    batch_size = _batch_size(batch_size)
+    # Refused now when the schema is known without running anything, else by the first batch.
+    schema = ds.schema(fetch_if_missing=False)
+    if schema is not None:
+        _check_free(schema.names)
+    remote_args = dict(ray_remote_args or {})
+    if num_cpus is not None:
+        remote_args["num_cpus"] = num_cpus
     return ds.map_batches(
         _QAlignUDF,
         fn_constructor_kwargs={
@@ -102,4 +117,5 @@ def score_dataset(
         batch_format="numpy",
         concurrency=concurrency,
         num_gpus=num_gpus,
+        **remote_args,
     )

@@ -84,8 +84,9 @@ def test_bad_inputs_raise_clear_errors(scorer, tmp_path):
         scorer.score(str(tmp_path / "missing.png"))
     with pytest.raises(qalign.QAlignError, match="<bytes #0>"):
         scorer.score(b"garbage bytes")
-    with pytest.raises(ValueError, match="H×W×3 uint8"):
+    with pytest.raises(qalign.QAlignError, match="H×W×3 uint8") as bad_array:
         scorer.score(np.zeros((4, 4), dtype=np.uint8))
+    assert isinstance(bad_array.value.__cause__, ValueError)
     with pytest.raises(ValueError, match="unknown task"):
         scorer.score(str(IMAGES[0]), task="sharpness")
     with pytest.raises(ValueError, match="scale"):

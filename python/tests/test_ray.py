@@ -28,7 +28,7 @@ def test_paths_and_bytes_match_the_scorer_and_bad_rows_get_an_error(local_ray, t
     want = {str(p): r["score"] for p, r in zip(IMAGES, scorer.score([str(p) for p in IMAGES]))}
     missing = str(tmp_path / "missing.jpg")
     ds = ray.data.from_items([{"path": str(p)} for p in IMAGES] + [{"path": missing}])
-    rows = score_dataset(ds, MODEL, batch_size=4).take_all()
+    rows = score_dataset(ds, MODEL, batch_size=4, num_cpus=1).take_all()
     assert len(rows) == len(IMAGES) + 1
     for row in rows:
         if row["path"] == missing:
@@ -41,7 +41,7 @@ def test_paths_and_bytes_match_the_scorer_and_bad_rows_get_an_error(local_ray, t
             assert row["level"] in scorer.levels
 
     files = ray.data.read_binary_files([str(p) for p in IMAGES], include_paths=True)
-    rows = score_dataset(files, MODEL, column="bytes").take_all()
+    rows = score_dataset(files, MODEL, column="bytes", ray_remote_args={"num_cpus": 1}).take_all()
     assert len(rows) == len(IMAGES)
     for row in rows:
         assert row["error"] is None
@@ -53,3 +53,9 @@ def test_paths_and_bytes_match_the_scorer_and_bad_rows_get_an_error(local_ray, t
 def test_one_task_only():
     with pytest.raises(ValueError, match="one task"):
         score_dataset(None, MODEL, task="all")
+
+
+def test_existing_output_columns_are_refused(local_ray):
+    ds = ray.data.from_items([{"path": str(IMAGES[0]), "score": 1.0}])
+    with pytest.raises(ValueError, match="score"):
+        score_dataset(ds, MODEL)

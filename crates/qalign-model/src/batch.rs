@@ -308,7 +308,8 @@ impl<'a, P: AsRef<Path>> Iterator for Units<'a, P> {
         if let Some((index, path)) = self.held.take() {
             return Some(Unit::Video(index, path));
         }
-        let mut images = Vec::with_capacity(self.batch_size);
+        // Not `batch_size` itself: a huge one (from Python, say) would overflow the allocation.
+        let mut images = Vec::with_capacity(self.batch_size.min(self.paths.len()));
         for (index, path) in self.paths.by_ref() {
             let path = path.as_ref();
             if qalign_media::is_video(path) {
