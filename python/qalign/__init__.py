@@ -224,14 +224,18 @@ class Scorer:
             return name, records, None if message is None else QAlignError(message)
         convert: Callable[[Any], _Rgb]
         if _is_pil(x):
-            name, convert = getattr(x, "filename", "") or f"<image #{i}>", _rgb_of_pil
+            # A file name may be bytes or hold undecodable bytes (surrogates): the record keeps it
+            # as Python spells it, Rust gets a UTF-8 rendering.
+            filename = getattr(x, "filename", "")
+            name, convert = os.fsdecode(filename) if filename else f"<image #{i}>", _rgb_of_pil
         elif _is_array(x):
             name, convert = f"<array #{i}>", _rgb_of_array
         else:
             raise TypeError(f"input #{i} is a {type(x).__name__}: give paths, bytes, PIL images or numpy arrays")
         try:
             data, width, height = convert(x)
-            return name, self._inner.score_rgb(data, (width, height), name, tasks, scale), None
+            utf8 = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            return name, self._inner.score_rgb(data, (width, height), utf8, tasks, scale), None
         except QAlignError as e:
             return name, None, e
         except Exception as e:  # what numpy or Pillow say of a bad image (a truncated file, ...)

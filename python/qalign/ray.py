@@ -101,9 +101,12 @@ def score_dataset(
     schema = ds.schema(fetch_if_missing=False)
     if schema is not None:
         _check_free(schema.names)
+    # The named arguments win over the same keys in ray_remote_args (num_gpus only when set).
     remote_args = dict(ray_remote_args or {})
     if num_cpus is not None:
         remote_args["num_cpus"] = num_cpus
+    if num_gpus or "num_gpus" not in remote_args:
+        remote_args["num_gpus"] = num_gpus
     return ds.map_batches(
         _QAlignUDF,
         fn_constructor_kwargs={
@@ -116,6 +119,5 @@ def score_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=concurrency,
-        num_gpus=num_gpus,
         **remote_args,
     )

@@ -124,6 +124,10 @@ def test_records_are_named_by_the_callers_path(scorer, jpeg_score, tmp_path):
     out = scorer.score([name, missing], errors="return")
     assert [r["path"] for r in out] == [name, missing]
     assert out[0]["score"] == jpeg_score and "error" in out[1]
+    # So are PIL images opened from such a name, as str or as bytes.
+    out = scorer.score([Image.open(name), Image.open(raw)])
+    assert [r["path"] for r in out] == [name, name]
+    assert out[0]["score"] == out[1]["score"] == jpeg_score
 
 
 def test_errors_pickle_and_cross_processes(tmp_path):

@@ -15,6 +15,9 @@ const STRIP_OFFSETS: u16 = 273;
 const STRIP_BYTE_COUNTS: u16 = 279;
 const TILE_OFFSETS: u16 = 324;
 const TILE_BYTE_COUNTS: u16 = 325;
+/// The longest tag value read: the `tiff` crate's own limit (it refuses files with longer ones),
+/// so a hostile count costs at most a few MiB here (8 bytes per value once decoded).
+const MAX_VALUE_BYTES: u64 = 1 << 20;
 
 /// What the first IFD says beyond what the `tiff` crate uses.
 pub(crate) struct TiffQuirks<'a> {
@@ -180,8 +183,8 @@ impl<'a> Ifd<'a> {
         }
     }
 
-    /// The values of an unsigned-integer tag (BYTE, SHORT, LONG, LONG8, IFD), if present and
-    /// inside the file (the count is bounded by the file size before anything is allocated).
+    /// The values of an unsigned-integer tag (BYTE, SHORT, LONG, LONG8, IFD), if present, inside
+    /// the file and at most [`MAX_VALUE_BYTES`] long (checked before anything is allocated).
     /// A repeated tag counts by its last entry, as in Pillow.
     fn values(&self, tag: u16) -> Option<Vec<u64>> {
         let entry_len = if self.big_tiff { 20 } else { 12 };
@@ -202,6 +205,9 @@ impl<'a> Ifd<'a> {
             (self.read(&entry[4..8]), &entry[8..12])
         };
         let total = count.checked_mul(size)?;
+        if total > MAX_VALUE_BYTES {
+            return None;
+        }
         let data = if total <= field.len() as u64 {
             field.get(..total as usize)?
         } else {
@@ -239,5 +245,26 @@ mod tests {
         let out = reverse_data_bits(&file, &ifd).unwrap();
         assert_eq!(&out[38..], &[0b1000_0000, 0b0000_0001, 0b1100_0000]);
         assert_eq!(&out[..38], &file[..38]);
+    }
+
+    #[test]
+    fn a_tag_longer_than_the_limit_is_not_read() {
+        // One entry: Photometric as BYTE × (MAX_VALUE_BYTES + 1), its data after the IFD.
+        let count = u32::try_from(MAX_VALUE_BYTES + 1).unwrap();
+        let mut file = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        file.extend_from_slice(&[0x06, 1, 1, 0]);
+        file.extend_from_slice(&count.to_le_bytes());
+        file.extend_from_slice(&26u32.to_le_bytes());
+        file.extend_from_slice(&[0; 4]);
+        file.resize(26 + count as usize, 2);
+        let ifd = Ifd::first(&file).unwrap();
+        assert_eq!(ifd.values(PHOTOMETRIC), None);
+        file.truncate(26 + count as usize - 1);
+        file[14..18].copy_from_slice(&(count - 1).to_le_bytes());
+        let ifd = Ifd::first(&file).unwrap();
+        assert_eq!(
+            ifd.values(PHOTOMETRIC).map(|v| v.len()),
+            Some(count as usize - 1)
+        );
     }
 }

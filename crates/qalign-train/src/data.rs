@@ -55,6 +55,14 @@ impl Visual {
             Self::Video { frames, .. } => *frames,
         }
     }
+
+    /// The media files, in order.
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            Self::Image(path) | Self::Video { path, .. } => vec![path.as_path()],
+            Self::Frames(frames) => frames.iter().map(PathBuf::as_path).collect(),
+        }
+    }
 }
 
 /// One checked training sample.
@@ -287,13 +295,20 @@ fn answer_level(answer: &str, words: &[String]) -> Option<String> {
 }
 
 /// Reads only the image header: a file that is not an image at all, or one too large to decode,
-/// is caught before training rather than at the step that reaches it.
+/// is caught before training rather than at the step that reaches it. A header the `image` crate
+/// cannot read (formats qalign-media decodes itself, such as arithmetic-coded JPEG) is settled by
+/// decoding the file as training will.
 fn check_image_header(path: &Path) -> std::result::Result<(), String> {
-    let (width, height) = image::ImageReader::open(path)
+    let header = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .into_dimensions()
-        .map_err(|e| format!("{} is not a readable image: {e}", path.display()))?;
+        .into_dimensions();
+    let (width, height) = match header {
+        Ok(size) => size,
+        Err(_) => qalign_media::load_rgb(path, &qalign_media::DecodeOptions::default())
+            .map_err(|e| e.to_string())?
+            .dimensions(),
+    };
     if u64::from(width) * u64::from(height) > qalign_media::image::MAX_PIXELS {
         return Err(format!(
             "{}: {}",

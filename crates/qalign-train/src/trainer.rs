@@ -663,9 +663,21 @@ impl Trainer {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         for s in &self.dataset.samples {
+            // Media paths as the data names them, so that another spelling of the image folder
+            // (or another working directory) is the same data.
+            let media: Vec<&Path> = s
+                .visual
+                .paths()
+                .into_iter()
+                .map(|p| p.strip_prefix(&self.config.image_folder).unwrap_or(p))
+                .collect();
             hash.update(format!(
-                "{}\0{:?}\0{:?}\0{:?}\n",
-                s.id, s.visual, s.input_ids, s.labels
+                "{}\0{:?}\0{}\0{:?}\0{:?}\n",
+                s.id,
+                media,
+                s.visual.n_frames(),
+                s.input_ids,
+                s.labels
             ));
         }
         let adaptation = match &self.config.mode {
