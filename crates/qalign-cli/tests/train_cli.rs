@@ -525,47 +525,37 @@ fn bad_training_input_is_named_and_nothing_is_written() {
             assert!(r.stderr.contains("sample 0 (x->1.0)"), "{}", r.stderr);
         }
     }
-    // An undecodable image (a text file named .jpg) is caught before training.
-    let (tmp, data) = dataset(&serde_json::json!([item("broken.jpg".into(), q, a)]));
-    std::fs::write(tmp.path().join("broken.jpg"), "not an image").unwrap();
-    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
-    cmd.args(["--max-steps", "1"]);
-    let r = run_expecting(&mut cmd, 1);
-    assert!(
-        r.stderr.contains("broken.jpg") && r.stderr.contains("sample 0"),
-        "{}",
-        r.stderr
-    );
-
-    // So is an image too large to decode (its header says 16384x16384).
-    let (tmp, data) = dataset(&serde_json::json!([item("huge.png".into(), q, a)]));
-    std::fs::write(tmp.path().join("huge.png"), common::png_bomb()).unwrap();
-    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
-    cmd.args(["--max-steps", "1"]);
-    let r = run_expecting(&mut cmd, 1);
-    assert!(
-        r.stderr.contains("huge.png")
-            && r.stderr.contains("16384x16384 exceeds the limit")
-            && r.stderr.contains("sample 0"),
-        "{}",
-        r.stderr
-    );
-    assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
-
-    // And one whose padded square is 3 pixels wide, which the official preprocessing misreads.
-    let (tmp, data) = dataset(&serde_json::json!([item("tiny.png".into(), q, a)]));
+    // An undecodable image (a text file named .jpg) is caught before training; so is an image too
+    // large to decode (its header says 16384x16384), and one whose padded square is 3 pixels
+    // wide, which the official preprocessing misreads.
+    let mut tiny = Vec::new();
     image::RgbImage::new(3, 2)
-        .save(tmp.path().join("tiny.png"))
+        .write_to(
+            &mut std::io::Cursor::new(&mut tiny),
+            image::ImageFormat::Png,
+        )
         .unwrap();
-    let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
-    cmd.args(["--max-steps", "1"]);
-    let r = run_expecting(&mut cmd, 1);
-    assert!(
-        r.stderr.contains("tiny.png") && r.stderr.contains("sample 0"),
-        "{}",
-        r.stderr
-    );
-    assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
+    for (name, bytes, reason) in [
+        ("broken.jpg", b"not an image".to_vec(), "broken.jpg"),
+        (
+            "huge.png",
+            common::png_bomb(),
+            "16384x16384 exceeds the limit",
+        ),
+        ("tiny.png", tiny, "3x3 square"),
+    ] {
+        let (tmp, data) = dataset(&serde_json::json!([item(name.into(), q, a)]));
+        std::fs::write(tmp.path().join(name), bytes).unwrap();
+        let mut cmd = train_cmd(&data, tmp.path(), &tmp.path().join("out"));
+        cmd.args(["--max-steps", "1"]);
+        let r = run_expecting(&mut cmd, 1);
+        assert!(
+            r.stderr.contains(name) && r.stderr.contains(reason) && r.stderr.contains("sample 0"),
+            "{}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("step 1/"), "{}", r.stderr);
+    }
 
     // Unknown LoRA targets and bad settings.
     let (_tmp, data) = dataset(&serde_json::json!([item("boy_colorful.jpg".into(), q, a)]));
