@@ -440,32 +440,30 @@ fn a_failed_plot_keeps_the_previous_one() {
     let png = tmp.path().join("scatter.png");
     std::fs::write(&png, b"the previous plot").unwrap();
     let bin = env!("CARGO_BIN_EXE_qalign");
+    let eval: Vec<&std::ffi::OsStr> = vec![
+        "eval".as_ref(),
+        "--pred".as_ref(),
+        pred_path.as_os_str(),
+        "--labels".as_ref(),
+        labels.as_os_str(),
+        "--bootstrap".as_ref(),
+        "0".as_ref(),
+        "--plot".as_ref(),
+        png.as_os_str(),
+    ];
     // 8 blocks (4 or 8 KiB, by shell) is less than the plot; SIGXFSZ is ignored so the write
     // fails with EFBIG instead of killing the process.
     let r = run(assert_cmd::Command::new("sh")
         .arg("-c")
         .arg("ulimit -f 8 && trap '' XFSZ && exec \"$0\" \"$@\"")
         .arg(bin)
-        .arg("eval")
-        .arg("--pred")
-        .arg(&pred_path)
-        .arg("--labels")
-        .arg(&labels)
-        .args(["--bootstrap", "0", "--plot"])
-        .arg(&png));
+        .args(&eval));
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("cannot write"), "{}", r.stderr);
     assert_eq!(std::fs::read(&png).unwrap(), b"the previous plot");
     assert_eq!(names(tmp.path()), ["pred.jsonl", "scatter.png"]);
     // Without the limit the plot is replaced by a real PNG.
-    let r = run(qalign()
-        .arg("eval")
-        .arg("--pred")
-        .arg(&pred_path)
-        .arg("--labels")
-        .arg(&labels)
-        .args(["--bootstrap", "0", "--plot"])
-        .arg(&png));
+    let r = run(qalign().args(&eval));
     assert_eq!(r.code, 0, "{}", r.stderr);
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.len() > 8 * 1024, "{} bytes", bytes.len());

@@ -214,6 +214,21 @@ impl Server {
         reqwest::Client::new().post(format!("{}/v1/score", self.url))
     }
 
+    /// Posts one file from another task; its handle gives the answer's status.
+    fn post_in_background(&self, name: &'static str, byte: u8) -> tokio::task::JoinHandle<u16> {
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/score"))
+                .multipart(form(&[(name, &[byte])], &[]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    }
+
     async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.url))
             .await
@@ -398,19 +413,7 @@ async fn over_the_concurrency_limit_gets_503_with_retry_after() {
         ..Options::default()
     })
     .await;
-    let first = {
-        let url = server.url.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/score"))
-                .multipart(form(&[("a.png", &[1])], &[]))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let first = server.post_in_background("a.png", 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body, headers) = send(&server, &[("b.png", &[2])], &[]).await;
     assert_eq!(status, 503, "{body}");
@@ -431,19 +434,7 @@ async fn a_request_whose_client_left_is_dropped_from_the_batch() {
         ..Options::default()
     })
     .await;
-    let busy = {
-        let url = server.url.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/score"))
-                .multipart(form(&[("busy.png", &[1])], &[]))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let busy = server.post_in_background("busy.png", 1);
     tokio::time::sleep(Duration::from_millis(150)).await;
     // Queued behind the busy batch, then given up on by its client.
     let gone = server
@@ -893,19 +884,7 @@ async fn a_client_that_leaves_a_running_batch_is_dropped_and_the_rest_answered()
         ..Options::default()
     })
     .await;
-    let stays = {
-        let url = server.url.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/score"))
-                .multipart(form(&[("stays.png", &[5])], &[]))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let stays = server.post_in_background("stays.png", 5);
     tokio::time::sleep(Duration::from_millis(150)).await;
     // Joins the batch, which starts at 900 ms, and leaves during its first file (900–1500 ms),
     // at 1200 ms: 300 ms from each edge, so that a loaded machine keeps the order.

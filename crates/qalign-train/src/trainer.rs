@@ -309,15 +309,18 @@ impl Trainer {
         let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
         let (tokenizer, _) = folder_tokenizer(dir)?;
         let preprocess = folder_preprocess(dir, model_config.vision.image_size)?;
-        // A mistyped LoRA target fails before the data's media are all checked.
-        if let Mode::Lora {
-            targets,
-            init: None,
-            ..
-        } = &config.mode
-        {
-            resolve_targets(targets, &llm_linear_modules(&model_config))?;
-        }
+        // Resolved before the data's media are all checked, so a mistyped target fails first.
+        let lora_modules = match &config.mode {
+            Mode::Lora {
+                targets,
+                init: None,
+                ..
+            } => Some(resolve_targets(
+                targets,
+                &llm_linear_modules(&model_config),
+            )?),
+            _ => None,
+        };
         let levels = LevelSet::itu();
         let data_opts = DataOptions {
             image_folder: config.image_folder.clone(),
@@ -343,8 +346,8 @@ impl Trainer {
                 rank,
                 alpha,
                 dropout,
-                targets,
                 init,
+                ..
             } => {
                 let abstractor = Trainable::Prefixes(vec!["model.visual_abstractor.".into()]);
                 match init {
@@ -372,7 +375,8 @@ impl Trainer {
                         (adaptation, Some(cfg))
                     }
                     None => {
-                        let modules = resolve_targets(targets, &llm_linear_modules(&model_config))?;
+                        // Resolved above for exactly this case (LoRA without an initial adapter).
+                        let modules = lora_modules.unwrap_or_default();
                         let scale = alpha / *rank as f64;
                         let adaptation = modules.iter().fold(
                             Adaptation::new(config.seed).with_trainable(abstractor),
