@@ -92,6 +92,9 @@ pub struct Progress<'a> {
     pub frames: Option<(usize, usize)>,
 }
 
+/// Hears where a run stands; breaking stops the run (see [`Scorer::score_paths_with`]).
+pub type ProgressCallback<'a> = dyn FnMut(Progress<'_>) -> ControlFlow<()> + 'a;
+
 impl Scorer {
     /// Scores image and video files for the given tasks with the default options; one outcome
     /// per path, in order. Fails as a whole only when no input could be scored because of the
@@ -117,16 +120,19 @@ impl Scorer {
     }
 
     /// Scores files for any queries, handing each outcome to `sink` as soon as it is known (in
-    /// input order); `sink` may stop the run early. `progress`, when given, hears about every
-    /// finished input and every scored video window. Fails as a whole only for a bad query (an
-    /// empty list, or a prompt the model cannot take), before any file is read.
+    /// input order). `progress`, when given, hears about every finished input (just before
+    /// `sink` gets it) and about every video window, before and after its forward pass. Either
+    /// callback may stop the run by breaking: the run then ends with `Ok` after the batch of
+    /// images in progress, or between two windows of a video, whose outcome is then never
+    /// handed over. Fails as a whole only for a bad query (an empty list, or a prompt the
+    /// model cannot take), before any file is read.
     pub fn score_paths_with<'a, P: AsRef<Path>>(
         &self,
         paths: &'a [P],
         queries: &[Query],
         options: &ScoreOptions,
         sink: &mut dyn FnMut(ItemOutcome) -> ControlFlow<()>,
-        mut progress: Option<&mut dyn FnMut(Progress<'_>)>,
+        mut progress: Option<&mut ProgressCallback<'_>>,
     ) -> Result<()> {
         if queries.is_empty() {
             return Err(ScoreError::Empty { what: "queries" });
@@ -139,18 +145,21 @@ impl Scorer {
         let mut done = 0usize;
         let mut report = |outcome: ItemOutcome,
                           done: &mut usize,
-                          progress: &mut Option<&mut dyn FnMut(Progress<'_>)>|
+                          progress: &mut Option<&mut ProgressCallback<'_>>|
          -> ControlFlow<()> {
             *done += 1;
-            if let Some(progress) = progress.as_deref_mut() {
-                progress(Progress {
+            let heard = match progress.as_deref_mut() {
+                Some(progress) => progress(Progress {
                     done: *done,
                     total,
                     current: &outcome.path,
                     frames: None,
-                });
-            }
-            sink(outcome)
+                }),
+                None => ControlFlow::Continue(()),
+            };
+            // The finished outcome is handed over even when `progress` asked to stop.
+            let taken = sink(outcome);
+            if heard.is_break() { heard } else { taken }
         };
         let mut units = Units::new(paths, options.batch_size);
         let decode = |items: &[(usize, &Path)]| -> Vec<Result<Pixels>> {
@@ -191,15 +200,19 @@ impl Scorer {
                     }
                     Started::Video(index, path) => {
                         next = units.next().map(start);
+                        let mut stopped = false;
                         let mut on_frames = |frames_done: usize, frames_total: usize| {
-                            if let Some(progress) = progress.as_deref_mut() {
-                                progress(Progress {
+                            let heard = match progress.as_deref_mut() {
+                                Some(progress) => progress(Progress {
                                     done,
                                     total,
                                     current: path,
                                     frames: Some((frames_done, frames_total)),
-                                });
-                            }
+                                }),
+                                None => ControlFlow::Continue(()),
+                            };
+                            stopped |= heard.is_break();
+                            heard
                         };
                         let result = self
                             .score_video(path, queries, &options.video, &mut on_frames)
@@ -209,12 +222,15 @@ impl Scorer {
                                 }
                                 _ => Ok(Scored::Video(Box::new(video))),
                             });
+                        if matches!(result, Err(ScoreError::Cancelled)) {
+                            return Ok(());
+                        }
                         let outcome = ItemOutcome {
                             index,
                             path: path.to_path_buf(),
                             result,
                         };
-                        if report(outcome, &mut done, &mut progress).is_break() {
+                        if report(outcome, &mut done, &mut progress).is_break() || stopped {
                             return Ok(());
                         }
                     }

@@ -70,7 +70,7 @@ pub use model::{
     OneAlignModel, TrainingLoss, TrainingSample, TrainingTarget, split_prompt,
 };
 
-pub use batch::{ItemOutcome, Progress, ScoreOptions, Scored};
+pub use batch::{ItemOutcome, Progress, ProgressCallback, ScoreOptions, Scored};
 pub use builder::ScorerBuilder;
 pub use cpu_kernels::{CpuKernels, cpu_kernels};
 pub use device::{Device, Dtype, Quant, parse_device};

@@ -83,6 +83,9 @@ pub enum ScoreError {
     /// A warning that strict mode turns into an error.
     #[error("{0} (an error in strict mode)")]
     Strict(ScoreWarning),
+    /// The caller's progress callback asked to stop (Ctrl-C, a client that left).
+    #[error("scoring was stopped before the input was finished")]
+    Cancelled,
 }
 
 impl From<LevelError> for ScoreError {

@@ -3,6 +3,7 @@
 //! context are scored in windows of consecutive frames whose level probabilities are averaged
 //! (weighted by frame count). Memory is bounded by one window, whatever the clip's length.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use qalign_media::Pixels;
@@ -88,8 +89,9 @@ impl Scorer {
     }
 
     /// Scores a stream of preprocessed frames `(source_index, pixels)` of known count `total`.
-    /// Frames are encoded and scored one window at a time; `progress` gets the number of
-    /// frames done after each window.
+    /// Frames are encoded and scored one window at a time. `progress` gets the number of frames
+    /// done before each window's forward pass (its frames read) and after it; when it breaks
+    /// before the last window is done, scoring stops with [`ScoreError::Cancelled`].
     pub fn score_frame_stream<I>(
         &self,
         frames: I,
@@ -97,7 +99,7 @@ impl Scorer {
         fps: f64,
         queries: &[Query],
         options: &VideoOptions,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(usize) -> ControlFlow<()>,
     ) -> Result<ClipResult>
     where
         I: IntoIterator<Item = Result<(usize, Pixels)>>,
@@ -123,6 +125,9 @@ impl Scorer {
                 })??;
                 indices.push(index);
                 pixels.push(frame);
+            }
+            if progress(done).is_break() {
+                return Err(ScoreError::Cancelled);
             }
             let refs: Vec<&Pixels> = pixels.iter().collect();
             let visual = self.encode(&refs)?;
@@ -156,7 +161,10 @@ impl Scorer {
                 scores,
             });
             done += len;
-            progress(done);
+            // After the last window the clip is scored: a stop then only ends the caller's run.
+            if progress(done).is_break() && done < total {
+                return Err(ScoreError::Cancelled);
+            }
         }
         let scores = (0..queries.len())
             .map(|q| {
@@ -179,13 +187,15 @@ impl Scorer {
     }
 
     /// Decodes, samples and scores a video file. Frames stream from FFmpeg and only one window
-    /// of them is held at a time.
+    /// of them is held at a time. `progress` hears `(frames done, frames planned)` before and
+    /// after each window's forward pass; when it breaks before the last window is done, scoring
+    /// stops with [`ScoreError::Cancelled`].
     pub fn score_video(
         &self,
         path: &Path,
         queries: &[Query],
         options: &VideoOptions,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<VideoResult> {
         let info = video::probe(path)?;
         let plan = video::plan_for(&info, &options.sampling)?;

@@ -114,7 +114,10 @@ fn progress_hears_every_input_and_the_sink_can_stop_the_run() {
                     seen.push((item.index, scored.scores()[0].score(Scale::OneToFive)));
                     ControlFlow::Continue(())
                 },
-                Some(&mut |p| done.push((p.done, p.total))),
+                Some(&mut |p| {
+                    done.push((p.done, p.total));
+                    ControlFlow::Continue(())
+                }),
             )
             .unwrap();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2]);
@@ -242,6 +245,80 @@ fn ffmpeg_available() -> bool {
         .arg("-version")
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_progress_callback_stops_the_run_between_inputs_and_between_video_windows() {
+    let scorer = scorer();
+    let image = fixtures().join("images/boy_colorful.jpg");
+    let queries = [Query::Task(Task::Quality)];
+    // A stop heard with a finished input still hands that input over, and ends the run there.
+    let one_at_a_time = ScoreOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let mut outcomes = Vec::new();
+    scorer
+        .score_paths_with(
+            &[&image, &image, &image],
+            &queries,
+            &one_at_a_time,
+            &mut |item| {
+                outcomes.push(item.index);
+                ControlFlow::Continue(())
+            },
+            Some(&mut |p| match p.done {
+                1 => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }),
+        )
+        .unwrap();
+    assert_eq!(outcomes, [0]);
+
+    if !ffmpeg_available() {
+        eprintln!("skipped the video half: ffmpeg is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("five_seconds.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-f", "lavfi"])
+        .args(["-i", "testsrc=size=64x48:rate=1:duration=5"])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Windows of at most 2 frames: 5 frames take three passes; stop after the first.
+    let mut options = one_at_a_time.clone();
+    options.video.window = Some(2);
+    let mut outcomes = Vec::new();
+    let mut frames_heard = Vec::new();
+    scorer
+        .score_paths_with(
+            &[&image, &clip, &image],
+            &queries,
+            &options,
+            &mut |item| {
+                outcomes.push(item.index);
+                ControlFlow::Continue(())
+            },
+            Some(&mut |p| match p.frames {
+                Some((done, total)) => {
+                    frames_heard.push((done, total));
+                    if done > 0 {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                }
+                None => ControlFlow::Continue(()),
+            }),
+        )
+        .unwrap();
+    // The image before the clip was handed over; the stopped clip and the image after it never are.
+    assert_eq!(outcomes, [0]);
+    assert_eq!(frames_heard, [(0, 5), (2, 5)]);
 }
 
 #[test]

@@ -2,11 +2,12 @@
 //! against the official fixtures: images, the video from its frames and from the mp4, windows,
 //! and batches of clips of unequal length.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qalign_model::{
-    LevelScores, Query, Scale, ScoreWarning, Scorer, ScorerOptions, Task, VideoOptions,
+    LevelScores, Query, Scale, ScoreError, ScoreWarning, Scorer, ScorerOptions, Task, VideoOptions,
     balanced_windows,
 };
 use serde_json::Value;
@@ -190,7 +191,7 @@ fn score_frames(
             29.97,
             &[Query::Task(Task::Quality)],
             options,
-            &mut |_| {},
+            &mut |_| ControlFlow::Continue(()),
         )
         .unwrap()
 }
@@ -308,7 +309,7 @@ fn video_file_is_sampled_decoded_and_scored_like_the_official_scorer() {
             &fixtures().join("video/baby.mp4"),
             &[Query::Task(Task::Quality)],
             &VideoOptions::default(),
-            &mut |_, _| {},
+            &mut |_, _| ControlFlow::Continue(()),
         )
         .unwrap();
     assert_eq!(
@@ -355,11 +356,15 @@ fn long_clip_is_scored_in_windows_within_the_context() {
             &clip,
             &[query],
             &VideoOptions::default(),
-            &mut |done, total| seen.push((done, total)),
+            &mut |done, total| {
+                seen.push((done, total));
+                ControlFlow::Continue(())
+            },
         )
         .unwrap();
     assert_eq!(video.sampled_indices.len(), 70);
-    assert_eq!(seen, vec![(35, 70), (70, 70)]);
+    // Before and after each window's forward pass.
+    assert_eq!(seen, vec![(0, 70), (35, 70), (35, 70), (70, 70)]);
     let windows: Vec<_> = video.clip.windows.iter().map(|w| w.frames).collect();
     assert_eq!(windows, vec![35, 35]);
     assert_eq!(balanced_windows(70, 62), vec![(0, 35), (35, 35)]);
@@ -376,6 +381,49 @@ fn long_clip_is_scored_in_windows_within_the_context() {
 }
 
 #[test]
+fn a_progress_callback_stops_a_clip_between_its_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = ffmpeg_clip(
+        dir.path(),
+        "five.mp4",
+        &["-i", "testsrc=size=64x48:rate=1:duration=5"],
+    );
+    let scorer = scorer();
+    let queries = [Query::Task(Task::Quality)];
+    // Windows of at most 2 frames: passes of 2, 2 and 1 frames.
+    let options = VideoOptions {
+        window: Some(2),
+        ..Default::default()
+    };
+    // Stop after the first window: the other two never run.
+    let mut seen = Vec::new();
+    let result = scorer.score_video(&clip, &queries, &options, &mut |done, total| {
+        seen.push((done, total));
+        if done >= 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(matches!(result, Err(ScoreError::Cancelled)), "{result:?}");
+    assert_eq!(seen, vec![(0, 5), (2, 5)]);
+    // Stopping once the last window is done loses nothing: the clip is scored.
+    let mut seen = Vec::new();
+    let whole = scorer
+        .score_video(&clip, &queries, &options, &mut |done, total| {
+            seen.push((done, total));
+            if done == total {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(seen, vec![(0, 5), (2, 5), (2, 5), (4, 5), (4, 5), (5, 5)]);
+    assert_eq!(whole.clip.windows.len(), 3);
+}
+
+#[test]
 fn clip_shorter_than_a_second_is_scored_on_its_first_frame_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let clip = ffmpeg_clip(
@@ -389,7 +437,7 @@ fn clip_shorter_than_a_second_is_scored_on_its_first_frame_with_a_warning() {
             &clip,
             &[Query::Task(Task::Quality)],
             &VideoOptions::default(),
-            &mut |_, _| {},
+            &mut |_, _| ControlFlow::Continue(()),
         )
         .unwrap();
     assert_eq!(video.sampled_indices, vec![0]);

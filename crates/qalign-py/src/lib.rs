@@ -101,8 +101,9 @@ impl Scorer {
     }
 
     /// [`RustScorer::score_paths_with`] with the GIL released. Python only sees Ctrl-C when it
-    /// runs, so the callbacks poll for signals and a pending one stops the run and is raised;
-    /// with `stop_on_error` the first failed input ends it too (its outcome is the last one).
+    /// runs, so the progress callback polls for signals after every input and around every
+    /// video window, and a pending one stops the run and is raised; with `stop_on_error` the
+    /// first failed input ends it too (its outcome is the last one).
     fn run(
         &self,
         py: Python<'_>,
@@ -118,6 +119,10 @@ impl Scorer {
                 if pending.is_none() {
                     *pending = Python::attach(|py| py.check_signals()).err();
                 }
+                match *pending {
+                    Some(_) => ControlFlow::Break(()),
+                    None => ControlFlow::Continue(()),
+                }
             };
             let mut items = Vec::new();
             // `progress` hears of every finished input (just before `sink`) and every video window.
@@ -128,7 +133,7 @@ impl Scorer {
                 &mut |item| {
                     let failed = stop_on_error && item.result.is_err();
                     items.push(item);
-                    if failed || interrupt.borrow().is_some() {
+                    if failed {
                         ControlFlow::Break(())
                     } else {
                         ControlFlow::Continue(())

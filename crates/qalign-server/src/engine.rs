@@ -3,7 +3,7 @@
 //! more), encodes each batch's files once and runs every query any job of the batch asked for,
 //! then hands each job its own records. A panic fails only its batch; a job whose client went
 //! away (it left, or its request timed out) is dropped: before its batch runs, or, once every
-//! job of a running batch is gone, after the model batch or video being scored.
+//! job of a running batch is gone, after the model batch in progress or at a video's next window.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -455,6 +455,7 @@ fn score_all(scorer: &Scorer, config: &ScoreConfig, out: &mut Output) -> Result<
             }
             None => bar.set_message(p.current.display().to_string()),
         }
+        ControlFlow::Continue(())
     };
     scorer.score_paths_with(
         &config.inputs,
