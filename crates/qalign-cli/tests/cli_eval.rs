@@ -475,3 +475,98 @@ fn task_picks_one_of_several_tasks() {
             "holds no prediction of task `custom`",
         ));
 }
+
+/// A whole LIVE folder scored (CSV, which also carries each image's MOS, as an exported table
+/// would), evaluated against a split of it. Two defects met here: the CSV's `mos` column was
+/// taken as the prediction (SRCC 1 for any model), and LIVE's repeated file names paired the
+/// split with other folders' images. Expected: scipy on the correct pairs.
+#[test]
+fn split_of_a_scored_folder_with_a_mos_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(labels("live.json")).unwrap();
+    let records: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut all: Vec<(String, f64)> = records
+        .iter()
+        .map(|r| {
+            let path = r["image"].as_str().unwrap().to_string();
+            (path, r["gt_score"].as_f64().unwrap())
+        })
+        .collect();
+    // The split: every 5th record (197 images, 196 of them with a name used in other folders).
+    let split: Vec<&serde_json::Value> = records.iter().step_by(5).collect();
+    write(
+        dir.path(),
+        "split.json",
+        &serde_json::to_string(&split).unwrap(),
+    );
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut csv = String::from("path,mos,pred\n");
+    for (i, (path, mos)) in all.iter().enumerate() {
+        let pred = mos + ((i * 37) % 101) as f64 * 0.1;
+        csv.push_str(&format!("/data/{path},{mos},{pred}\n"));
+    }
+    let pred = write(dir.path(), "pred.csv", &csv);
+    let out = qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--labels")
+        .arg(dir.path().join("split.json"))
+        .args(["--format", "json", "--bootstrap", "0"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "785 prediction(s) matched no label",
+        ))
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["n"], 197);
+    assert_eq!(v["join"]["duplicate_predictions"], 0);
+    assert_eq!(v["join"]["ambiguous_predictions"], 0);
+    assert_eq!(v["join"]["unmatched_labels"], 0);
+    for (key, expected) in [("srcc", 0.985556655130807), ("plcc", 0.9917106164383834)] {
+        let got = v[key].as_f64().unwrap();
+        assert!((got - expected).abs() < 1e-12, "{key}: {got} vs {expected}");
+    }
+}
+
+/// A label file that lists a path twice is named as the reason its predictions are skipped.
+#[test]
+fn repeated_label_paths_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = write(
+        dir.path(),
+        "l.csv",
+        "path,mos\na.jpg,1\n./a.jpg,2\nb.jpg,3\nc.jpg,4\nd.jpg,5\n",
+    );
+    let pred = write(
+        dir.path(),
+        "p.csv",
+        "path,score\na.jpg,9\nb.jpg,1\nc.jpg,3\nd.jpg,2\n",
+    );
+    let out = qalign()
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--labels")
+        .arg(&labels)
+        .args(["--format", "json", "--bootstrap", "0"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "warning: 1 path(s) occur more than once in",
+        ))
+        .stderr(predicate::str::contains(
+            "so their predictions are ambiguous, e.g. a.jpg",
+        ))
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["n"], 3);
+    assert_eq!(v["join"]["ambiguous_predictions"], 1);
+    // b, c, d: scores 1, 3, 2 against MOS 3, 4, 5.
+    assert!((v["srcc"].as_f64().unwrap() - 0.5).abs() < 1e-12, "{v}");
+}

@@ -242,8 +242,8 @@ fn parse_records(
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     let records = match ext.as_deref() {
-        Some("csv") => read_csv(path, text, b',', columns)?,
-        Some("tsv") => read_csv(path, text, b'\t', columns)?,
+        Some("csv") => read_csv(path, text, b',', columns, role)?,
+        Some("tsv") => read_csv(path, text, b'\t', columns, role)?,
         _ => read_json(path, text, columns, role)?,
     };
     if records.is_empty() {
@@ -469,15 +469,17 @@ fn parse_score_text(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Default CSV column names (matched case-insensitively) when none is given.
+/// Default CSV path column names (matched case-insensitively) when none is given. The score
+/// columns are the role's JSON keys: a prediction CSV that also carries the ground truth
+/// (`path,mos,pred`) must not be read as MOS against MOS.
 const CSV_PATH_COLUMNS: [&str; 6] = ["path", "image", "img_path", "file", "filename", "name"];
-const CSV_SCORE_COLUMNS: [&str; 5] = ["score", "mos", "gt_score", "pred", "prediction"];
 
 fn read_csv(
     path: &Path,
     text: &str,
     delimiter: u8,
     columns: &Columns,
+    role: Role,
 ) -> Result<Vec<RawRecord>, DatasetError> {
     let csv_error = |e: csv::Error| DatasetError::Csv {
         path: path.to_path_buf(),
@@ -505,7 +507,7 @@ fn read_csv(
             })
     };
     let path_col = find(&columns.path, &CSV_PATH_COLUMNS, "path")?;
-    let score_col = find(&columns.score, &CSV_SCORE_COLUMNS, "score")?;
+    let score_col = find(&columns.score, role.score_keys(), "score")?;
     let task_col = header.iter().position(|h| h.eq_ignore_ascii_case("task"));
     let mut out = Vec::new();
     for (index, row) in reader.records().enumerate() {

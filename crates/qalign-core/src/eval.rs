@@ -8,8 +8,12 @@
 //! 3. Otherwise it is matched to the label with the same file name that shares the most trailing
 //!    path components with it (`/data/koniq/1.jpg` ↔ `koniq/1.jpg`), if exactly one label has
 //!    that longest match; if several tie it is *ambiguous* and left out.
-//! 4. A label matches at most one prediction; later predictions for it are *duplicates* and
-//!    left out.
+//! 4. A label belongs to the prediction that matches it most closely (exact beats any suffix, a
+//!    longer suffix a shorter one), wherever that prediction stands in the file. A weaker match
+//!    is left out: as *unmatched* when its path differs from the label's in a directory
+//!    (`live/jp2k/img1.bmp` vs. `live/jpeg/img1.bmp`: LIVE reuses file names across folders, so
+//!    a whole folder's predictions meet a split's labels this way), else as a *duplicate*; so is
+//!    a second match as close as the first.
 //!
 //! Everything left out is reported, never silently dropped.
 
@@ -34,11 +38,13 @@ pub struct MatchedPair {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct JoinOutcome {
     pub pairs: Vec<MatchedPair>,
-    /// Prediction paths that matched no label.
+    /// Prediction paths that matched no label, or only labels that other predictions match more
+    /// closely while their own path differs from the label's in a directory (rule 4).
     pub unmatched_predictions: Vec<String>,
     /// Prediction paths whose best suffix match was shared by several labels.
     pub ambiguous_predictions: Vec<String>,
-    /// Prediction paths whose label was already taken by an earlier prediction.
+    /// Prediction paths whose label was matched as closely by an earlier prediction, or more
+    /// closely by another one (rule 4 of the module documentation).
     pub duplicate_predictions: Vec<String>,
     /// Label paths no prediction matched.
     pub unmatched_labels: Vec<String>,
@@ -69,6 +75,22 @@ fn common_suffix_components(a: &str, b: &str) -> usize {
         .count()
 }
 
+/// How closely a prediction matches a label: the normalised paths are equal (strongest), else
+/// the number of trailing components they share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Strength {
+    Suffix(usize),
+    Exact,
+}
+
+/// A prediction's closest labels (several when they tie) and how close they are.
+struct Candidates {
+    labels: Vec<usize>,
+    strength: Strength,
+    /// The shorter of the two paths is a whole suffix of the other (always so for `Exact`).
+    full_suffix: bool,
+}
+
 /// Join predictions to labels by the rule in the module documentation.
 pub fn join(predictions: &[Prediction], labels: &[LabelItem]) -> JoinOutcome {
     let label_keys: Vec<String> = labels.iter().map(|l| normalize_path(&l.path)).collect();
@@ -79,40 +101,67 @@ pub fn join(predictions: &[Prediction], labels: &[LabelItem]) -> JoinOutcome {
         let name = key.rsplit('/').next().unwrap_or(key);
         by_name.entry(name).or_default().push(i);
     }
+    let candidates: Vec<Candidates> = predictions
+        .iter()
+        .map(|prediction| {
+            let key = normalize_path(&prediction.path);
+            if let Some(exact) = by_path.get(key.as_str()) {
+                return Candidates {
+                    labels: exact.clone(),
+                    strength: Strength::Exact,
+                    full_suffix: true,
+                };
+            }
+            let name = key.rsplit('/').next().unwrap_or(&key);
+            let same_name = by_name.get(name).map(Vec::as_slice).unwrap_or(&[]);
+            let best = same_name
+                .iter()
+                .map(|&i| common_suffix_components(&key, &label_keys[i]))
+                .max()
+                .unwrap_or(0);
+            let labels: Vec<usize> = same_name
+                .iter()
+                .copied()
+                .filter(|&i| best > 0 && common_suffix_components(&key, &label_keys[i]) == best)
+                .collect();
+            let components = |p: &str| p.split('/').count();
+            let full_suffix = labels
+                .iter()
+                .any(|&i| best == components(&key).min(components(&label_keys[i])));
+            Candidates {
+                labels,
+                strength: Strength::Suffix(best),
+                full_suffix,
+            }
+        })
+        .collect();
+    // The closest match each label gets from any prediction.
+    let mut claim: Vec<Option<Strength>> = vec![None; labels.len()];
+    for c in &candidates {
+        for &i in &c.labels {
+            claim[i] = claim[i].max(Some(c.strength));
+        }
+    }
     let mut taken = vec![false; labels.len()];
     let mut out = JoinOutcome::default();
-    for prediction in predictions {
-        let key = normalize_path(&prediction.path);
-        let candidates: Vec<usize> = match by_path.get(key.as_str()) {
-            Some(exact) => exact.clone(),
-            None => {
-                let name = key.rsplit('/').next().unwrap_or(&key);
-                let same_name = by_name.get(name).map(Vec::as_slice).unwrap_or(&[]);
-                let best = same_name
-                    .iter()
-                    .map(|&i| common_suffix_components(&key, &label_keys[i]))
-                    .max()
-                    .unwrap_or(0);
-                same_name
-                    .iter()
-                    .copied()
-                    .filter(|&i| best > 0 && common_suffix_components(&key, &label_keys[i]) == best)
-                    .collect()
-            }
-        };
-        match candidates.as_slice() {
-            [] => out.unmatched_predictions.push(prediction.path.clone()),
-            [i] if taken[*i] => out.duplicate_predictions.push(prediction.path.clone()),
+    for (prediction, c) in predictions.iter().zip(&candidates) {
+        let path = prediction.path.clone();
+        let outmatched = c.labels.iter().all(|&i| claim[i] > Some(c.strength));
+        match c.labels.as_slice() {
+            [] => out.unmatched_predictions.push(path),
+            _ if outmatched && c.full_suffix => out.duplicate_predictions.push(path),
+            _ if outmatched => out.unmatched_predictions.push(path),
+            [i] if taken[*i] => out.duplicate_predictions.push(path),
             [i] => {
                 taken[*i] = true;
                 out.pairs.push(MatchedPair {
                     label_path: labels[*i].path.clone(),
-                    prediction_path: prediction.path.clone(),
+                    prediction_path: path,
                     prediction: prediction.score,
                     mos: labels[*i].score,
                 });
             }
-            _ => out.ambiguous_predictions.push(prediction.path.clone()),
+            _ => out.ambiguous_predictions.push(path),
         }
     }
     out.unmatched_labels = labels
@@ -207,6 +256,13 @@ pub fn evaluate(
     let logistic = if options.logistic {
         match fitted_metrics(pred, mos) {
             Ok(f) => Some(f),
+            Err(MetricError::Constant(side)) => {
+                warnings.push(format!(
+                    "no logistic fit: all {} are equal",
+                    side_name(side)
+                ));
+                None
+            }
             Err(e) => {
                 warnings.push(format!("no logistic fit: {e}"));
                 None

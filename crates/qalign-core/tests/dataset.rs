@@ -199,6 +199,45 @@ fn csv_with_quotes_and_custom_columns() {
     );
 }
 
+/// A CSV's score column is found among the role's own names: a prediction CSV that also
+/// carries the ground truth used to be read as MOS against MOS (SRCC 1.0 for any model).
+#[test]
+fn csv_score_columns_follow_the_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "both.csv",
+        "image,gt_score,mos,pred\na.jpg,1,2,4.5\nb.jpg,3,4,0.5\n",
+    );
+    let preds = read_predictions(&p, &Columns::default()).unwrap();
+    let scores: Vec<f64> = preds.iter().map(|p| p.score).collect();
+    assert_eq!(scores, [4.5, 0.5]);
+    // As labels the same file gives gt_score, the first label key (as in JSON).
+    assert_eq!(
+        read_labels(&p, &Columns::default()).unwrap().scores(),
+        [1.0, 3.0]
+    );
+    // Labels prefer mos over score, as the JSON keys do; predictions the reverse.
+    let p = write(dir.path(), "two.csv", "path,score,mos\na.jpg,7,8\n");
+    assert_eq!(
+        read_labels(&p, &Columns::default()).unwrap().scores(),
+        [8.0]
+    );
+    assert_eq!(
+        read_predictions(&p, &Columns::default()).unwrap()[0].score,
+        7.0
+    );
+    // A prediction CSV with only a MOS column has no prediction in it.
+    let p = write(dir.path(), "mos_only.csv", "path,mos\na.jpg,3\n");
+    let msg = read_predictions(&p, &Columns::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("no score column") && msg.contains("\"pred\""),
+        "{msg}"
+    );
+}
+
 #[test]
 fn jsonl_concatenated_and_qalign_outputs() {
     let dir = tempfile::tempdir().unwrap();

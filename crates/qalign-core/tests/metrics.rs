@@ -484,3 +484,21 @@ fn bootstrap_resamples_are_bounded() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A spread far below the values' ulp-scale offset: the rounded mean used to be off by up to
+/// half an ulp of 1e12 (6e-5), comparable to the spread, and PLCC came out 0.9952295 instead of
+/// the exact 0.99523 (exact rational arithmetic in Python; scipy's `pearsonr` itself gives
+/// 0.9952167, with a "nearly constant" warning).
+#[test]
+fn pearson_survives_a_large_common_offset() {
+    let x: Vec<f64> = (0..50).map(|i| 1e12 + f64::from(i) * 1e-3).collect();
+    let y: Vec<f64> = (0..50)
+        .map(|i| f64::from(i) + f64::from((i * 7) % 5))
+        .collect();
+    assert_close(
+        metrics::plcc(&x, &y).unwrap(),
+        0.995_233_189_213_027,
+        1e-12,
+        "PLCC",
+    );
+}

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use indicatif::ProgressBar;
 
-use qalign_core::dataset::{Columns, Prediction, read_labels, read_predictions};
-use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join};
+use qalign_core::dataset::{Columns, Prediction, duplicate_paths, read_labels, read_predictions};
+use qalign_core::eval::{EvalOptions, EvalReport, JoinOutcome, evaluate, join, normalize_path};
 use qalign_core::metrics::bootstrap::MAX_RESAMPLES;
 use qalign_core::metrics::{BootstrapOptions, Interval, Logistic4};
 use qalign_core::plot::{PlotFormat, ScatterPlot, draw_scatter};
@@ -103,6 +103,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             score: args.label_score_key.clone(),
         },
     )?;
+    let keys: Vec<String> = labels
+        .items
+        .iter()
+        .map(|l| normalize_path(&l.path))
+        .collect();
+    let repeated = duplicate_paths(keys.iter().map(String::as_str));
+    if !repeated.is_empty() {
+        eprintln!(
+            "warning: {} path(s) occur more than once in {}, so their predictions are ambiguous, e.g. {}",
+            repeated.len(),
+            args.labels.display(),
+            examples(&repeated)
+        );
+    }
     let joined = join(&predictions, &labels.items);
     report_join(&joined);
     if joined.pairs.is_empty() {
