@@ -437,6 +437,66 @@ fn info_reports_a_config_json_that_does_not_match_the_weights() {
     assert!(r.stderr.is_empty(), "{}", r.stderr);
 }
 
+/// Rewrites a safetensors file without `tensor` (every other tensor as it was).
+fn remove_tensor(file: &Path, tensor: &str) {
+    let device = candle_core::Device::Cpu;
+    let mut tensors = candle_core::safetensors::load(file, &device).unwrap();
+    assert!(
+        tensors.remove(tensor).is_some(),
+        "{tensor} is in {}",
+        file.display()
+    );
+    candle_core::safetensors::save(&tensors, file).unwrap();
+}
+
+#[test]
+fn info_reports_a_checkpoint_without_its_lm_head() {
+    let dir = model_with_config(&Value::Object(tiny_config()).to_string());
+    remove_tensor(&dir.path().join("model.safetensors"), "lm_head.weight");
+    let r = run_expecting(qalign().arg("info").arg(dir.path()), 1);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("does not describe the weights beside it")
+            && r.stderr.contains("the weights have no `lm_head.weight`"),
+        "{}",
+        r.stderr
+    );
+    // It is the only problem named: every other checked tensor is there.
+    assert_eq!(
+        r.stderr.matches("the weights have no").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    // Scoring fails on that folder too.
+    let image = images_dir().join("boy_colorful.jpg");
+    let r = run_expecting(
+        qalign()
+            .arg("score")
+            .arg("--model")
+            .arg(dir.path())
+            .arg(&image),
+        1,
+    );
+    assert!(r.stderr.contains("lm_head"), "{}", r.stderr);
+
+    // With tied embeddings the head is the embedding table: no head is needed.
+    let mut config = tiny_config();
+    config.insert("tie_word_embeddings".into(), true.into());
+    std::fs::write(
+        dir.path().join("config.json"),
+        Value::Object(config).to_string(),
+    )
+    .unwrap();
+    let r = run_expecting(qalign().arg("info").arg(dir.path()), 0);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("llm          2 layers, hidden 64"),
+        "{}",
+        r.stdout
+    );
+}
+
 /// Overwrites every element of a bf16 tensor of a safetensors file with NaN.
 fn fill_with_nan(file: &Path, tensor: &str) {
     let mut bytes = std::fs::read(file).unwrap();

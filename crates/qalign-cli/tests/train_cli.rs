@@ -526,8 +526,9 @@ fn bad_training_input_is_named_and_nothing_is_written() {
         }
     }
     // An undecodable image (a text file named .jpg) is caught before training; so is an image too
-    // large to decode (its header says 16384x16384), and one whose padded square is 3 pixels
-    // wide, which the official preprocessing misreads.
+    // large to decode (its header says 16384x16384), one whose padded square is 3 pixels
+    // wide, which the official preprocessing misreads, and a TIFF whose FillOrder (3) scoring
+    // refuses (with scoring's words), though the `image` crate reads its header.
     let mut tiny = Vec::new();
     image::RgbImage::new(3, 2)
         .write_to(
@@ -543,6 +544,11 @@ fn bad_training_input_is_named_and_nothing_is_written() {
             "16384x16384 exceeds the limit",
         ),
         ("tiny.png", tiny, "3x3 square"),
+        (
+            "fill3.tif",
+            tiff_fill_order_3(),
+            "fill3.tif: TIFF FillOrder 3 is not a valid value (1 or 2); Pillow refuses it too",
+        ),
     ] {
         let (tmp, data) = dataset(&serde_json::json!([item(name.into(), q, a)]));
         std::fs::write(tmp.path().join(name), bytes).unwrap();
@@ -582,6 +588,39 @@ fn bad_training_input_is_named_and_nothing_is_written() {
         help.contains("[default: self_attn.q_proj,self_attn.v_proj.multiway.1]"),
         "{help}"
     );
+}
+
+/// A little-endian 8x8 8-bit gray TIFF, one uncompressed strip, with FillOrder = 3.
+fn tiff_fill_order_3() -> Vec<u8> {
+    // (tag, SHORT or LONG, value), in tag order; the pixels follow the IFD at 8 + 2 + 8·12 + 4.
+    let entries: [(u16, u16, u32); 8] = [
+        (256, 3, 8),
+        (257, 3, 8),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (266, 3, 3),
+        (273, 4, 110),
+        (279, 4, 64),
+    ];
+    let mut out = b"II*\0\x08\0\0\0".to_vec();
+    out.extend((entries.len() as u16).to_le_bytes());
+    for (tag, kind, value) in entries {
+        out.extend(tag.to_le_bytes());
+        out.extend(kind.to_le_bytes());
+        out.extend(1u32.to_le_bytes());
+        out.extend(value.to_le_bytes());
+    }
+    out.extend(0u32.to_le_bytes());
+    assert_eq!(out.len(), 110);
+    out.extend((0..64).map(|i| i * 4));
+    // The `image` crate reads its header (it ignores FillOrder), so only the tag check refuses it.
+    let header = image::ImageReader::new(std::io::Cursor::new(&out))
+        .with_guessed_format()
+        .unwrap()
+        .into_dimensions();
+    assert_eq!(header.unwrap(), (8, 8));
+    out
 }
 
 #[test]
@@ -781,5 +820,73 @@ fn soft_loss_with_a_narrow_gaussian_is_the_official_loss() {
     assert!(
         (wide - want).abs() > 1e-3,
         "a wide target changes the loss: {wide}"
+    );
+}
+
+#[test]
+fn an_explicit_zero_learning_rate_is_warned_about_and_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let log = tmp.path().join("log.jsonl");
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &out,
+    );
+    // No warm-up, so only `--lr 0` makes the rate 0.
+    cmd.args(["--lr", "0", "--warmup-ratio", "0", "--lora-r", "4"])
+        .args(["--max-steps", "2", "--batch-size", "3"])
+        .arg("--log-json")
+        .arg(&log);
+    let r = run_expecting(&mut cmd, 0);
+    assert!(
+        r.stderr.contains(
+            "warning: the learning rate is 0 at every one of the 2 step(s) (--lr 0), so nothing \
+             is trained"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("warm-up starts"), "{}", r.stderr);
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert_eq!(num(&line["lr"]), 0.0);
+    }
+    // The adapter equals its start: every B is 0 and the abstractor is the base's, bit for bit.
+    let base = candle_core::safetensors::load(tiny_model().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let (mut lora_b, mut abstractor) = (0, 0);
+    for (key, tensor) in adapter_tensors(&out) {
+        if key.contains(".lora_B.") {
+            assert_eq!(max_abs(&tensor), 0.0, "{key}");
+            lora_b += 1;
+        } else if let Some(name) = key.strip_prefix("base_model.model.")
+            && name.starts_with("model.visual_abstractor.")
+        {
+            let start = base[name].to_dtype(DType::F32).unwrap();
+            let diff = (tensor.to_dtype(DType::F32).unwrap() - start).unwrap();
+            assert_eq!(max_abs(&diff), 0.0, "{key}");
+            abstractor += 1;
+        }
+    }
+    // Two layers × (q_proj + v_proj.multiway.1), and the abstractor.
+    assert_eq!(lora_b, 4);
+    assert!(abstractor > 0, "the abstractor was saved");
+
+    // A rate that is 0 only through the warm-up keeps its own warning.
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &tmp.path().join("warm"),
+    );
+    cmd.args(["--lora-r", "4", "--max-steps", "1", "--batch-size", "3"]);
+    let r = run_expecting(&mut cmd, 0);
+    assert!(
+        r.stderr.contains(
+            "warning: the learning rate is 0 at every one of the 1 step(s) (warm-up starts at 0"
+        ),
+        "{}",
+        r.stderr
     );
 }

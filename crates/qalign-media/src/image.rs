@@ -84,6 +84,19 @@ pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, MediaE
     decode_named(bytes, Path::new(IN_MEMORY), opts)
 }
 
+/// Checks a TIFF file's tags for what decoding it would refuse beyond the `tiff` crate's own
+/// checks (an invalid FillOrder, or a FillOrder 2 layout Pillow has no mode for), from the IFD
+/// alone: no strip or tile is read, so it costs a few small reads whatever the image's size. The
+/// error is the one [`load_rgb`] gives the file. Anything else passes (a file that is not a TIFF,
+/// or whose IFD cannot be read: decoding reports what is wrong with it).
+pub fn check_tiff_tags(path: &Path) -> Result<(), MediaError> {
+    let (file, len) = input::open_regular(path)?;
+    tiff_tags::check_file(file, len).map_err(|message| MediaError::Unsupported {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
 /// Failure while decoding, before the file name is attached.
 enum Failure {
     Corrupt(String),

@@ -1,9 +1,12 @@
 //! The TIFF tags the `image` crate ignores but Pillow 10.2 honours, read from the first IFD:
 //! FillOrder (266) and ExtraSamples (338). The `tiff` crate decodes the pixels; this module only
 //! patches the input (FillOrder) or the output (associated alpha) so the result is Pillow's.
-//! (Orientation, 274, is read through the `image` crate's decoder.)
+//! (Orientation, 274, is read through the `image` crate's decoder.) [`check_file`] makes the
+//! same refusals from an open file's tags alone, without reading its pixels.
 
 use std::borrow::Cow;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 
 const FILL_ORDER: u16 = 266;
 const EXTRA_SAMPLES: u16 = 338;
@@ -38,19 +41,42 @@ pub(crate) fn quirks(bytes: &[u8]) -> Result<TiffQuirks<'_>, String> {
             premultiplied: false,
         });
     };
-    let one = |tag, default| {
-        ifd.values(tag)
-            .and_then(|v| v.first().copied())
-            .unwrap_or(default)
-    };
-    let photometric = one(PHOTOMETRIC, 0);
-    let samples = one(SAMPLES_PER_PIXEL, 1);
+    let photometric = ifd.one(PHOTOMETRIC, 0);
+    let samples = ifd.one(SAMPLES_PER_PIXEL, 1);
     let premultiplied =
         photometric == 2 && samples == 4 && ifd.values(EXTRA_SAMPLES) == Some(vec![1]);
-    let bytes = match one(FILL_ORDER, 1) {
-        1 => Cow::Borrowed(bytes),
+    let bytes = if reversed_fill_order(&ifd)? {
+        Cow::Owned(reverse_data_bits(bytes, &ifd)?)
+    } else {
+        Cow::Borrowed(bytes)
+    };
+    Ok(TiffQuirks {
+        bytes,
+        premultiplied,
+    })
+}
+
+/// The refusal [`quirks`] gives a TIFF file, decided from its tags alone: the IFD and tag values
+/// are read at their offsets, never the strips or tiles. `Ok` for a file whose IFD cannot be read
+/// (or that is no TIFF), as in [`quirks`].
+pub(crate) fn check_file(file: File, len: u64) -> Result<(), String> {
+    let source = FileSource { file, len };
+    match Ifd::first(&source) {
+        Some(ifd) => reversed_fill_order(&ifd).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Whether FillOrder asks for the data bits to be reversed (2) or not (1, the default); `Err` for
+/// any other value, and for a FillOrder 2 layout Pillow does not read or this crate does not
+/// reproduce. Reads tags only.
+fn reversed_fill_order<S: Source + ?Sized>(ifd: &Ifd<'_, S>) -> Result<bool, String> {
+    match ifd.one(FILL_ORDER, 1) {
+        1 => Ok(false),
         2 => {
-            let compression = one(COMPRESSION, 1);
+            let photometric = ifd.one(PHOTOMETRIC, 0);
+            let samples = ifd.one(SAMPLES_PER_PIXEL, 1);
+            let compression = ifd.one(COMPRESSION, 1);
             let bits = ifd.values(BITS_PER_SAMPLE).unwrap_or_else(|| vec![1]);
             let bits = bits.first().copied().unwrap_or(1);
             // Pillow's FillOrder=2 modes that the `tiff` crate decodes: bilevel and 8-bit gray,
@@ -64,30 +90,30 @@ pub(crate) fn quirks(bytes: &[u8]) -> Result<TiffQuirks<'_>, String> {
                      {photometric}, {samples} samples of {bits} bits, compression {compression})"
                 ));
             }
-            Cow::Owned(reverse_data_bits(bytes, &ifd)?)
+            strips(ifd)?;
+            Ok(true)
         }
-        other => {
-            return Err(format!(
-                "TIFF FillOrder {other} is not a valid value (1 or 2); Pillow refuses it too"
-            ));
-        }
-    };
-    Ok(TiffQuirks {
-        bytes,
-        premultiplied,
-    })
+        other => Err(format!(
+            "TIFF FillOrder {other} is not a valid value (1 or 2); Pillow refuses it too"
+        )),
+    }
+}
+
+/// The offsets and byte counts of the strips (or else the tiles).
+fn strips<S: Source + ?Sized>(ifd: &Ifd<'_, S>) -> Result<(Vec<u64>, Vec<u64>), String> {
+    match (ifd.values(STRIP_OFFSETS), ifd.values(STRIP_BYTE_COUNTS)) {
+        (Some(o), Some(c)) => Ok((o, c)),
+        _ => match (ifd.values(TILE_OFFSETS), ifd.values(TILE_BYTE_COUNTS)) {
+            (Some(o), Some(c)) => Ok((o, c)),
+            _ => Err("TIFF has no strip or tile offsets".to_string()),
+        },
+    }
 }
 
 /// A copy of `bytes` with the bits of each byte of every strip (or tile) reversed, each byte at
 /// most once even where strips overlap: what libtiff (and Pillow's `;R` raw modes) decode.
-fn reverse_data_bits(bytes: &[u8], ifd: &Ifd) -> Result<Vec<u8>, String> {
-    let (offsets, counts) = match (ifd.values(STRIP_OFFSETS), ifd.values(STRIP_BYTE_COUNTS)) {
-        (Some(o), Some(c)) => (o, c),
-        _ => match (ifd.values(TILE_OFFSETS), ifd.values(TILE_BYTE_COUNTS)) {
-            (Some(o), Some(c)) => (o, c),
-            _ => return Err("TIFF has no strip or tile offsets".to_string()),
-        },
-    };
+fn reverse_data_bits(bytes: &[u8], ifd: &Ifd<'_, [u8]>) -> Result<Vec<u8>, String> {
+    let (offsets, counts) = strips(ifd)?;
     let len = bytes.len() as u64;
     let mut ranges: Vec<(usize, usize)> = offsets
         .iter()
@@ -122,27 +148,61 @@ pub(crate) fn unpremultiply(rgb: [u8; 3], alpha: u8) -> [u8; 3] {
     }
 }
 
+/// Where the bytes of a TIFF come from: the whole file in memory, or a file read at offsets.
+trait Source {
+    /// The bytes at `offset..offset + len`, if inside the file (and, for a file, readable).
+    fn bytes_at(&self, offset: u64, len: u64) -> Option<Cow<'_, [u8]>>;
+}
+
+impl Source for [u8] {
+    fn bytes_at(&self, offset: u64, len: u64) -> Option<Cow<'_, [u8]>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.get(start..end).map(Cow::Borrowed)
+    }
+}
+
+/// An open file of `len` bytes, read only where asked. A read is at most [`MAX_VALUE_BYTES`]
+/// (every tag value, and every classic-TIFF entry table, fits), so a hostile count costs nothing.
+struct FileSource {
+    file: File,
+    len: u64,
+}
+
+impl Source for FileSource {
+    fn bytes_at(&self, offset: u64, len: u64) -> Option<Cow<'_, [u8]>> {
+        if len > MAX_VALUE_BYTES || offset.checked_add(len)? > self.len {
+            return None;
+        }
+        let mut buf = vec![0; usize::try_from(len).ok()?];
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        file.read_exact(&mut buf).ok()?;
+        Some(Cow::Owned(buf))
+    }
+}
+
 /// The first IFD of a classic or Big TIFF, read only as far as tag values go.
-struct Ifd<'a> {
-    bytes: &'a [u8],
+struct Ifd<'a, S: Source + ?Sized> {
+    source: &'a S,
     big_endian: bool,
     big_tiff: bool,
     /// The entry table (12-byte entries, or 20-byte ones in BigTIFF).
-    entries: &'a [u8],
+    entries: Cow<'a, [u8]>,
 }
 
-impl<'a> Ifd<'a> {
-    fn first(bytes: &'a [u8]) -> Option<Self> {
-        let big_endian = match bytes.get(..2)? {
+impl<'a, S: Source + ?Sized> Ifd<'a, S> {
+    fn first(source: &'a S) -> Option<Self> {
+        let big_endian = match source.bytes_at(0, 2)?.as_ref() {
             b"II" => false,
             b"MM" => true,
             _ => return None,
         };
         let mut ifd = Ifd {
-            bytes,
+            source,
             big_endian,
             big_tiff: false,
-            entries: &[],
+            entries: Cow::Borrowed(&[]),
         };
         ifd.big_tiff = match ifd.uint(2, 2)? {
             42 => false,
@@ -158,20 +218,20 @@ impl<'a> Ifd<'a> {
         };
         let table = start.checked_add(if ifd.big_tiff { 8 } else { 2 })?;
         let size = count.checked_mul(entry)?;
-        ifd.entries = ifd.slice(table, size)?;
+        ifd.entries = source.bytes_at(table, size)?;
         Some(ifd)
-    }
-
-    /// The bytes at `offset..offset + len`, if inside the file.
-    fn slice(&self, offset: u64, len: u64) -> Option<&'a [u8]> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        self.bytes.get(start..end)
     }
 
     /// An unsigned integer of `size` bytes (1, 2, 4 or 8) in the file's byte order.
     fn uint(&self, offset: u64, size: u64) -> Option<u64> {
-        Some(self.read(self.slice(offset, size)?))
+        Some(self.read(&self.source.bytes_at(offset, size)?))
+    }
+
+    /// The first value of a tag, or `default` when it is absent or unreadable.
+    fn one(&self, tag: u16, default: u64) -> u64 {
+        self.values(tag)
+            .and_then(|v| v.first().copied())
+            .unwrap_or(default)
     }
 
     fn read(&self, raw: &[u8]) -> u64 {
@@ -209,9 +269,9 @@ impl<'a> Ifd<'a> {
             return None;
         }
         let data = if total <= field.len() as u64 {
-            field.get(..total as usize)?
+            Cow::Borrowed(field.get(..total as usize)?)
         } else {
-            self.slice(self.read(field), total)?
+            self.source.bytes_at(self.read(field), total)?
         };
         Some(
             data.chunks_exact(size as usize)
@@ -241,7 +301,7 @@ mod tests {
         file.extend_from_slice(&[0x11, 1, 3, 0, 2, 0, 0, 0, 38, 0, 39, 0]);
         file.extend_from_slice(&[0x17, 1, 3, 0, 2, 0, 0, 0, 2, 0, 2, 0]);
         file.extend_from_slice(&[0, 0, 0, 0, 0b0000_0001, 0b1000_0000, 0b0000_0011]);
-        let ifd = Ifd::first(&file).unwrap();
+        let ifd = Ifd::first(file.as_slice()).unwrap();
         let out = reverse_data_bits(&file, &ifd).unwrap();
         assert_eq!(&out[38..], &[0b1000_0000, 0b0000_0001, 0b1100_0000]);
         assert_eq!(&out[..38], &file[..38]);
@@ -257,11 +317,11 @@ mod tests {
         file.extend_from_slice(&26u32.to_le_bytes());
         file.extend_from_slice(&[0; 4]);
         file.resize(26 + count as usize, 2);
-        let ifd = Ifd::first(&file).unwrap();
+        let ifd = Ifd::first(file.as_slice()).unwrap();
         assert_eq!(ifd.values(PHOTOMETRIC), None);
         file.truncate(26 + count as usize - 1);
         file[14..18].copy_from_slice(&(count - 1).to_le_bytes());
-        let ifd = Ifd::first(&file).unwrap();
+        let ifd = Ifd::first(file.as_slice()).unwrap();
         assert_eq!(
             ifd.values(PHOTOMETRIC).map(|v| v.len()),
             Some(count as usize - 1)

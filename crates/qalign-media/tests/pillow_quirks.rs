@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use qalign_media::{DecodeOptions, MediaError, PreprocessConfig, decode_rgb, preprocess_path};
+use qalign_media::image::check_tiff_tags;
+use qalign_media::{
+    DecodeOptions, MediaError, PreprocessConfig, decode_rgb, load_rgb, preprocess_path,
+};
 use sha2::Digest;
 
 /// `(width, height, RGB bytes)` of a decoded image, without and with EXIF orientation (which
@@ -220,6 +223,71 @@ fn tiff_fill_order_2_reverses_bits_like_pillow() {
     assert!(refusal(&rgba).contains("FillOrder 2"));
     let fill3 = tiff(3, 2, &[8], 1, &[(266, 3)], &[1, 2, 4, 8, 16, 0x0F]);
     assert!(refusal(&fill3).contains("FillOrder 3"));
+}
+
+#[test]
+fn tiff_tags_are_checked_from_the_ifd_with_decodings_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let data = [1, 2, 4, 8, 16, 0x0F];
+    let refused = |path: &Path| {
+        let checked = check_tiff_tags(path).unwrap_err();
+        assert!(
+            matches!(checked, MediaError::Unsupported { .. }),
+            "{checked:?}"
+        );
+        let decoded = load_rgb(path, &DecodeOptions::default()).unwrap_err();
+        assert_eq!(checked.to_string(), decoded.to_string());
+        checked.to_string()
+    };
+    let fill3 = write("fill3.tif", &tiff(3, 2, &[8], 1, &[(266, 3)], &data));
+    assert_eq!(
+        refused(&fill3),
+        format!(
+            "unsupported input {}: TIFF FillOrder 3 is not a valid value (1 or 2); Pillow refuses \
+             it too",
+            fill3.display()
+        )
+    );
+    // FillOrder 2 on RGBA: BitsPerSample (4 values) is read at its offset in the file.
+    let rgba = write(
+        "rgba.tif",
+        &tiff(1, 1, &[8; 4], 2, &[(266, 2), (338, 2)], &[1, 2, 3, 4]),
+    );
+    assert!(
+        refused(&rgba).contains("(this one: photometric 2, 4 samples of 8 bits, compression 1)")
+    );
+    // Decided from the tags alone: a header of 60000x60000 pixels whose strip is not in the file.
+    let huge = write("huge.tif", &tiff(60000, 60000, &[8], 1, &[(266, 3)], &[]));
+    assert!(refused(&huge).contains("FillOrder 3"));
+    // What decoding accepts passes: FillOrder 1 and 2 (8-bit gray and RGB), no FillOrder, and
+    // files that are not TIFFs.
+    for (name, bytes) in [
+        ("fill1.tif", tiff(3, 2, &[8], 1, &[(266, 1)], &data)),
+        ("fill2.tif", tiff(3, 2, &[8], 1, &[(266, 2)], &data)),
+        ("rgb2.tif", tiff(1, 2, &[8; 3], 2, &[(266, 2)], &data)),
+        ("plain.tif", tiff(3, 2, &[8], 1, &[], &data)),
+        ("text.tif", b"not a TIFF at all".to_vec()),
+    ] {
+        let path = write(name, &bytes);
+        assert!(check_tiff_tags(&path).is_ok(), "{name}");
+        if name != "text.tif" {
+            assert_eq!(
+                load_rgb(&path, &DecodeOptions::default())
+                    .unwrap()
+                    .dimensions(),
+                if name == "rgb2.tif" { (1, 2) } else { (3, 2) }
+            );
+        }
+    }
+    assert!(matches!(
+        check_tiff_tags(&dir.path().join("missing.tif")),
+        Err(MediaError::Io { .. })
+    ));
 }
 
 #[test]

@@ -196,7 +196,8 @@ struct ScoreForm {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonScoreRequest {
-    /// Base64 files (a `data:` URL prefix is allowed), each bare or with a name.
+    /// Base64 files (standard or URL-safe alphabet, padded or not; a `data:` URL prefix and line
+    /// breaks are allowed), each bare or with a name.
     pub images: Vec<JsonImage>,
     #[serde(default)]
     pub task: Option<String>,
@@ -868,7 +869,7 @@ async fn parse_json(
             Some((prefix, rest)) if prefix.starts_with("data:") => rest,
             _ => data.as_str(),
         };
-        let content = match base64::engine::general_purpose::STANDARD.decode(encoded) {
+        let content = match decode_base64(encoded) {
             Ok(bytes) => {
                 let path = spool_path(dir.path(), index, &name);
                 tokio::fs::write(&path, bytes).await.map_err(spool_error)?;
@@ -883,6 +884,23 @@ async fn parse_json(
         parts,
         _dir: dir,
     })
+}
+
+/// Decodes base64 in the standard alphabet (`+/`) or the URL-safe one (`-_`, chosen when either
+/// character occurs), padded with `=` or not. Anything else (a mix of both alphabets, other
+/// characters, a wrong amount of padding, a lone trailing character) is an error.
+fn decode_base64(encoded: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD_ANY_PAD: GeneralPurpose = GeneralPurpose::new(&STANDARD, CONFIG);
+    const URL_SAFE_ANY_PAD: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, CONFIG);
+    if encoded.bytes().any(|b| b == b'-' || b == b'_') {
+        URL_SAFE_ANY_PAD.decode(encoded)
+    } else {
+        STANDARD_ANY_PAD.decode(encoded)
+    }
 }
 
 /// The `Retry-After` seconds of a response, if any (for clients and tests).

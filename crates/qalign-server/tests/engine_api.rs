@@ -631,6 +631,70 @@ async fn json_bodies_take_base64_with_names_and_report_bad_base64_per_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_base64_may_be_url_safe_or_unpadded() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let server = Server::start(Options::default()).await;
+    // 0xfb 0xff 0xbf is `+/+/` in the standard alphabet and `-_-_` in the URL-safe one; two
+    // bytes need padding (`+/8=`).
+    let (three, two) = ([0xfb, 0xff, 0xbf], [0xfb, 0xff]);
+    assert_eq!(URL_SAFE.encode(three), "-_-_");
+    assert_eq!(URL_SAFE.encode(two), "-_8=");
+    let images = [
+        (URL_SAFE.encode(three), Some(0xfb)),
+        (URL_SAFE.encode(two), Some(0xfb)),
+        (URL_SAFE_NO_PAD.encode(two), Some(0xfb)),
+        (STANDARD_NO_PAD.encode(two), Some(0xfb)),
+        (STANDARD_NO_PAD.encode([20, 1]), Some(20)),
+        (STANDARD.encode([21, 1]), Some(21)),
+        (
+            format!(
+                "data:image/png;base64,{}",
+                URL_SAFE_NO_PAD.encode([0xfa; 100])
+            ),
+            Some(0xfa),
+        ),
+        // Both alphabets in one payload, a lone sixth bit, too much padding: still refused.
+        ("+_8=".to_string(), None),
+        ("FAE=A".to_string(), None),
+        ("-_8==".to_string(), None),
+    ];
+    // At most 4 files a request (the harness's --max-client-batch-size).
+    for chunk in images.chunks(4) {
+        let body = serde_json::json!({
+            "images": chunk.iter().map(|(data, _)| data).collect::<Vec<_>>(),
+            "task": "quality",
+        });
+        let response = server.post().json(&body).send().await.unwrap();
+        let refused = chunk.iter().any(|(_, byte)| byte.is_none());
+        assert_eq!(response.status(), if refused { 422 } else { 200 });
+        let body: Value = response.json().await.unwrap();
+        let results = body["results"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"));
+        assert_eq!(results.len(), chunk.len());
+        for (i, ((data, first_byte), result)) in chunk.iter().zip(results).enumerate() {
+            assert_eq!(result["path"], format!("image-{i}"));
+            match first_byte {
+                Some(byte) => assert!(
+                    result["score"]
+                        .as_f64()
+                        .is_some_and(|s| close(s, expected_score(*byte, 0))),
+                    "{data}: {result}"
+                ),
+                None => assert!(
+                    result["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("not valid base64")),
+                    "{data}: {result}"
+                ),
+            }
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_every_accepted_request() {
     let server = Server::start(Options {
         delay: Duration::from_millis(300),

@@ -297,12 +297,16 @@ fn answer_level(answer: &str, words: &[String]) -> Option<String> {
 /// Reads only the image header: a file that is not an image at all, or one too large to decode,
 /// is caught before training rather than at the step that reaches it. A header the `image` crate
 /// cannot read (formats qalign-media decodes itself, such as arithmetic-coded JPEG) is settled by
-/// decoding the file as training will.
+/// decoding the file as training will. A TIFF's tags that decoding honours beyond the `image`
+/// crate (FillOrder) are checked too, from the tags alone.
 fn check_image_header(path: &Path) -> std::result::Result<(), String> {
-    let header = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .into_dimensions();
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if reader.format() == Some(image::ImageFormat::Tiff) {
+        qalign_media::image::check_tiff_tags(path).map_err(|e| e.to_string())?;
+    }
+    let header = reader.into_dimensions();
     let (width, height) = match header {
         Ok(size) => size,
         Err(_) => qalign_media::load_rgb(path, &qalign_media::DecodeOptions::default())

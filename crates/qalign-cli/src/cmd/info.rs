@@ -295,8 +295,8 @@ fn missing_keys(raw: &Value) -> Vec<String> {
     missing
 }
 
-/// Each way the stored tensors contradict the config: shapes of one tensor per kind of layer,
-/// and layer counts.
+/// Each way the stored tensors contradict the config: shapes of one tensor per kind of layer
+/// and of the LM head (which scoring needs), and layer counts.
 fn shape_mismatches(c: &ModelConfig, store: &WeightStore) -> Vec<String> {
     let (v, a, l) = (&c.vision, &c.abstractor, &c.llm);
     let expected: [(&str, Vec<usize>); 9] = [
@@ -338,7 +338,12 @@ fn shape_mismatches(c: &ModelConfig, store: &WeightStore) -> Vec<String> {
         ),
     ];
     let mut problems = Vec::new();
-    for (key, shape) in expected {
+    // Scoring reads the level logits from the LM head; with tied embeddings a missing head is
+    // the embedding table (whose shape is checked above).
+    let lm_head = "lm_head.weight";
+    let head = (!l.tie_word_embeddings || store.entry(lm_head).is_some())
+        .then(|| (lm_head, vec![l.vocab_size, l.hidden_size]));
+    for (key, shape) in expected.into_iter().chain(head) {
         match store.entry(key) {
             None => problems.push(format!("the weights have no `{key}`")),
             Some((stored, _)) if stored != shape.as_slice() => problems.push(format!(

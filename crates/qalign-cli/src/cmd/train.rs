@@ -229,7 +229,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         config.model_dir.display(),
         config.data.display()
     );
-    let (schedule, warmup_ratio) = (config.schedule, config.warmup_ratio);
+    let (lr, schedule, warmup_ratio) = (config.lr, config.schedule, config.warmup_ratio);
     let mut trainer = Trainer::new(config).context("cannot set up training")?;
     let total = trainer.total_steps();
     let n_params: usize = trainer.params().iter().map(|p| p.var.elem_count()).sum();
@@ -247,7 +247,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let warmup = qalign_train::optim::warmup_steps(total, warmup_ratio);
-    if (0..total).all(|step| qalign_train::optim::lr_factor(schedule, step, warmup, total) == 0.0) {
+    if lr == 0.0 {
+        eprintln!(
+            "warning: the learning rate is 0 at every one of the {total} step(s) (--lr 0), so \
+             nothing is trained: the result will equal the starting weights"
+        );
+    } else if (0..total)
+        .all(|step| qalign_train::optim::lr_factor(schedule, step, warmup, total) == 0.0)
+    {
         eprintln!(
             "warning: the learning rate is 0 at every one of the {total} step(s) (warm-up starts \
              at 0 and takes {warmup}), so the result will equal the base: train more steps, or \
