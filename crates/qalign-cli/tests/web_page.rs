@@ -1,6 +1,7 @@
 //! The web page at `/` in a real headless browser (Debian's chromium driven over WebDriver by
 //! chromedriver): upload fixture images through the file picker, read the scores the page shows,
-//! and compare them with `qalign score`. A screenshot is kept in target/tmp/web-page.png.
+//! and compare them with `qalign score`, against a server that is too busy for all of them at
+//! once. A screenshot is kept in target/tmp/web-page.png.
 
 mod common;
 mod serve_common;
@@ -74,7 +75,9 @@ fn cli_score(name: &str) -> f64 {
 fn the_page_scores_uploads_like_the_cli_and_sorts_them() {
     let names = ["singapore_flyer.jpg", "synth_landscape_300x200_rgb.png"];
     let expected: Vec<f64> = names.iter().map(|n| cli_score(n)).collect();
-    let server = ServeProcess::start(&[]);
+    // One request at a time: of files sent together, all but one first get 503 (busy), which
+    // the page must wait out and retry.
+    let server = ServeProcess::start(&["--max-concurrent-requests", "1"]);
     let (_driver, driver_url) = start_chromedriver();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -98,10 +101,15 @@ fn the_page_scores_uploads_like_the_cli_and_sorts_them() {
             .expect(INSTALL_HINT);
         client.goto(&server.url).await.unwrap();
         let input = client.find(Locator::Css("#files")).await.unwrap();
-        for name in names {
-            let path = common::images_dir().join(name).canonicalize().unwrap();
-            input.send_keys(&path.to_string_lossy()).await.unwrap();
-        }
+        // Picked together (one `change` event): the page sends them at once.
+        let picked: Vec<String> = names
+            .iter()
+            .map(|name| {
+                let path = common::images_dir().join(name).canonicalize().unwrap();
+                path.to_string_lossy().into_owned()
+            })
+            .collect();
+        input.send_keys(&picked.join("\n")).await.unwrap();
         let started = Instant::now();
         let cards = loop {
             let cards = client.find_all(Locator::Css(".card.done")).await.unwrap();
@@ -153,6 +161,24 @@ fn the_page_scores_uploads_like_the_cli_and_sorts_them() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        let metrics = reqwest::get(format!("{}/metrics", server.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let busy: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("qalign_requests_total{status=\"503\"} "))
+            .map_or(0, |n| n.parse().unwrap());
+        assert!(busy >= 1, "no upload met a busy server:\n{metrics}");
+        assert!(
+            client
+                .find_all(Locator::Css(".error"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let png = client.screenshot().await.unwrap();
         let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-page.png");
         std::fs::write(&shot, png).unwrap();
