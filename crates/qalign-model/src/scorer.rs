@@ -470,8 +470,9 @@ impl Scorer {
             limit,
         };
         let prompt = query.prompt(input);
-        // No token is shorter than one byte after the first: a prompt of more bytes than the
-        // context holds positions cannot fit, and is refused before it is tokenised.
+        // No LLaMA piece is longer than 64 bytes (the longest is 27): a prompt of more than 64
+        // bytes per position has more tokens than the context holds, and is refused before it is
+        // tokenised, with that lower bound as its count.
         if prompt.len() > limit * 64 {
             return Err(too_long(prompt.len() / 64));
         }
