@@ -386,18 +386,27 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn score(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
     let timeout = state.config.limits.request_timeout;
-    let response = match tokio::time::timeout(timeout, score_request(&state, request)).await {
+    // The handler keeps a hold on the body: a request that times out while its client is still
+    // uploading is drained like an early error, so that the client reads the 504.
+    let (head, body) = request.into_parts();
+    let body = SharedBody(Arc::new(Mutex::new(body.into_data_stream())));
+    let request = Request::from_parts(head, Body::from_stream(body.clone()));
+    let response = match tokio::time::timeout(timeout, score_request(&state, request, &body)).await
+    {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => err.into_response(),
-        Err(_) => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            ErrorType::Timeout,
-            format!(
-                "the request took longer than the server's limit of {} s",
-                timeout.as_secs_f64()
-            ),
-        )
-        .into_response(),
+        Err(_) => {
+            discard(body, state.config.limits.max_body_bytes).await;
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorType::Timeout,
+                format!(
+                    "the request took longer than the server's limit of {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+            .into_response()
+        }
     };
     state
         .metrics
@@ -425,9 +434,15 @@ struct Parsed {
     _dir: tempfile::TempDir,
 }
 
-async fn score_request(state: &AppState, request: Request) -> Result<Response, ApiError> {
+/// Admits, parses and answers a request whose body the caller also holds as `body`, to
+/// discard what is left of it after an early error.
+async fn score_request(
+    state: &AppState,
+    request: Request,
+    body: &SharedBody,
+) -> Result<Response, ApiError> {
     match admit(state) {
-        Ok(permit) => score_admitted(state, request, permit).await,
+        Ok(permit) => score_admitted(state, request, body, permit).await,
         Err(err) => {
             discard_body(request, state.config.limits.max_body_bytes).await;
             Err(err)
@@ -502,16 +517,14 @@ fn admit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError
 async fn score_admitted(
     state: &AppState,
     request: Request,
+    body: &SharedBody,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    let (head, body) = request.into_parts();
-    let body = SharedBody(Arc::new(Mutex::new(body.into_data_stream())));
-    let request = Request::from_parts(head, Body::from_stream(body.clone()));
     let parsed = match parse(state, request).await {
         Ok(parsed) => parsed,
         Err(err) => {
             // The client may still be uploading: let it finish, then read the error.
-            discard(body, state.config.limits.max_body_bytes).await;
+            discard(body.clone(), state.config.limits.max_body_bytes).await;
             return Err(err);
         }
     };

@@ -475,6 +475,39 @@ async fn a_slow_request_times_out_with_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_mid_upload_is_drained_and_answered_504() {
+    let server = Server::start(Options {
+        timeout: Duration::from_millis(200),
+        max_body: 16 << 20,
+        ..Options::default()
+    })
+    .await;
+    // The upload stalls past the limit, then sends far more than the socket buffers hold: had
+    // the server stopped reading, the client would meet a reset instead of the answer.
+    let upload = [
+        &b"--XX\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"[..],
+        &vec![b'x'; 8 << 20],
+        b"\r\n--XX--\r\n",
+    ]
+    .concat();
+    let (status, body) = raw_request_pausing(
+        &server.url,
+        "POST /v1/score HTTP/1.1\r\ncontent-type: multipart/form-data; boundary=XX",
+        &upload,
+        1000,
+        Duration::from_millis(600),
+    )
+    .await
+    .expect("the 504 answer");
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (504, Some("timeout")),
+        "{body}"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_key_guards_v1_only() {
     let server = Server::start(Options {
         api_key: Some("s3cret".into()),
@@ -776,6 +809,18 @@ async fn metrics_and_openapi_describe_the_server() {
 /// Sends a whole request over a raw socket, as plain clients (Python's urllib) do: the full
 /// body first, then the answer. A server that answers without reading the body breaks the pipe.
 async fn raw_request(url: &str, head: &str, body: &[u8]) -> std::io::Result<(u16, Value)> {
+    raw_request_pausing(url, head, body, 0, Duration::ZERO).await
+}
+
+/// [`raw_request`] from a client that stops for `pause` after the first `sent_first` bytes of
+/// the body (a slow upload).
+async fn raw_request_pausing(
+    url: &str,
+    head: &str,
+    body: &[u8],
+    sent_first: usize,
+    pause: Duration,
+) -> std::io::Result<(u16, Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await?;
     let head = format!(
@@ -783,7 +828,10 @@ async fn raw_request(url: &str, head: &str, body: &[u8]) -> std::io::Result<(u16
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
+    let (first, rest) = body.split_at(sent_first);
+    stream.write_all(first).await?;
+    tokio::time::sleep(pause).await;
+    stream.write_all(rest).await?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await?;
     let text = String::from_utf8_lossy(&answer);
