@@ -1,6 +1,7 @@
-//! `qalign merge`: bakes a LoRA adapter into its base, W' = W + (alpha/r)·B·A with the adapter's other
-//! tensors replacing the base's, and writes a plain safetensors checkpoint that loads (and scores) without
-//! the adapter, exactly as the official `merge_and_unload` does.
+//! `qalign merge`: bakes a LoRA adapter into its base, W' = W + s·B·A (s = alpha/r per module, as PEFT
+//! computes it: see `AdapterConfig::module_scale`) with the adapter's other tensors replacing the base's,
+//! and writes a plain safetensors checkpoint that loads (and scores) without the adapter, exactly as the
+//! official `merge_and_unload` does.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -353,8 +353,8 @@ impl Trainer {
                 match init {
                     Some(adapter_dir) => {
                         let adapter = Adapter::load(adapter_dir)?;
-                        let scale = adapter.config.scale();
-                        let r = adapter.config.r;
+                        // Each module keeps its own rank and factor (`rank_pattern`,
+                        // `alpha_pattern`, `use_rslora`), which the saved config carries on.
                         let adaptation = adapter.lora.iter().fold(
                             Adaptation::new(config.seed)
                                 .with_overrides(adapter.non_lora.clone())
@@ -362,8 +362,8 @@ impl Trainer {
                             |a, (module, pair)| {
                                 a.with_lora_branch(
                                     module.clone(),
-                                    r,
-                                    scale,
+                                    pair.a.dims()[0],
+                                    adapter.scales[module],
                                     *dropout,
                                     Some(pair.clone()),
                                 )
