@@ -7,11 +7,13 @@
 //! Generalisation to a sampling rate `r` frames per second: `step = f / r`, `K = ⌊n / step⌋`,
 //! indices `⌊step·i⌋`. At `r = 1`, `f / 1.0 == f` exactly, so the arithmetic is bit-for-bit the
 //! official one. A rate above the clip's own frame rate (`step < 1`) is clamped to `step = 1`
-//! (every frame once) instead of repeating frames.
+//! (every frame once) instead of repeating frames, but never below the official step `f`: a clip
+//! slower than 1 fps (`f < 1`) keeps the official rule, which repeats each frame (decord gives
+//! `[0, 0, 1, 1, …]` for 5 frames at 0.5 fps), so the model sees what the official loader gives.
 //!
 //! Cap: with `max_frames = N` and `K > N`, keep the N positions `p_j = ⌊(2j + 1)·K / (2N)⌋`
 //! (integer arithmetic), the middle of N equal bins over the K candidates. The picks stay evenly
-//! spread and symmetric over the clip, and strictly increasing because `K / N > 1`.
+//! spread and symmetric over the clip, and the positions strictly increase because `K / N > 1`.
 //!
 //! Short clip: when `K = 0` (the clip is shorter than one sampling period, which crashes the
 //! official code) the plan takes frame 0 and sets [`SamplingPlan::is_shorter_than_period`].
@@ -98,7 +100,8 @@ impl SamplingPlan {
                 message: format!("average frame rate must be positive, got {avg_fps}"),
             });
         }
-        let step = (avg_fps / options.rate).max(1.0);
+        // The clamp to one frame per step never goes below the official step (see the module docs).
+        let step = (avg_fps / options.rate).max(avg_fps.min(1.0));
         // Python: int(n / fps), a float64 division truncated toward zero (both are positive).
         let uncapped_count = (n_frames as f64 / step).floor() as usize;
         let index_at = |i: usize| (step * i as f64).floor() as usize;
@@ -121,7 +124,8 @@ impl SamplingPlan {
         })
     }
 
-    /// Source frame indices to keep, strictly increasing, each `< n_frames`.
+    /// Source frame indices to keep, each `< n_frames`: strictly increasing, except for a clip
+    /// slower than 1 fps at the official rate, where each frame repeats as in decord.
     pub fn indices(&self) -> &[usize] {
         &self.indices
     }
@@ -136,7 +140,8 @@ impl SamplingPlan {
         self.avg_fps
     }
 
-    /// Distance between consecutive candidate frames, in source frames (`avg_fps / rate`, ≥ 1).
+    /// Distance between consecutive candidate frames, in source frames (`avg_fps / rate`, at
+    /// least `min(avg_fps, 1)`).
     pub fn step(&self) -> f64 {
         self.step
     }
@@ -218,6 +223,18 @@ mod tests {
     }
 
     #[test]
+    fn clip_slower_than_1_fps_repeats_frames_as_decord_does() {
+        // decord 0.6.0 on 5 frames at 0.5 fps: K = int(5 / 0.5) = 10, indices int(0.5·i).
+        let p = plan(5, 0.5, 1.0, None);
+        assert_eq!(p.indices(), &[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);
+        assert_eq!(p.step(), 0.5);
+        // A rate above 1 fps never samples more often than the official rule.
+        assert_eq!(plan(5, 0.5, 4.0, None).indices(), p.indices());
+        // A lower rate spaces the picks out as usual: step 0.5 / 0.25 = 2.
+        assert_eq!(plan(5, 0.5, 0.25, None).indices(), &[0, 2]);
+    }
+
+    #[test]
     fn short_clip_gives_first_frame_with_flag() {
         let p = plan(20, 30.0, 1.0, None);
         assert_eq!(p.indices(), &[0]);
@@ -276,9 +293,13 @@ mod tests {
         ) {
             let p = plan(n, fps, rate, cap);
             let idx = p.indices();
-            prop_assert!(idx.windows(2).all(|w| w[0] < w[1]), "not strictly increasing: {idx:?}");
+            if fps >= 1.0 {
+                prop_assert!(idx.windows(2).all(|w| w[0] < w[1]), "not strictly increasing: {idx:?}");
+            } else {
+                prop_assert!(idx.windows(2).all(|w| w[0] <= w[1]), "decreasing: {idx:?}");
+            }
             prop_assert!(idx.iter().all(|&i| i < n));
-            let step = (fps / rate).max(1.0);
+            let step = (fps / rate).max(fps.min(1.0));
             let k = (n as f64 / step).floor() as usize;
             prop_assert_eq!(p.uncapped_count(), k);
             let expected_len = match cap { _ if k == 0 => 1, Some(c) => k.min(c), None => k };
@@ -286,7 +307,7 @@ mod tests {
         }
 
         #[test]
-        fn official_rate_equals_python_formula(n in 1usize..100_000, fps in 1.0f64..120.0) {
+        fn official_rate_equals_python_formula(n in 1usize..100_000, fps in 0.05f64..120.0) {
             let p = plan(n, fps, 1.0, None);
             let k = (n as f64 / fps) as usize;
             let expected: Vec<usize> = (0..k).map(|i| (fps * i as f64) as usize).collect();
