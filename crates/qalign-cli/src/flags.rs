@@ -91,7 +91,7 @@ pub struct BaseModel {
     /// Base model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
     #[arg(long, default_value = qalign_model::hub::DEFAULT_MODEL, env = "QALIGN_MODEL")]
     pub model: String,
-    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
 }

@@ -156,8 +156,8 @@ fn hint(err: &anyhow::Error) -> Option<&'static str> {
         }
         match hub? {
             HubError::NotCached { .. } => Some(
-                "download it once with network access (run without --offline and without \
-                 HF_HUB_OFFLINE=1), or pass --model DIR with a local checkpoint folder",
+                "download it once with network access (run without --offline, HF_HUB_OFFLINE=1 \
+                 and TRANSFORMERS_OFFLINE=1), or pass --model DIR with a local checkpoint folder",
             ),
             hub if hub.download_failure() == Some(DownloadFailure::Unreachable) => Some(
                 "check the network connection (and HF_ENDPOINT), or pass --offline to use the cache only",

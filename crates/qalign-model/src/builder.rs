@@ -77,7 +77,7 @@ impl ScorerBuilder {
         self
     }
 
-    /// Never touch the network (default: on when `HF_HUB_OFFLINE=1`).
+    /// Never touch the network (default: on when `HF_HUB_OFFLINE=1` or `TRANSFORMERS_OFFLINE=1`).
     pub fn offline(mut self, offline: bool) -> Self {
         self.offline = Some(offline);
         self

@@ -1,5 +1,5 @@
 //! Resolves `--model` to a local checkpoint folder: either a directory as given, or a
-//! Hugging Face hub id looked up in the standard cache (`HF_HUB_CACHE`, `HF_HOME`) and,
+//! Hugging Face hub id looked up in the standard cache (`HF_HUB_CACHE`, `HF_HOME`, ...) and,
 //! when online, downloaded with the hf-hub crate. Offline use never touches the network.
 //!
 //! Which files count as optional, and when their absence is fine:
@@ -75,7 +75,8 @@ pub enum HubError {
     /// The spec is neither a directory nor `owner/name`.
     #[error("`{0}` is neither an existing directory nor a hub id of the form owner/name")]
     BadSpec(String),
-    /// No cache folder: none of `HF_HUB_CACHE`, `HF_HOME`, `XDG_CACHE_HOME`, `HOME` is set.
+    /// No cache folder: none of `HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`, `HF_HOME`,
+    /// `XDG_CACHE_HOME`, `HOME` is set.
     #[error("no Hugging Face cache folder: set HF_HOME or HF_HUB_CACHE")]
     NoCacheDir,
     /// A file of the repository could not be fetched.
@@ -145,22 +146,27 @@ pub struct HubOptions {
 }
 
 impl HubOptions {
-    /// The settings of `huggingface_hub`: cache `HF_HUB_CACHE`, else `HF_HOME/hub`, else
-    /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; endpoint `HF_ENDPOINT`;
-    /// offline when `HF_HUB_OFFLINE` is set to a true value; progress bars on.
+    /// The settings of `huggingface_hub` 0.19: cache `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`,
+    /// else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`
+    /// (a leading `~` of `HF_HOME` or `XDG_CACHE_HOME` is the home folder, as Python's
+    /// `expanduser` makes it; a variable set to the empty string counts as unset); endpoint
+    /// `HF_ENDPOINT`; offline as [`offline_from_env`] says; progress bars on.
     pub fn from_env() -> Result<Self, HubError> {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        let cache_dir = if let Some(dir) = var("HF_HUB_CACHE") {
-            PathBuf::from(dir)
-        } else if let Some(home) = var("HF_HOME") {
-            PathBuf::from(home).join("hub")
-        } else if let Some(xdg) = var("XDG_CACHE_HOME") {
-            PathBuf::from(xdg).join("huggingface").join("hub")
-        } else if let Some(home) = std::env::home_dir() {
-            home.join(".cache").join("huggingface").join("hub")
-        } else {
-            return Err(HubError::NoCacheDir);
-        };
+        let cache_dir =
+            if let Some(dir) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+                PathBuf::from(dir)
+            } else if let Some(home) = var("HF_HOME") {
+                expand_user(PathBuf::from(home)).join("hub")
+            } else if let Some(xdg) = var("XDG_CACHE_HOME") {
+                expand_user(PathBuf::from(xdg))
+                    .join("huggingface")
+                    .join("hub")
+            } else if let Some(home) = std::env::home_dir() {
+                home.join(".cache").join("huggingface").join("hub")
+            } else {
+                return Err(HubError::NoCacheDir);
+            };
         Ok(Self {
             cache_dir,
             endpoint: std::env::var("HF_ENDPOINT")
@@ -174,11 +180,30 @@ impl HubOptions {
     }
 }
 
-/// Is offline mode requested by the environment (`HF_HUB_OFFLINE=1`)?
+/// `~` or `~/rest` with the home folder put in, as Python's `os.path.expanduser` does; any other
+/// path (and `~` when there is no home folder) is returned unchanged.
+fn expand_user(path: PathBuf) -> PathBuf {
+    let mut components = path.components();
+    match (components.next(), std::env::home_dir()) {
+        (Some(std::path::Component::Normal(first)), Some(home)) if first == "~" => {
+            home.join(components.as_path())
+        }
+        _ => path,
+    }
+}
+
+/// Is offline mode requested by the environment? As with huggingface_hub 0.19 and transformers
+/// 4.36 together: `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set to 1, ON, YES or TRUE (any case).
 pub fn offline_from_env() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "on"))
-        .unwrap_or(false)
+    let is_true = |name: &str| {
+        std::env::var(name).is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_uppercase().as_str(),
+                "1" | "ON" | "YES" | "TRUE"
+            )
+        })
+    };
+    is_true("HF_HUB_OFFLINE") || is_true("TRANSFORMERS_OFFLINE")
 }
 
 /// Resolve a `--model` value: an existing directory is used as is; otherwise it must be a hub

@@ -195,6 +195,7 @@ impl Shard {
         };
         match format {
             WeightFormat::PytorchBin => {
+                check_zip_magic(path)?;
                 check_pickles(path)?;
                 let reader =
                     contain_panics(path, || PthTensors::new(path, None))?.map_err(bad_file)?;
@@ -234,14 +235,136 @@ impl Shard {
         };
         match &self.reader {
             ShardReader::Safetensors(st) => st.load(key, &Device::Cpu).map_err(bad_file),
-            ShardReader::Pytorch(pth) => contain_panics(&self.path, || pth.get(key))?
-                .map_err(bad_file)?
-                .ok_or_else(|| ModelError::MissingKey {
-                    key: key.to_owned(),
-                    file: self.path.clone(),
-                }),
+            ShardReader::Pytorch(pth) => {
+                if let Some(info) = pth.tensor_infos().get(key)
+                    && !info.layout.is_contiguous()
+                    && !info.layout.is_fortran_contiguous()
+                {
+                    return read_strided(&self.path, info).map_err(|message| {
+                        ModelError::WeightFile {
+                            path: self.path.clone(),
+                            message: format!("tensor `{key}`: {message}"),
+                        }
+                    });
+                }
+                contain_panics(&self.path, || pth.get(key))?
+                    .map_err(bad_file)?
+                    .ok_or_else(|| ModelError::MissingKey {
+                        key: key.to_owned(),
+                        file: self.path.clone(),
+                    })
+            }
         }
     }
+}
+
+/// Reads a tensor that torch saved as a strided view of its storage (`x[:, ::2]`, a permuted
+/// tensor), which candle's reader refuses: the span of the storage the view covers is read (it
+/// must lie within the stored bytes) and its elements gathered in row-major order, as
+/// `torch.load(...).contiguous()` gives them.
+fn read_strided(
+    path: &Path,
+    info: &candle_core::pickle::TensorInfo,
+) -> std::result::Result<Tensor, String> {
+    use std::io::Read;
+    let elem = info.dtype.size_in_bytes();
+    let dims = info.layout.dims();
+    let strides = info.layout.stride();
+    // candle keeps torch's storage offset in bytes.
+    let offset = info.layout.start_offset();
+    let span = if dims.contains(&0) {
+        0
+    } else {
+        dims.iter()
+            .zip(strides)
+            .try_fold(1usize, |acc, (&d, &s)| {
+                (d - 1).checked_mul(s)?.checked_add(acc)
+            })
+            .ok_or("the view's strides overflow")?
+    };
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    let entry = zip
+        .by_name(&info.path)
+        .map_err(|e| format!("{}: {e}", info.path))?;
+    let stored = entry.size();
+    let needed = span
+        .checked_mul(elem)
+        .and_then(|n| n.checked_add(offset))
+        .filter(|&n| n as u64 <= stored)
+        .ok_or_else(|| {
+            format!(
+                "the view (offset {offset} bytes, shape {dims:?}, strides {strides:?}) reaches past \
+                 the {stored} bytes of its storage {}",
+                info.path
+            )
+        })?;
+    let mut bytes = vec![0u8; needed - offset];
+    let mut reader = entry;
+    std::io::copy(
+        &mut reader.by_ref().take(offset as u64),
+        &mut std::io::sink(),
+    )
+    .and_then(|_| reader.read_exact(&mut bytes))
+    .map_err(|e| format!("{}: {e}", info.path))?;
+    let count: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(count * elem);
+    let mut index = vec![0usize; dims.len()];
+    for _ in 0..count {
+        let at: usize = index.iter().zip(strides).map(|(i, s)| i * s).sum();
+        out.extend_from_slice(&bytes[at * elem..(at + 1) * elem]);
+        for axis in (0..dims.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < dims[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Tensor::from_raw_buffer(&out, info.dtype, dims, &Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// A PyTorch checkpoint must be a zip archive (torch >= 1.6 writes nothing else by default);
+/// tells apart the legacy format and a file cut short, which the zip reader reports alike.
+fn check_zip_magic(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let read = std::fs::File::open(path)
+        .and_then(|f| f.take(4).read(&mut head))
+        .map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let bad = |message: &str| {
+        Err(ModelError::WeightFile {
+            path: path.to_owned(),
+            message: message.to_owned(),
+        })
+    };
+    if read >= 2 && head[0] == 0x80 && head[1] <= 5 {
+        return bad(
+            "this is PyTorch's legacy (pre-1.6, non-zip) serialization, which is not supported: \
+             re-save it with a current torch (`torch.save(torch.load(f), f)`) or convert it to safetensors",
+        );
+    }
+    let zipped = read == 4 && head == *b"PK\x03\x04";
+    if !zipped {
+        return bad("not a PyTorch checkpoint: a torch.save file is a zip archive");
+    }
+    if zip::ZipArchive::new(std::io::BufReader::new(std::fs::File::open(path).map_err(
+        |source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    )?))
+    .is_err()
+    {
+        return bad(
+            "the zip archive is incomplete (no central directory at its end): the file is \
+             truncated, perhaps a download that did not finish",
+        );
+    }
+    Ok(())
 }
 
 /// Runs [`pickle_guard::check`] on every `data.pkl` of a PyTorch zip checkpoint, so that candle's

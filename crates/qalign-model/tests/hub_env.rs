@@ -38,7 +38,15 @@ fn unset(name: &str) {
 
 #[test]
 fn resolve_model_follows_the_hugging_face_environment() {
-    for name in ["HF_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT"] {
+    for name in [
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_ENDPOINT",
+    ] {
         unset(name);
     }
     let home = tempfile::tempdir().unwrap();
@@ -82,6 +90,72 @@ fn resolve_model_follows_the_hugging_face_environment() {
             if file == "config.json"),
         "{err:?}"
     );
+
+    // The other names huggingface_hub 0.19.4 reads (constants.py): HUGGINGFACE_HUB_CACHE below
+    // HF_HUB_CACHE and above HF_HOME; XDG_CACHE_HOME/huggingface/hub below HF_HOME.
+    unset("HF_HUB_CACHE");
+    set("HUGGINGFACE_HUB_CACHE", other.path());
+    assert_eq!(HubOptions::from_env().unwrap().cache_dir, other.path());
+    set("HF_HUB_CACHE", home.path().join("hub"));
+    assert_eq!(
+        HubOptions::from_env().unwrap().cache_dir,
+        home.path().join("hub")
+    );
+    unset("HF_HUB_CACHE");
+    unset("HUGGINGFACE_HUB_CACHE");
+    unset("HF_HOME");
+    set("XDG_CACHE_HOME", home.path());
+    assert_eq!(
+        HubOptions::from_env().unwrap().cache_dir,
+        home.path().join("huggingface").join("hub")
+    );
+    // HF_HOME and XDG_CACHE_HOME go through expanduser: a leading `~` is the home folder.
+    let user_home = std::env::home_dir().unwrap();
+    set("XDG_CACHE_HOME", "~/xdg");
+    assert_eq!(
+        HubOptions::from_env().unwrap().cache_dir,
+        user_home.join("xdg").join("huggingface").join("hub")
+    );
+    set("HF_HOME", "~/hf");
+    assert_eq!(
+        HubOptions::from_env().unwrap().cache_dir,
+        user_home.join("hf").join("hub")
+    );
+    unset("XDG_CACHE_HOME");
+    set("HF_HOME", home.path());
+
+    // Offline is _is_true(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE): 1, ON, YES, TRUE in any case;
+    // transformers 4.36 is offline on TRANSFORMERS_OFFLINE alone too.
+    for (hub, transformers, offline) in [
+        (Some("ON"), None, true),
+        (Some("yes"), None, true),
+        (Some("True"), None, true),
+        (Some("0"), None, false),
+        (Some("off"), None, false),
+        (None, Some("1"), true),
+        (Some("0"), Some("1"), true),
+        (None, Some("no"), false),
+    ] {
+        match hub {
+            Some(v) => set("HF_HUB_OFFLINE", v),
+            None => unset("HF_HUB_OFFLINE"),
+        }
+        match transformers {
+            Some(v) => set("TRANSFORMERS_OFFLINE", v),
+            None => unset("TRANSFORMERS_OFFLINE"),
+        }
+        assert_eq!(
+            HubOptions::from_env().unwrap().offline,
+            offline,
+            "HF_HUB_OFFLINE={hub:?} TRANSFORMERS_OFFLINE={transformers:?}"
+        );
+    }
+    // TRANSFORMERS_OFFLINE=1 reads the cache with no network (the endpoint is closed).
+    unset("HF_HUB_OFFLINE");
+    set("TRANSFORMERS_OFFLINE", "1");
+    assert_eq!(resolve_model("org/tiny", false).unwrap().dir, snapshot);
+    unset("TRANSFORMERS_OFFLINE");
+    unset("HF_HUB_OFFLINE");
 
     // A directory is used as is, whatever the environment says.
     let dir = resolve_model(snapshot.to_str().unwrap(), false).unwrap();

@@ -29,7 +29,7 @@ pub struct Args {
     /// Model folder or Hugging Face hub id.
     #[arg(default_value = DEFAULT_MODEL)]
     model: String,
-    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
     offline: bool,
     /// Which weight files to read when a folder has several layouts.

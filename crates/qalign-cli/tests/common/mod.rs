@@ -67,7 +67,9 @@ pub fn qalign() -> Command {
     let mut cmd = Command::cargo_bin("qalign").unwrap();
     cmd.env_remove("QALIGN_MODEL")
         .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_HUB_CACHE");
+        .env_remove("TRANSFORMERS_OFFLINE")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE");
     cmd
 }
 
