@@ -3,7 +3,8 @@
 //! without a word: a file named twice is warned about, and a folder or link that cannot be read
 //! while searching is reported as an error (the search goes on, and the run ends with exit code 3).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -37,19 +38,51 @@ fn is_dangling_link(path: &Path) -> bool {
         && path.metadata().is_err()
 }
 
+/// Whether `path` is the metadata file that macOS writes next to each file on a volume without
+/// extended attributes (`._photo.jpg` beside `photo.jpg`, AppleDouble or AppleSingle): it has the
+/// name of an image but holds no pixels, so searches pass over it.
+fn is_apple_double(path: &Path) -> bool {
+    const MAGICS: [[u8; 4]; 2] = [[0x00, 0x05, 0x16, 0x07], [0x00, 0x05, 0x16, 0x00]];
+    if !path
+        .file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"._"))
+    {
+        return false;
+    }
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| MAGICS.contains(&head))
+}
+
+/// AppleDouble files passed over by the searches, over the whole run.
+static APPLE_DOUBLES: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a file found by a search is kept, counting the AppleDouble files it passes over.
+fn keep_found(path: &Path) -> bool {
+    if is_apple_double(path) {
+        APPLE_DOUBLES.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
 fn has_glob_chars(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
 /// The media files under `dir`, sorted. Unreadable folders, dangling links with a media name and
 /// link loops are reported on stderr; a dangling link with another name would not have been
-/// scored anyway and is passed over.
+/// scored anyway and is passed over, and so are macOS AppleDouble files (`._NAME`, counted).
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for entry in walkdir::WalkDir::new(dir).follow_links(true) {
         match entry {
             Ok(e) => {
-                if e.file_type().is_file() && qalign_core::is_media_file_name(e.path()) {
+                if e.file_type().is_file()
+                    && qalign_core::is_media_file_name(e.path())
+                    && keep_found(e.path())
+                {
                     found.push(e.into_path());
                 }
             }
@@ -86,12 +119,42 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The files matching a glob pattern, sorted; unreadable folders and dangling links with a media
-/// name are reported on stderr.
+/// name are reported on stderr. As in a shell, a wildcard does not match a leading dot (`*.jpg`
+/// passes over `.hidden.jpg` and `._a.jpg`; `.*.jpg` takes them).
 fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
+    // Not glob's `require_literal_leading_dot`: glob 0.3 then panics on a name that is not UTF-8.
+    // The names as written (`Path::components` would drop a `.` that a wildcard matched); glob
+    // drops a leading `./` from what it returns, so that is not counted.
+    fn names(p: &[u8]) -> Vec<&[u8]> {
+        let mut names: Vec<&[u8]> = p.split(|&b| b == b'/').filter(|n| !n.is_empty()).collect();
+        if names.first() == Some(&&b"."[..]) {
+            names.remove(0);
+        }
+        names
+    }
+    let pattern_names = names(pattern.as_bytes());
+    let fixed = pattern_names
+        .iter()
+        .take_while(|n| !std::str::from_utf8(n).is_ok_and(has_glob_chars))
+        .count();
+    let dots_asked = pattern_names[fixed..].iter().any(|n| n.starts_with(b"."));
+    // A wildcard never takes `.` or `..` (glob adds them for a pattern such as `.*`), nor, unless
+    // the pattern writes a dot there, a hidden name.
+    let hidden = |p: &Path| {
+        names(p.as_os_str().as_encoded_bytes())
+            .iter()
+            .skip(fixed)
+            .any(|n| n.starts_with(b".") && (!dots_asked || *n == b"." || *n == b".."))
+    };
     let mut found = Vec::new();
     for entry in glob::glob(pattern).with_context(|| format!("bad glob pattern `{pattern}`"))? {
         match entry {
-            Ok(p) if p.is_file() => found.push(p),
+            Ok(p) if hidden(&p) => {}
+            Ok(p) if p.is_file() => {
+                if keep_found(&p) {
+                    found.push(p);
+                }
+            }
             Ok(p) if is_dangling_link(&p) && qalign_core::is_media_file_name(&p) => {
                 report_unreadable(Some(&p), &"broken symbolic link");
             }
@@ -108,15 +171,26 @@ fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
 /// What makes two spellings one file: the real folder (symlinks resolved) and the name in it. So
 /// `a.jpg`, `./a.jpg`, `/abs/a.jpg`, a directory walk that finds it and a glob that reaches it
 /// again through a folder link loop count as one file, while a symlink to a file keeps its own
-/// name (label files may refer to it).
-fn identity(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    match (
-        absolute.parent().and_then(|dir| dir.canonicalize().ok()),
-        absolute.file_name(),
-    ) {
-        (Some(dir), Some(name)) => dir.join(name),
-        _ => absolute,
+/// name (label files may refer to it). Each folder is resolved once.
+#[derive(Default)]
+pub struct Identities {
+    folders: HashMap<PathBuf, Option<PathBuf>>,
+}
+
+impl Identities {
+    pub fn of(&mut self, path: &Path) -> PathBuf {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+            return absolute;
+        };
+        let dir = self
+            .folders
+            .entry(parent.to_path_buf())
+            .or_insert_with(|| parent.canonicalize().ok());
+        match dir {
+            Some(dir) => dir.join(name),
+            None => absolute,
+        }
     }
 }
 
@@ -143,10 +217,11 @@ pub fn expand_entries<'a>(
 ) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
+    let mut identities = Identities::default();
     let mut duplicates: Vec<PathBuf> = Vec::new();
     // The first spelling is kept.
     let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
-        if seen.insert(identity(&p)) {
+        if seen.insert(identities.of(&p)) {
             out.push(p);
         } else {
             duplicates.push(p);
@@ -186,6 +261,12 @@ pub fn expand_entries<'a>(
     }
     if let Some(warning) = duplicates_warning(&duplicates) {
         eprintln!("{warning}");
+    }
+    match APPLE_DOUBLES.swap(0, Ordering::Relaxed) {
+        0 => {}
+        n => eprintln!(
+            "note: {n} macOS metadata file(s) (`._NAME`, AppleDouble) passed over: they hold no image"
+        ),
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -43,22 +43,33 @@ pub fn parse_shard(s: &str) -> Result<Shard, String> {
 }
 
 /// The entries of a manifest: one path, directory or glob per line; blank lines and lines
-/// starting with `#` are skipped.
-pub fn read_manifest(path: &Path) -> Result<Vec<String>> {
-    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut entries = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line =
-            line.with_context(|| format!("cannot read {} (line {})", path.display(), n + 1))?;
-        let entry = line.trim();
-        if !entry.is_empty() && !entry.starts_with('#') {
-            entries.push(entry.to_owned());
-        }
-    }
+/// starting with `#` are skipped, and so are the spaces, tabs and `\r` around an entry and a
+/// UTF-8 byte order mark at the start. Lines are taken as bytes: a file name that is not UTF-8
+/// (as `find` lists it) is kept as it is.
+pub fn read_manifest(path: &Path) -> Result<Vec<PathBuf>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let entries: Vec<PathBuf> = bytes
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|entry| !entry.is_empty() && !entry.starts_with(b"#"))
+        .map(path_from_bytes)
+        .collect();
     if entries.is_empty() {
         bail!("{} lists no input", path.display());
     }
     Ok(entries)
+}
+
+#[cfg(unix)]
+fn path_from_bytes(bytes: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+#[cfg(not(unix))]
+fn path_from_bytes(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// What a record answers, as far as resuming goes: its task, the custom question if any, and

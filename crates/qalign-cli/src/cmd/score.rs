@@ -2,6 +2,7 @@
 //! into a validated [`ScoreConfig`], then drives the library's `Scorer`; a file that fails is
 //! reported and skipped, and the run exits with code 3 at the end.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -274,7 +275,7 @@ impl Args {
             None => Vec::new(),
         };
         let entries = (self.paths.iter().map(|p| (p.as_path(), Missing::Refuse)))
-            .chain(listed.iter().map(|p| (Path::new(p), Missing::Keep)));
+            .chain(listed.iter().map(|p| (p.as_path(), Missing::Keep)));
         let mut all = inputs::expand_entries(entries)?;
         if let Some(shard) = self.shard {
             all = shard.select(all);
@@ -316,9 +317,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .collect();
         let file = shard::ResumableOut::open(path, &kinds)?;
         let before = config.inputs.len();
+        // By file, not by spelling: `./a.jpg` or `/abs/a.jpg` is done when `a.jpg` is. A record's
+        // path is the input's display, so a name that is not UTF-8 matches no record and is
+        // scored again rather than mistaken for another one spelled alike.
+        let mut identities = inputs::Identities::default();
+        let done: HashSet<PathBuf> = file
+            .done
+            .iter()
+            .map(|p| identities.of(Path::new(p)))
+            .collect();
         config
             .inputs
-            .retain(|p| !file.done.contains(&p.display().to_string()));
+            .retain(|p| p.to_str().is_none() || !done.contains(&identities.of(p)));
         if config.inputs.len() < before {
             eprintln!(
                 "{} of {before} input(s) already in {}: skipped",
