@@ -324,8 +324,9 @@ fn read_strided(
     Tensor::from_raw_buffer(&out, info.dtype, dims, &Device::Cpu).map_err(|e| e.to_string())
 }
 
-/// A PyTorch checkpoint must be a zip archive (torch >= 1.6 writes nothing else by default);
-/// tells apart the legacy format and a file cut short, which the zip reader reports alike.
+/// A PyTorch checkpoint must be a zip archive (torch >= 1.6 writes nothing else by default):
+/// tells the legacy format and other files apart by their first bytes, which the zip reader
+/// reports alike. A zip cut short is caught by [`check_pickles`], which opens the archive.
 fn check_zip_magic(path: &Path) -> Result<()> {
     use std::io::Read;
     let mut head = [0u8; 4];
@@ -347,36 +348,28 @@ fn check_zip_magic(path: &Path) -> Result<()> {
              re-save it with a current torch (`torch.save(torch.load(f), f)`) or convert it to safetensors",
         );
     }
-    let zipped = read == 4 && head == *b"PK\x03\x04";
-    if !zipped {
+    if read < 4 || head != *b"PK\x03\x04" {
         return bad("not a PyTorch checkpoint: a torch.save file is a zip archive");
-    }
-    if zip::ZipArchive::new(std::io::BufReader::new(std::fs::File::open(path).map_err(
-        |source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        },
-    )?))
-    .is_err()
-    {
-        return bad(
-            "the zip archive is incomplete (no central directory at its end): the file is \
-             truncated, perhaps a download that did not finish",
-        );
     }
     Ok(())
 }
 
 /// Runs [`pickle_guard::check`] on every `data.pkl` of a PyTorch zip checkpoint, so that candle's
-/// unpickler never sees a pickle that would overflow its stack or exhaust memory. A file that is
-/// not a readable zip is left for candle to report.
+/// unpickler never sees a pickle that would overflow its stack or exhaust memory. A zip archive
+/// without its central directory is a file cut short.
 fn check_pickles(path: &Path) -> Result<()> {
-    let Ok(file) = std::fs::File::open(path) else {
-        return Ok(());
-    };
-    let Ok(mut zip) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
-        return Ok(());
-    };
+    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|_| {
+        ModelError::WeightFile {
+            path: path.to_owned(),
+            message: "the zip archive is incomplete (no central directory at its end): the file \
+                      is truncated, perhaps a download that did not finish"
+                .to_owned(),
+        }
+    })?;
     for i in 0..zip.len() {
         let Ok(entry) = zip.by_index(i) else {
             continue;
