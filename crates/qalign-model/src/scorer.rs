@@ -286,14 +286,51 @@ pub fn folder_preprocess(dir: &Path, image_size: usize) -> Result<PreprocessConf
     })
 }
 
-/// A model folder's `tokenizer.model`, or the built-in LLaMA-2 vocabulary without one.
+/// A model folder's `tokenizer.model`, or the built-in LLaMA-2 vocabulary without one, with the
+/// `legacy` flag of its `tokenizer_config.json` (see [`folder_tokenizer_legacy`]).
 pub fn folder_tokenizer(dir: &Path) -> Result<(Tokenizer, TokenizerSource)> {
     let path = dir.join("tokenizer.model");
-    Ok(if path.exists() {
+    let (tokenizer, source) = if path.exists() {
         (Tokenizer::from_file(&path)?, TokenizerSource::Checkpoint)
     } else {
         (Tokenizer::llama2_builtin(), TokenizerSource::BuiltIn)
-    })
+    };
+    Ok((tokenizer.with_legacy(folder_tokenizer_legacy(dir)?), source))
+}
+
+/// Hugging Face's `legacy` flag as transformers 4.36 reads it from a folder's
+/// `tokenizer_config.json`: the value when it is a boolean, on when the key is missing or null
+/// (`LlamaTokenizer`'s default), off when there is no such file. It decides only how text after
+/// `</s>`, `<s>` or `<unk>` inside a prompt or a training conversation is tokenised (for
+/// multi-turn training data, whether the official label masking keeps the sample).
+pub fn folder_tokenizer_legacy(dir: &Path) -> Result<bool> {
+    let path = dir.join("tokenizer_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(ModelError::Io { path, source }.into()),
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+    if !config.is_object() {
+        return Err(ModelError::Config {
+            path: Some(path),
+            message: "expected a JSON object".into(),
+        }
+        .into());
+    }
+    match config.get("legacy") {
+        None | Some(serde_json::Value::Null) => Ok(true),
+        Some(serde_json::Value::Bool(legacy)) => Ok(*legacy),
+        Some(other) => Err(ModelError::Config {
+            path: Some(path),
+            message: format!("`legacy` must be true, false or null, not {other}"),
+        }
+        .into()),
+    }
 }
 
 /// How to load a [`Scorer`] from a folder (the low-level path; [`Scorer::builder`] is the
@@ -680,6 +717,39 @@ pub fn balanced_windows(total: usize, max: usize) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_legacy_flag_is_read_as_transformers_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        let legacy = |text: Option<&str>| {
+            match text {
+                Some(text) => std::fs::write(&config, text).unwrap(),
+                None => drop(std::fs::remove_file(&config)),
+            }
+            folder_tokenizer_legacy(dir.path())
+        };
+        assert!(!legacy(None).unwrap(), "no tokenizer_config.json");
+        assert!(legacy(Some("{}")).unwrap(), "LlamaTokenizer's default");
+        assert!(legacy(Some(r#"{"legacy": null}"#)).unwrap());
+        assert!(legacy(Some(r#"{"legacy": true}"#)).unwrap());
+        assert!(!legacy(Some(r#"{"legacy": false, "model_max_length": 2048}"#)).unwrap());
+        for bad in [r#"{"legacy": "no"}"#, "[]", "{", ""] {
+            let err = legacy(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("tokenizer_config.json"), "{bad}: {err}");
+        }
+        // The folder's flag reaches the tokenizer: text after `</s>` gets the dummy prefix.
+        std::fs::write(&config, r#"{"legacy": true}"#).unwrap();
+        let (tokenizer, source) = folder_tokenizer(dir.path()).unwrap();
+        assert_eq!(source, TokenizerSource::BuiltIn);
+        assert_eq!(
+            tokenizer.encode_with_special_tokens("a</s>b", true),
+            [1, 263, 2, 289]
+        );
+        let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"));
+        let (tokenizer, _) = folder_tokenizer(&fixture.join("tiny-onealign")).unwrap();
+        assert!(!tokenizer.legacy());
+    }
 
     #[test]
     fn each_image_is_encoded_once_whatever_the_number_of_queries() {

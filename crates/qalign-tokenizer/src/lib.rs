@@ -3,7 +3,7 @@
 //!
 //! Q-Align reads its score from the logits after the last prompt token, so the prompt ids must
 //! match the official Python stack bit for bit; this crate reproduces SentencePiece BPE (and
-//! Hugging Face's slow `LlamaTokenizer`, `legacy=false`) without Python or C++.
+//! Hugging Face's slow `LlamaTokenizer`, `legacy` on or off) without Python or C++.
 
 mod bpe;
 pub mod conversation;

@@ -1,7 +1,7 @@
 //! The LLaMA SentencePiece BPE tokenizer: loading `tokenizer.model`, text → ids and ids → text.
 //!
 //! Q-Align's prompts must be tokenised exactly as the official Python stack does (sentencepiece
-//! library / Hugging Face slow `LlamaTokenizer` with `legacy=false`), because the scores are read
+//! library / Hugging Face slow `LlamaTokenizer`, `legacy` on or off), because the scores are read
 //! from the logits at the last prompt position. This module reproduces SentencePiece's normaliser
 //! (identity rules, dummy prefix, whitespace escaping), its BPE merge order (see `bpe.rs`), byte
 //! fallback, and its decoder.
@@ -77,6 +77,8 @@ pub struct Tokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: Option<u32>,
+    /// Hugging Face's `legacy` flag: text after a special token also gets the dummy prefix.
+    legacy: bool,
 }
 
 impl Tokenizer {
@@ -284,7 +286,20 @@ impl Tokenizer {
             bos_id,
             eos_id,
             pad_id,
+            legacy: false,
         })
+    }
+
+    /// Sets Hugging Face's `legacy` flag (`tokenizer_config.json`), which
+    /// [`Tokenizer::encode_with_special_tokens`] follows. Off by default.
+    pub fn with_legacy(mut self, legacy: bool) -> Self {
+        self.legacy = legacy;
+        self
+    }
+
+    /// Whether text after a special token gets the dummy prefix (Hugging Face's `legacy`).
+    pub fn legacy(&self) -> bool {
+        self.legacy
     }
 
     /// Number of pieces (32000 for LLaMA-2); every id produced is below it.
@@ -349,10 +364,11 @@ impl Tokenizer {
         ids
     }
 
-    /// Encodes text like Hugging Face's slow `LlamaTokenizer` with `legacy=false` does for
-    /// `tokenizer(text).input_ids` (what the official Q-Align code calls): the strings of the
-    /// control and unknown pieces (`<s>`, `</s>`, `<unk>`) inside the text become those ids, the
-    /// text before the first of them gets the dummy prefix, and text after one does not.
+    /// Encodes text like Hugging Face's slow `LlamaTokenizer` does for `tokenizer(text).input_ids`
+    /// (what the official Q-Align code calls): the strings of the control and unknown pieces
+    /// (`<s>`, `</s>`, `<unk>`) inside the text become those ids, and the text before the first
+    /// of them gets the dummy prefix. Text after one gets it too only with
+    /// [`Tokenizer::with_legacy`] (`"a</s>b"` ends in `▁b` with `legacy=true`, in `b` without).
     /// For text without such strings this equals [`Tokenizer::encode`].
     pub fn encode_with_special_tokens(&self, text: &str, add_bos: bool) -> Vec<u32> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 2);
@@ -363,7 +379,7 @@ impl Tokenizer {
         let mut at_start = true;
         while !rest.is_empty() {
             let (before, special) = self.split_at_special_token(rest);
-            let prefix = at_start && self.normalizer.add_dummy_prefix;
+            let prefix = (at_start || self.legacy) && self.normalizer.add_dummy_prefix;
             self.encode_piece_run(before, prefix, &mut ids);
             at_start = false;
             match special {

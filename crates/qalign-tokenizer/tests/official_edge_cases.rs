@@ -9,7 +9,11 @@
 
 use std::sync::OnceLock;
 
-use qalign_tokenizer::{Tokenizer, custom_scorer_prompt, tokenize_with_image};
+use qalign_tokenizer::conversation::IGNORE_INDEX;
+use qalign_tokenizer::{
+    MODEL_MAX_LENGTH, Message, Tokenizer, custom_scorer_prompt, tokenize_for_training,
+    tokenize_with_image, vicuna_v1_prompt,
+};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
@@ -171,4 +175,102 @@ fn decode_matches_sentencepiece() {
     for (ids, want) in cases {
         assert_eq!(tok.decode(ids), *want, "{ids:?}");
     }
+}
+
+/// Hugging Face's `legacy` flag: `tokenizer(text).input_ids` of the official slow tokenizer with
+/// `legacy` false and true (transformers 4.36.1), for text with special-token strings, the only
+/// text where the flag matters (the official prompts are the same either way).
+#[test]
+fn legacy_flag_changes_text_after_special_tokens_as_the_official_tokenizer_does() {
+    let modern = tokenizer();
+    let legacy = Tokenizer::llama2_builtin().with_legacy(true);
+    assert!(!modern.legacy() && legacy.legacy());
+    let cases: &[(&str, &[u32], &[u32])] = &[
+        ("a</s>b", &[1, 263, 2, 29890], &[1, 263, 2, 289]),
+        ("a</s> b", &[1, 263, 2, 289], &[1, 263, 2, 29871, 289]),
+        (
+            "good.</s>USER: hi",
+            &[1, 1781, 29889, 2, 11889, 29901, 7251],
+            &[1, 1781, 29889, 2, 3148, 1001, 29901, 7251],
+        ),
+        ("x<s>y", &[1, 921, 1, 29891], &[1, 921, 1, 343]),
+        ("<unk>z", &[1, 0, 29920], &[1, 0, 503]),
+        (
+            "a </s> b",
+            &[1, 263, 29871, 2, 289],
+            &[1, 263, 29871, 2, 29871, 289],
+        ),
+        ("<s> ", &[1, 1, 29871], &[1, 1, 259]),
+        ("<<s>>", &[1, 529, 1, 29958], &[1, 529, 1, 1405]),
+        ("x<unk> y", &[1, 921, 0, 343], &[1, 921, 0, 29871, 343]),
+        ("</s>there", &[1, 2, 12711], &[1, 2, 727]),
+        ("</s>  two", &[1, 2, 29871, 1023], &[1, 2, 259, 1023]),
+    ];
+    for &(text, want_modern, want_legacy) in cases {
+        assert_eq!(
+            modern.encode_with_special_tokens(text, true),
+            want_modern,
+            "{text:?}"
+        );
+        assert_eq!(
+            legacy.encode_with_special_tokens(text, true),
+            want_legacy,
+            "{text:?} legacy"
+        );
+    }
+}
+
+/// The official `preprocess_v1` (vicuna v1 template, image) on a two-turn conversation, run with
+/// transformers 4.36.1: with `legacy=false` both answers are targets; with `legacy=true` the text
+/// after the first `</s>` tokenises one id longer than the round alone, the length check fails and
+/// every label is masked ("WARNING: tokenization mismatch: 88 vs. 89").
+#[test]
+fn two_turn_training_labels_follow_the_legacy_flag_like_the_official_preprocess() {
+    let messages = [
+        Message::human("<|image|>How would you rate the quality of this image?"),
+        Message::gpt("The quality of the image is good."),
+        Message::human("And its aesthetics?"),
+        Message::gpt("The aesthetics of the image is fair."),
+    ];
+    let text = vicuna_v1_prompt(&messages).unwrap();
+
+    let modern = tokenize_for_training(tokenizer(), &text, MODEL_MAX_LENGTH);
+    let want_ids: &[i64] = &[
+        1, 319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 20255, 29889, 450, 20255,
+        4076, 8444, 29892, 13173, 29892, 322, 1248, 568, 6089, 304, 278, 1404, 29915, 29879, 5155,
+        29889, 3148, 1001, 29901, 29871, -200, 29871, 13, 5328, 723, 366, 6554, 278, 11029, 310,
+        445, 1967, 29973, 319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338, 1781,
+        29889, 2, 11889, 29901, 1126, 967, 263, 342, 9188, 1199, 29973, 319, 1799, 9047, 13566,
+        29901, 450, 263, 342, 9188, 1199, 310, 278, 1967, 338, 6534, 29889, 2,
+    ];
+    assert_eq!(modern.input_ids, want_ids);
+    assert!(!modern.length_mismatch);
+    let targets: Vec<i64> = modern
+        .labels
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+        .collect();
+    assert_eq!(
+        targets,
+        &[
+            450, 11029, 310, 278, 1967, 338, 1781, 29889, 2, 450, 263, 342, 9188, 1199, 310, 278,
+            1967, 338, 6534, 29889, 2
+        ]
+    );
+    assert_eq!(modern.labels.len(), want_ids.len());
+
+    let legacy_tok = Tokenizer::llama2_builtin().with_legacy(true);
+    let legacy = tokenize_for_training(&legacy_tok, &text, MODEL_MAX_LENGTH);
+    let want_ids: &[i64] = &[
+        1, 319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 20255, 29889, 450, 20255,
+        4076, 8444, 29892, 13173, 29892, 322, 1248, 568, 6089, 304, 278, 1404, 29915, 29879, 5155,
+        29889, 3148, 1001, 29901, 29871, -200, 29871, 13, 5328, 723, 366, 6554, 278, 11029, 310,
+        445, 1967, 29973, 319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338, 1781,
+        29889, 2, 3148, 1001, 29901, 1126, 967, 263, 342, 9188, 1199, 29973, 319, 1799, 9047,
+        13566, 29901, 450, 263, 342, 9188, 1199, 310, 278, 1967, 338, 6534, 29889, 2,
+    ];
+    assert_eq!(legacy.input_ids, want_ids);
+    assert!(legacy.length_mismatch);
+    assert!(legacy.labels.iter().all(|&l| l == IGNORE_INDEX));
 }

@@ -230,10 +230,15 @@ impl Dataset {
         let prompt = vicuna_v1_prompt(&raw.conversations).map_err(|e| err(e.to_string()))?;
         let tokens = tokenize_for_training(tokenizer, &prompt, MODEL_MAX_LENGTH);
         if tokens.length_mismatch {
-            return Err(err(
-                "tokenization mismatch: the official label masking would ignore the whole sample"
-                    .into(),
-            ));
+            let hint = if tokenizer.legacy() && raw.conversations.len() > 2 {
+                " (the model's tokenizer_config.json sets `legacy` or leaves it unset, which makes \
+                 the official masking ignore every multi-turn sample; single-turn samples train)"
+            } else {
+                ""
+            };
+            return Err(err(format!(
+                "tokenization mismatch: the official label masking would ignore the whole sample{hint}"
+            )));
         }
         if tokens.input_ids.len() > MODEL_MAX_LENGTH {
             return Err(err(format!(
@@ -362,4 +367,58 @@ pub fn load_pixels(
         data.extend_from_slice(&f.data);
     }
     Ok((data, n, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under `legacy` the official masking ignores every multi-turn sample; the error says why.
+    #[test]
+    fn a_multi_turn_sample_under_a_legacy_tokenizer_is_refused_with_the_reason() {
+        let images = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/images"
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("sft.json");
+        let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
+        let sample = |conversations: Vec<serde_json::Value>| serde_json::json!({"id": "s", "image": "boy_colorful.jpg", "conversations": conversations});
+        let one_turn = vec![
+            turn(
+                "human",
+                "How would you rate the quality of this image?\n<|image|>",
+            ),
+            turn("gpt", "The quality of the image is good."),
+        ];
+        let mut two_turns = one_turn.clone();
+        two_turns.push(turn("human", "And its aesthetics?"));
+        two_turns.push(turn("gpt", "The aesthetics of the image is fair."));
+        let opts = DataOptions {
+            image_folder: images.to_path_buf(),
+            max_positions: 2048,
+            tokens_per_image: 65,
+            sampling: SamplingOptions::default(),
+            level_words: qalign_tokenizer::LEVEL_WORDS
+                .iter()
+                .map(|w| w.to_string())
+                .collect(),
+        };
+        let load = |conversations: &[serde_json::Value], legacy: bool| {
+            let items = serde_json::json!([sample(conversations.to_vec())]);
+            std::fs::write(&data, items.to_string()).unwrap();
+            Dataset::load(
+                &data,
+                &Tokenizer::llama2_builtin().with_legacy(legacy),
+                &opts,
+            )
+        };
+        assert_eq!(load(&one_turn, true).unwrap().samples.len(), 1);
+        assert_eq!(load(&two_turns, false).unwrap().samples.len(), 1);
+        let err = load(&two_turns, true).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenization mismatch") && err.contains("`legacy`"),
+            "{err}"
+        );
+    }
 }
