@@ -435,6 +435,12 @@ fn info_reports_a_config_json_that_does_not_match_the_weights() {
     // The fixture itself: no warning.
     let r = run_expecting(qalign().arg("info").arg(tiny_model()), 0);
     assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let folder = format!("model        {}", tiny_model().display());
+    assert!(r.stdout.contains(&folder), "{}", r.stdout);
+
+    // Without a MODEL argument, `$QALIGN_MODEL` names it, as for the other commands.
+    let r = run_expecting(qalign().arg("info").env("QALIGN_MODEL", tiny_model()), 0);
+    assert!(r.stdout.contains(&folder), "{}", r.stdout);
 }
 
 /// Rewrites a safetensors file without `tensor` (every other tensor as it was).

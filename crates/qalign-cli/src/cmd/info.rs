@@ -26,8 +26,8 @@ enum InfoFormat {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or Hugging Face hub id.
-    #[arg(default_value = DEFAULT_MODEL)]
+    /// Model folder or Hugging Face hub id (default: `$QALIGN_MODEL`, else q-future/one-align).
+    #[arg(default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
     model: String,
     /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
