@@ -47,16 +47,32 @@ pub fn parse_shard(s: &str) -> Result<Shard, String> {
 /// UTF-8 byte order mark at the start. Lines are taken as bytes: a file name that is not UTF-8
 /// (as `find` lists it) is kept as it is.
 pub fn read_manifest(path: &Path) -> Result<Vec<PathBuf>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (bytes, name) = if crate::stdin::is_stdin(path) {
+        (
+            crate::stdin::read_list()?,
+            "stdin (--manifest -)".to_string(),
+        )
+    } else {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        (bytes, path.display().to_string())
+    };
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let entries: Vec<PathBuf> = bytes
         .split(|&b| b == b'\n')
         .map(<[u8]>::trim_ascii)
         .filter(|entry| !entry.is_empty() && !entry.starts_with(b"#"))
-        .map(path_from_bytes)
+        // A listed `-` is the file of that name, not stdin.
+        .map(|entry| {
+            if entry == b"-" {
+                PathBuf::from("./-")
+            } else {
+                path_from_bytes(entry)
+            }
+        })
         .collect();
     if entries.is_empty() {
-        bail!("{} lists no input", path.display());
+        bail!("{name} lists no input");
     }
     Ok(entries)
 }

@@ -1,5 +1,5 @@
 //! `-` as an input: stdin is copied, bounded, into a temporary file that is scored like any
-//! other file. A file (rather than bytes in memory) serves images and videos alike, as ffmpeg
+//! other file (or, with `--manifest -`, read as the list of inputs). A file (rather than bytes in memory) serves images and videos alike, as ffmpeg
 //! needs to seek in most containers, and the media limits apply to it unchanged.
 
 use std::io::{self, IsTerminal, Read, Write};
@@ -55,6 +55,20 @@ impl SpooledStdin {
     pub fn path(&self) -> &Path {
         self.file.path()
     }
+}
+
+/// All of stdin as a list of inputs (`--manifest -`, e.g. `find … | qalign score --manifest -`).
+pub fn read_list() -> Result<Vec<u8>> {
+    let stdin = io::stdin();
+    if stdin.is_terminal() {
+        bail!("`--manifest -` reads the list of inputs from stdin, but stdin is a terminal");
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .read_to_end(&mut bytes)
+        .context("cannot read the list of inputs from stdin")?;
+    Ok(bytes)
 }
 
 /// Replaces a `-` in `inputs` by the spooled file and returns the spool, which must live while

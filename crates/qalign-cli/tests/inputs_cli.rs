@@ -214,3 +214,49 @@ fn manifest_lines_with_a_byte_order_mark_crlf_and_names_that_are_not_utf8() {
         "sub/café.jpg probs",
     );
 }
+
+/// `--manifest -` reads the list from stdin (as `find … | qalign score --manifest -` writes it);
+/// a listed `-` is the file of that name; `-` and `--manifest -` together are a usage error.
+#[test]
+fn a_manifest_on_stdin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    copy_to(
+        &images_dir().join("boy_colorful.jpg"),
+        root,
+        "boy_colorful.jpg",
+    );
+    let r = run(score()
+        .current_dir(root)
+        .args(["--manifest", "-", "--format", "jsonl"])
+        .write_stdin("./boy_colorful.jpg\n-\n"));
+    // The file named `-` does not exist: it fails alone, and stdin is not read as an image.
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(
+        error_lines(&r.stderr),
+        ["error: cannot read ./-: No such file or directory (os error 2)"],
+        "{}",
+        r.stderr
+    );
+    let records = jsonl(&r.stdout);
+    assert_eq!(paths(&records), ["./boy_colorful.jpg"]);
+    check_against_fixture(&records[0], "1-5");
+
+    let r = run(score()
+        .current_dir(root)
+        .args(["--manifest", "-"])
+        .write_stdin("# nothing\n\n"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("stdin (--manifest -) lists no input"),
+        "{}",
+        r.stderr
+    );
+
+    let r = run(score()
+        .current_dir(root)
+        .args(["-", "--manifest", "-"])
+        .write_stdin("boy_colorful.jpg\n"));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("both read stdin"), "{}", r.stderr);
+}

@@ -64,6 +64,7 @@ pub struct Args {
     paths: Vec<PathBuf>,
     /// A file listing inputs, one path, directory or glob per line (blank lines and `#` comments
     /// skipped), scored after the PATHs. A listed file that is missing fails alone (exit code 3).
+    /// `-` reads the list from stdin (`find photos -name '*.jpg' | qalign score --manifest -`).
     #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
     /// Score only part I of N (0-based) of the inputs: those whose position in the full list is
@@ -298,6 +299,13 @@ impl Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if args.manifest.as_deref().is_some_and(stdin::is_stdin)
+        && args.paths.iter().any(|p| stdin::is_stdin(p))
+    {
+        return Ok(usage_error(
+            "`-` and `--manifest -` both read stdin: give the image on stdin or the list, not both",
+        ));
+    }
     let mut config = args.validate()?;
     let spooled_stdin = stdin::substitute(&mut config.inputs)?;
     config.stdin_path = spooled_stdin.as_ref().map(|s| s.path().to_path_buf());
