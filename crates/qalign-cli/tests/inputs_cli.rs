@@ -260,3 +260,22 @@ fn a_manifest_on_stdin() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("both read stdin"), "{}", r.stderr);
 }
+
+/// The table shows a control character in a file name escaped, one record per line; JSONL keeps
+/// the name as it is.
+#[test]
+fn a_newline_in_a_file_name_stays_on_its_table_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    copy_to(&images_dir().join("boy_colorful.jpg"), root, "a\nb.jpg");
+    let r = run(score().current_dir(root).arg("a\nb.jpg"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    assert!(lines[0].starts_with("path      task"), "{}", lines[0]);
+    assert!(lines[1].starts_with("a\\nb.jpg  quality"), "{}", lines[1]);
+
+    let (code, records, stderr) = score_in(root, &["a\nb.jpg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(paths(&records), ["a\nb.jpg"]);
+}

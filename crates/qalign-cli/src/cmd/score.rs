@@ -603,10 +603,29 @@ fn csv_row(r: &ScoreRecord) -> Vec<String> {
     cols
 }
 
+/// A path as one table cell: control characters (a newline or an escape sequence in a file name)
+/// are shown escaped (`\n`, `\u{1b}`) so that each record stays on one line of the terminal.
+fn table_cell(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.chars().any(char::is_control) {
+        return path.into();
+    }
+    path.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Result<()> {
-    let path_width = records
+    let paths: Vec<_> = records.iter().map(|r| table_cell(&r.path)).collect();
+    let path_width = paths
         .iter()
-        .map(|r| r.path.chars().count())
+        .map(|p| p.chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -620,7 +639,7 @@ fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Res
         "level",
         "std"
     )?;
-    for r in records {
+    for (r, path) in records.iter().zip(&paths) {
         let best = r
             .probs
             .iter()
@@ -629,7 +648,7 @@ fn write_table(w: &mut impl Write, records: &[ScoreRecord], scale: Scale) -> Res
         writeln!(
             w,
             "{:<path_width$}  {:<10}  {:<5}  {:>7.4}  {:<9}  {:>5.3}",
-            r.path, r.task, r.input, r.score, r.levels[best], r.std
+            path, r.task, r.input, r.score, r.levels[best], r.std
         )?;
     }
     writeln!(w, "(scores on the {scale} scale; level = most likely word)")?;
