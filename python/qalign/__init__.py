@@ -124,7 +124,9 @@ class Scorer:
     ``model`` is a folder or a Hugging Face hub id (resolved through the HF cache, as on the CLI);
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``dtype`` ``"f32"``, ``"f16"`` or
     ``"bf16"``; ``quant`` ``None``, ``"q8_0"`` or ``"q4k"``; ``lora`` an adapter folder merged as the
-    model loads. Loading errors raise :class:`QAlignError` with qalign's message.
+    model loads; ``offline=True`` never touches the network (``False`` defers to ``HF_HUB_OFFLINE``
+    and ``TRANSFORMERS_OFFLINE``); ``revision`` a branch, tag or commit hash of a hub id (default
+    ``main``). Loading errors raise :class:`QAlignError` with qalign's message.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Scorer:
         quant: Optional[str] = None,
         lora: Optional[Union[str, "os.PathLike[str]"]] = None,
         offline: bool = False,
+        revision: Optional[str] = None,
     ) -> None:
         self._inner = _RustScorer(
             os.fspath(model),
@@ -143,6 +146,7 @@ class Scorer:
             quant=quant,
             lora=None if lora is None else os.fspath(lora),
             offline=offline,
+            revision=revision,
         )
 
     @property

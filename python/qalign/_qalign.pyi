@@ -20,6 +20,7 @@ class Scorer:
         quant: Optional[str] = None,
         lora: Optional[Union[str, os.PathLike[str]]] = None,
         offline: bool = False,
+        revision: Optional[str] = None,
     ) -> None: ...
     def score_paths(
         self,

@@ -142,3 +142,25 @@ def test_records_equal_the_cli_json(scorer):
         text=True,
     )
     assert scorer.score(paths, task="all") == json.loads(cli.stdout)
+
+
+def test_hub_revision_and_offline_from_the_environment(tmp_path, monkeypatch):
+    # A tagged snapshot in a Hugging Face cache, as huggingface_hub lays it out.
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in MODEL.iterdir():
+        (snapshot / path.name).symlink_to(path)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # offline=False (the default) leaves the choice to HF_HUB_OFFLINE: nothing goes to the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    image = FIXTURES / "images" / "boy_colorful.jpg"
+    record = qalign.Scorer("org/tiny", revision="v1").score(image)[0]
+    check(record, image, "quality")
+    with pytest.raises(qalign.QAlignError, match="offline mode is on"):
+        qalign.Scorer("org/tiny")  # `main` is not cached
+    with pytest.raises(qalign.QAlignError, match="applies to a hub id"):
+        qalign.Scorer(MODEL, revision="v1")

@@ -47,6 +47,15 @@ pub fn dropout(s: &str) -> Result<f32, String> {
     }
 }
 
+/// A hub revision (`--revision`): a branch, tag or commit hash.
+pub fn revision(s: &str) -> Result<String, String> {
+    if qalign_model::hub::is_valid_revision(s) {
+        Ok(s.to_string())
+    } else {
+        Err("expected a branch, tag or commit hash (no spaces, `..`, `~^:?*[\\`)".into())
+    }
+}
+
 /// Prompt text (`--question`, `--answer-prefix`): not blank, and without the image marker,
 /// which qalign places itself after the question.
 pub fn prompt_text(s: &str) -> Result<String, String> {
@@ -91,6 +100,9 @@ pub struct BaseModel {
     /// Base model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
     #[arg(long, default_value = qalign_model::hub::DEFAULT_MODEL, env = "QALIGN_MODEL")]
     pub model: String,
+    /// The branch, tag or commit hash of a hub id (default: main).
+    #[arg(long, value_name = "REV", value_parser = revision)]
+    pub revision: Option<String>,
     /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -100,6 +112,7 @@ impl BaseModel {
     /// The model's folder (downloaded into the HF cache first for a hub id, unless offline).
     pub fn resolve(&self) -> anyhow::Result<std::path::PathBuf> {
         let offline = self.offline || qalign_model::hub::offline_from_env();
-        Ok(qalign_model::hub::resolve_model(&self.model, offline)?.dir)
+        let revision = self.revision.as_deref();
+        Ok(qalign_model::hub::resolve_model_at(&self.model, revision, offline)?.dir)
     }
 }

@@ -873,3 +873,73 @@ fn dash_scores_an_image_from_stdin_and_names_it_dash() {
     assert!(r.stderr.contains("stdin is empty"), "{}", r.stderr);
     assert!(r.stdout.is_empty());
 }
+
+/// `--revision` picks a snapshot of a cached hub id (here a tag whose ref names it; `main` is not
+/// cached); it is a usage error when it cannot be a git revision, and an error for a folder.
+#[test]
+fn a_revision_of_a_cached_hub_id_is_scored_offline() {
+    let image = images_dir().join("boy_colorful.jpg");
+    let hf_home = tempfile::tempdir().unwrap();
+    let repo = hf_home.path().join("hub/models--org--tiny");
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/v1"), commit).unwrap();
+    let score = |extra: &[&str]| {
+        let mut cmd = qalign();
+        cmd.env("HF_HOME", hf_home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["score", "--model", "org/tiny", "--format", "json"])
+            .arg(&image)
+            .args(extra);
+        run(&mut cmd)
+    };
+    let r = score(&["--revision", "v1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let records: Value = serde_json::from_str(&r.stdout).unwrap();
+    check_against_fixture(&records[0], "1-5");
+    assert_eq!(score(&["--revision", commit]).code, 0);
+
+    let r = score(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("model `org/tiny` is not in"),
+        "{}",
+        r.stderr
+    );
+    let r = score(&["--revision", "v2"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("model `org/tiny@v2` is not in"),
+        "{}",
+        r.stderr
+    );
+    let r = score(&["--revision", "../v1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--revision"), "{}", r.stderr);
+
+    let r = run_expecting(
+        qalign().env("HF_HOME", hf_home.path()).args([
+            "info",
+            "org/tiny",
+            "--offline",
+            "--revision",
+            "v1",
+        ]),
+        0,
+    );
+    assert!(r.stdout.contains("revision     v1"), "{}", r.stdout);
+    let r = run_expecting(
+        qalign()
+            .args(["score", "--revision", "v1", "--model"])
+            .arg(tiny_model())
+            .arg(&image),
+        1,
+    );
+    assert!(r.stderr.contains("applies to a hub id"), "{}", r.stderr);
+}

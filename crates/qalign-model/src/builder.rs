@@ -10,7 +10,7 @@ use qalign_media::DecodeOptions;
 
 use crate::adapter::Adapter;
 use crate::device::{Device, Dtype, Quant};
-use crate::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+use crate::hub::{DEFAULT_MODEL, offline_from_env, resolve_model_at};
 use crate::loader::WeightFormat;
 use crate::model::{LoadObserver, LoadOptions, LoadProgress};
 use crate::scorer::{Result, Scorer, ScorerOptions};
@@ -19,6 +19,7 @@ use crate::scorer::{Result, Scorer, ScorerOptions};
 #[derive(Debug, Clone)]
 pub struct ScorerBuilder {
     model: String,
+    revision: Option<String>,
     offline: Option<bool>,
     device: Device,
     dtype: Dtype,
@@ -34,6 +35,7 @@ impl Default for ScorerBuilder {
     fn default() -> Self {
         Self {
             model: DEFAULT_MODEL.to_string(),
+            revision: None,
             offline: None,
             device: Device::Cpu,
             dtype: Dtype::F32,
@@ -74,6 +76,12 @@ impl ScorerBuilder {
     /// downloaded when online.
     pub fn model(mut self, model: impl Into<String>) -> Self {
         self.model = model.into();
+        self
+    }
+
+    /// The branch, tag or commit hash of a hub id (default `main`); an error for a folder.
+    pub fn revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = Some(revision.into());
         self
     }
 
@@ -139,7 +147,7 @@ impl ScorerBuilder {
     /// not cached and the builder is online.
     pub fn resolve(&self) -> Result<PathBuf> {
         let offline = self.offline.unwrap_or_else(offline_from_env);
-        Ok(resolve_model(&self.model, offline)?.dir)
+        Ok(resolve_model_at(&self.model, self.revision.as_deref(), offline)?.dir)
     }
 
     /// The low-level load options these settings give (device, dtype, quantisation, weights,

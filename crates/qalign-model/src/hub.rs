@@ -13,6 +13,9 @@
 //!   error, never a silent fallback. The file list is fetched only when a file is not cached.
 //! - Offline, the cache is all there is: an optional file missing from the cached snapshot is
 //!   treated as absent; a missing required file or shard is [`HubError::NotCached`] naming it.
+//! - A revision (branch, tag or commit hash; `main` by default) picks the snapshot as
+//!   huggingface_hub 0.19 does: a commit hash names its snapshot folder, a branch or tag is read
+//!   from `refs/<revision>`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -75,6 +78,12 @@ pub enum HubError {
     /// The spec is neither a directory nor `owner/name`.
     #[error("`{0}` is neither an existing directory nor a hub id of the form owner/name")]
     BadSpec(String),
+    /// The revision cannot name a git branch, tag or commit.
+    #[error("`{0}` is not a revision: expected a branch, tag or commit hash")]
+    BadRevision(String),
+    /// A revision was given for a model folder, which has no revisions.
+    #[error("--revision {revision} applies to a hub id, but `{dir}` is a folder")]
+    RevisionForFolder { dir: PathBuf, revision: String },
     /// No cache folder: none of `HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`, `HF_HOME`,
     /// `XDG_CACHE_HOME`, `HOME` is set.
     #[error("no Hugging Face cache folder: set HF_HOME or HF_HUB_CACHE")]
@@ -130,6 +139,8 @@ pub struct ResolvedModel {
     pub dir: PathBuf,
     /// The hub id when the spec was one.
     pub hub_id: Option<String>,
+    /// The revision asked for, when one was (else the hub's `main`).
+    pub revision: Option<String>,
 }
 
 /// Where and how hub ids are resolved.
@@ -143,6 +154,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Show download progress bars on stderr.
     pub progress: bool,
+    /// The branch, tag or commit hash to resolve (`None`: `main`).
+    pub revision: Option<String>,
 }
 
 impl HubOptions {
@@ -176,6 +189,7 @@ impl HubOptions {
                 .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
             offline: offline_from_env(),
             progress: true,
+            revision: None,
         })
     }
 }
@@ -210,7 +224,17 @@ pub fn offline_from_env() -> bool {
 /// id, resolved with the environment's settings ([`HubOptions::from_env`]), offline when
 /// `offline` is true or the environment asks for it.
 pub fn resolve_model(spec: &str, offline: bool) -> Result<ResolvedModel, HubError> {
-    if let Some(local) = local_dir(spec) {
+    resolve_model_at(spec, None, offline)
+}
+
+/// [`resolve_model`] at a revision of the hub repository (a branch, tag or commit hash;
+/// `None` is `main`). A revision for a folder is an error, not ignored.
+pub fn resolve_model_at(
+    spec: &str,
+    revision: Option<&str>,
+    offline: bool,
+) -> Result<ResolvedModel, HubError> {
+    if let Some(local) = local_dir(spec, revision)? {
         return Ok(local);
     }
     if !looks_like_hub_id(spec) {
@@ -218,16 +242,23 @@ pub fn resolve_model(spec: &str, offline: bool) -> Result<ResolvedModel, HubErro
     }
     let mut opts = HubOptions::from_env()?;
     opts.offline |= offline;
+    opts.revision = revision.map(str::to_string);
     resolve_model_with(spec, &opts)
 }
 
-/// [`resolve_model`] with explicit hub settings instead of the environment's.
+/// [`resolve_model_at`] with explicit hub settings instead of the environment's.
 pub fn resolve_model_with(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, HubError> {
-    if let Some(local) = local_dir(spec) {
+    let revision = opts.revision.as_deref();
+    if let Some(local) = local_dir(spec, revision)? {
         return Ok(local);
     }
     if !looks_like_hub_id(spec) {
         return Err(HubError::BadSpec(spec.to_string()));
+    }
+    if let Some(revision) = revision
+        && !is_valid_revision(revision)
+    {
+        return Err(HubError::BadRevision(revision.to_string()));
     }
     let dir = if opts.offline {
         from_cache(spec, opts)?
@@ -237,15 +268,85 @@ pub fn resolve_model_with(spec: &str, opts: &HubOptions) -> Result<ResolvedModel
     Ok(ResolvedModel {
         dir,
         hub_id: Some(spec.to_string()),
+        revision: revision.map(str::to_string),
     })
 }
 
-fn local_dir(spec: &str) -> Option<ResolvedModel> {
+fn local_dir(spec: &str, revision: Option<&str>) -> Result<Option<ResolvedModel>, HubError> {
     let path = Path::new(spec);
-    path.is_dir().then(|| ResolvedModel {
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    if let Some(revision) = revision {
+        return Err(HubError::RevisionForFolder {
+            dir: path.to_path_buf(),
+            revision: revision.to_string(),
+        });
+    }
+    Ok(Some(ResolvedModel {
         dir: path.to_path_buf(),
         hub_id: None,
-    })
+        revision: None,
+    }))
+}
+
+/// A name git could give a branch, tag or commit (`v1.0`, `refs/pr/1`, a hash): no empty,
+/// `.` or `..` component, no whitespace, control or `~^:?*[\\` characters, so that it stays a
+/// path inside the cache's `refs/` folder.
+pub fn is_valid_revision(revision: &str) -> bool {
+    !revision.is_empty()
+        && revision
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && !revision
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+}
+
+/// A full commit hash, which names its snapshot folder directly.
+fn is_commit_hash(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The cached snapshot of one repository revision, found as huggingface_hub 0.19 finds it: a
+/// commit hash is the snapshot's name; a branch or tag names it in `refs/<revision>`.
+/// The ref is read at each lookup, since a download writes it.
+struct CachedSnapshot {
+    repo: PathBuf,
+    revision: String,
+}
+
+impl CachedSnapshot {
+    fn new(cache_dir: &Path, id: &str, revision: &str) -> Self {
+        Self {
+            repo: cache_dir.join(format!("models--{}", id.replace('/', "--"))),
+            revision: revision.to_string(),
+        }
+    }
+
+    fn dir(&self) -> Option<PathBuf> {
+        let commit = if is_commit_hash(&self.revision) {
+            self.revision.clone()
+        } else {
+            let text = std::fs::read_to_string(self.repo.join("refs").join(&self.revision)).ok()?;
+            Some(text.trim().to_string()).filter(|commit| is_valid_revision(commit))?
+        };
+        Some(self.repo.join("snapshots").join(commit))
+    }
+
+    /// The cached file, if the snapshot holds it.
+    fn get(&self, name: &str) -> Option<PathBuf> {
+        let path = self.dir()?.join(name);
+        path.exists().then_some(path)
+    }
+}
+
+/// How errors name the repository: `owner/name`, or `owner/name@revision` for another revision.
+fn repo_label(id: &str, opts: &HubOptions) -> String {
+    match opts.revision.as_deref() {
+        Some(revision) if revision != "main" => format!("{id}@{revision}"),
+        _ => id.to_string(),
+    }
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
@@ -262,10 +363,14 @@ fn looks_like_hub_id(spec: &str) -> bool {
 }
 
 fn from_cache(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
-    let cache = Cache::new(opts.cache_dir.clone());
-    let repo = cache.repo(Repo::new(id.to_string(), RepoType::Model));
+    let repo = CachedSnapshot::new(
+        &opts.cache_dir,
+        id,
+        opts.revision.as_deref().unwrap_or("main"),
+    );
+    let label = repo_label(id, opts);
     let not_cached = |missing: &str| HubError::NotCached {
-        id: id.to_string(),
+        id: label.clone(),
         cache: opts.cache_dir.clone(),
         missing: missing.to_string(),
     };
@@ -304,10 +409,11 @@ fn classify(err: &ApiError, io_kind: DownloadFailure) -> DownloadFailure {
 /// One online resolution: files come from the cache when there, else from the hub; the
 /// repository's file list is fetched at most once, and only when a file is not cached.
 struct Online<'a> {
-    id: &'a str,
+    /// The repository as errors name it ([`repo_label`]).
+    id: String,
     endpoint: &'a str,
     api_repo: ApiRepo,
-    cached: hf_hub::CacheRepo,
+    cached: CachedSnapshot,
     listing: Option<BTreeSet<String>>,
 }
 
@@ -330,6 +436,9 @@ impl Online<'_> {
     }
 
     fn fetch(&self, name: &str) -> Result<PathBuf, HubError> {
+        if let Some(path) = self.cached.get(name) {
+            return Ok(path);
+        }
         self.api_repo.get(name).map_err(|e| HubError::Download {
             id: self.id.to_string(),
             file: name.to_string(),
@@ -356,18 +465,19 @@ fn download(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
         .with_progress(opts.progress)
         .build()
         .map_err(|e| HubError::Download {
-            id: id.to_string(),
+            id: repo_label(id, opts),
             file: "(client setup)".to_string(),
             endpoint: opts.endpoint.clone(),
             kind: classify(&e, DownloadFailure::Cache),
             message: e.to_string(),
         })?;
-    let repo = Repo::new(id.to_string(), RepoType::Model);
+    let revision = opts.revision.as_deref().unwrap_or("main");
+    let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
     let mut online = Online {
-        id,
+        id: repo_label(id, opts),
         endpoint: &opts.endpoint,
-        api_repo: api.repo(repo.clone()),
-        cached: cache.repo(repo),
+        api_repo: api.repo(repo),
+        cached: CachedSnapshot::new(&opts.cache_dir, id, revision),
         listing: None,
     };
     let mut dir = None;
@@ -391,7 +501,7 @@ fn download(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
     }
     let Some((anchor, path)) = weights else {
         return Err(HubError::NoWeights {
-            id: id.to_string(),
+            id: online.id,
             anchors: WEIGHT_ANCHORS.join(", "),
             where_: "the hub repository".into(),
         });
@@ -402,7 +512,7 @@ fn download(id: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
         }
     }
     dir.ok_or_else(|| HubError::Download {
-        id: id.to_string(),
+        id: online.id,
         file: REQUIRED_FILES[0].to_string(),
         endpoint: opts.endpoint.clone(),
         kind: DownloadFailure::Cache,

@@ -42,7 +42,13 @@ fn options(cache: &Path, endpoint: &str, offline: bool) -> HubOptions {
         endpoint: endpoint.to_string(),
         offline,
         progress: false,
+        revision: None,
     }
+}
+
+fn at(mut opts: HubOptions, revision: &str) -> HubOptions {
+    opts.revision = Some(revision.to_string());
+    opts
 }
 
 /// A URL on which nothing listens: connecting fails at once.
@@ -291,4 +297,104 @@ fn directories_and_bad_specs() {
         let err = resolve_model_with(bad, &opts).unwrap_err();
         assert!(matches!(&err, HubError::BadSpec(s) if s == bad), "{err}");
     }
+}
+
+/// A revision picks the snapshot as huggingface_hub does: a branch or tag through
+/// `refs/<revision>` (a ref with slashes is a nested file), a commit hash directly.
+#[test]
+fn offline_revisions_pick_their_snapshot() {
+    let (cache, main) = fake_cache(&["config.json", "model.safetensors"]);
+    let repo = cache.path().join("models--org--tiny");
+    let other = "fedcba9876543210fedcba9876543210fedcba98";
+    let tagged = repo.join("snapshots").join(other);
+    std::fs::create_dir_all(&tagged).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(tiny(name).canonicalize().unwrap(), tagged.join(name)).unwrap();
+    }
+    std::fs::write(repo.join("refs/v1.0"), other).unwrap();
+    std::fs::create_dir_all(repo.join("refs/refs/pr")).unwrap();
+    std::fs::write(repo.join("refs/refs/pr/1"), other).unwrap();
+    let opts = options(cache.path(), &closed_endpoint(), true);
+
+    let resolved = resolve_model_with(ID, &at(opts.clone(), "v1.0")).unwrap();
+    assert_eq!(resolved.dir, tagged);
+    assert_eq!(resolved.revision.as_deref(), Some("v1.0"));
+    assert_eq!(
+        resolve_model_with(ID, &at(opts.clone(), "refs/pr/1"))
+            .unwrap()
+            .dir,
+        tagged
+    );
+    assert_eq!(
+        resolve_model_with(ID, &at(opts.clone(), "main"))
+            .unwrap()
+            .dir,
+        main
+    );
+    // A commit hash needs no ref.
+    assert_eq!(
+        resolve_model_with(ID, &at(opts.clone(), REV)).unwrap().dir,
+        main
+    );
+    std::fs::remove_file(repo.join("refs/main")).unwrap();
+    assert_eq!(
+        resolve_model_with(ID, &at(opts.clone(), other))
+            .unwrap()
+            .dir,
+        tagged
+    );
+
+    let err = resolve_model_with(ID, &at(opts.clone(), "v2")).unwrap_err();
+    assert!(matches!(&err, HubError::NotCached { .. }), "{err:?}");
+    assert!(err.to_string().contains("`org/tiny@v2`"), "{err}");
+}
+
+#[test]
+fn online_revisions_go_into_the_urls() {
+    let empty = tempfile::tempdir().unwrap();
+    for (revision, in_url) in [("v1.0", "v1.0"), ("refs/pr/1", "refs%2Fpr%2F1")] {
+        let (endpoint, seen) = fake_hub(&["config.json"], 404);
+        let opts = at(options(empty.path(), &endpoint, false), revision);
+        let err = resolve_model_with(ID, &opts).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                HubError::Download {
+                    kind: DownloadFailure::Status(404),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("`org/tiny@{revision}`")),
+            "{err}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, [format!("/org/tiny/resolve/{in_url}/config.json")]);
+    }
+}
+
+#[test]
+fn bad_revisions_and_a_revision_for_a_folder_are_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(cache.path(), &closed_endpoint(), true);
+    for bad in ["", "../../x", "a//b", "v1 ", "x\ny", "a:b", "refs/"] {
+        let err = resolve_model_with(ID, &at(opts.clone(), bad)).unwrap_err();
+        assert!(
+            matches!(&err, HubError::BadRevision(r) if r == bad),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let dir = tiny("");
+    let err = resolve_model_with(dir.to_str().unwrap(), &at(opts, "v1.0")).unwrap_err();
+    assert!(
+        matches!(&err, HubError::RevisionForFolder { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("--revision v1.0 applies to a hub id"),
+        "{err}"
+    );
 }

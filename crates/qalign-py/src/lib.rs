@@ -153,7 +153,8 @@ impl Scorer {
 #[pymethods]
 impl Scorer {
     #[new]
-    #[pyo3(signature = (model, device="cpu", dtype="f32", quant=None, lora=None, offline=false))]
+    #[pyo3(signature = (model, device="cpu", dtype="f32", quant=None, lora=None, offline=false, revision=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: String,
@@ -162,6 +163,7 @@ impl Scorer {
         quant: Option<&str>,
         lora: Option<PathBuf>,
         offline: bool,
+        revision: Option<String>,
     ) -> PyResult<Self> {
         let device: Device = device.parse().map_err(err)?;
         let dtype: Dtype = dtype.parse().map_err(err)?;
@@ -170,8 +172,14 @@ impl Scorer {
             .model(model)
             .device(device)
             .dtype(dtype)
-            .quant(quant)
-            .offline(offline);
+            .quant(quant);
+        // `offline=False` leaves the choice to HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE.
+        if offline {
+            builder = builder.offline(true);
+        }
+        if let Some(revision) = revision {
+            builder = builder.revision(revision);
+        }
         if let Some(dir) = lora {
             builder = builder.lora(dir);
         }

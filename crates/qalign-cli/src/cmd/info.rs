@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model};
+use qalign_model::hub::{DEFAULT_MODEL, offline_from_env, resolve_model_at};
 use qalign_model::summary::{CheckpointSummary, summarize};
 use qalign_model::{ModelConfig, Quant, QuantReport, WeightStore};
 use serde_json::Value;
@@ -29,6 +29,9 @@ pub struct Args {
     /// Model folder or Hugging Face hub id (default: `$QALIGN_MODEL`, else q-future/one-align).
     #[arg(default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
     model: String,
+    /// The branch, tag or commit hash of a hub id (default: main).
+    #[arg(long, value_name = "REV", value_parser = crate::flags::revision)]
+    revision: Option<String>,
     /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
     offline: bool,
@@ -45,7 +48,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let resolved = resolve_model(&args.model, args.offline || offline_from_env())?;
+    let offline = args.offline || offline_from_env();
+    let resolved = resolve_model_at(&args.model, args.revision.as_deref(), offline)?;
     let summary = summarize(&resolved.dir, args.weights.into()).map_err(|e| {
         crate::output::context_naming(e, &resolved.dir, "cannot read the checkpoint", |d| {
             format!("cannot read the checkpoint in {d}")
@@ -67,6 +71,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             writeln!(w, "model        {}", summary.dir.display())?;
             if let Some(id) = &resolved.hub_id {
                 writeln!(w, "hub id       {id}")?;
+            }
+            if let Some(revision) = &resolved.revision {
+                writeln!(w, "revision     {revision}")?;
             }
             writeln!(
                 w,

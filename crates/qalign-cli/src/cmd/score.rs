@@ -126,6 +126,9 @@ pub struct ModelArgs {
     /// Model folder, or a Hugging Face hub id resolved through the HF cache (HF_HOME).
     #[arg(long, default_value = DEFAULT_MODEL, env = "QALIGN_MODEL")]
     pub model: String,
+    /// The branch, tag or commit hash of a hub id (default: main).
+    #[arg(long, value_name = "REV", value_parser = crate::flags::revision)]
+    pub revision: Option<String>,
     /// Never touch the network (also set by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -213,6 +216,9 @@ impl ModelArgs {
             .weights(self.weights.into());
         if self.offline {
             builder = builder.offline(true);
+        }
+        if let Some(revision) = &self.revision {
+            builder = builder.revision(revision);
         }
         if let Some(dir) = &self.lora {
             builder = builder.lora(dir);
