@@ -890,3 +890,42 @@ fn an_explicit_zero_learning_rate_is_warned_about_and_trains_nothing() {
         r.stderr
     );
 }
+
+/// A base named by hub id and `--revision` is written into the adapter's config as PEFT does
+/// (`base_model_name_or_path` and `revision`).
+#[test]
+fn the_base_revision_is_written_into_the_adapter_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("hub/models--org--tiny");
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/v1"), commit).unwrap();
+    let out = tmp.path().join("out");
+    let mut cmd = qalign();
+    cmd.env("HF_HOME", tmp.path())
+        .args([
+            "train",
+            "--model",
+            "org/tiny",
+            "--revision",
+            "v1",
+            "--offline",
+        ])
+        .arg("--data")
+        .arg(fixtures().join("training/sft_batch.json"))
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--lora-r", "4", "--max-steps", "1"]);
+    run_expecting(&mut cmd, 0);
+    let config = read_json(&out.join("adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], "org/tiny");
+    assert_eq!(config["revision"], "v1");
+}

@@ -65,6 +65,8 @@ pub struct TrainConfig {
     pub model_dir: PathBuf,
     /// How the base model was named (a hub id or a folder), for `base_model_name_or_path`.
     pub model_name: String,
+    /// The hub revision the base was resolved at, for the adapter's `revision`.
+    pub model_revision: Option<String>,
     /// Build the base with random weights of `config.json`'s shapes (benchmarks).
     pub random_weights: bool,
     pub data: PathBuf,
@@ -372,6 +374,7 @@ impl Trainer {
                         let mut cfg = adapter.config.clone();
                         cfg.lora_dropout = as_written(*dropout);
                         cfg.base_model_name_or_path = Some(config.model_name.clone());
+                        cfg.revision = config.model_revision.clone();
                         (adaptation, Some(cfg))
                     }
                     None => {
@@ -382,13 +385,14 @@ impl Trainer {
                             Adaptation::new(config.seed).with_trainable(abstractor),
                             |a, m| a.with_lora_branch(m.clone(), *rank, scale, *dropout, None),
                         );
-                        let cfg = AdapterConfig::new(
+                        let mut cfg = AdapterConfig::new(
                             Some(config.model_name.clone()),
                             *rank,
                             *alpha,
                             as_written(*dropout),
                             modules,
                         );
+                        cfg.revision = config.model_revision.clone();
                         (adaptation, Some(cfg))
                     }
                 }

@@ -848,6 +848,7 @@ fn run_train(args: &Args) -> Result<ExitCode> {
         let config = TrainConfig {
             model_dir: dir.clone(),
             model_name: args.model.model.clone(),
+            model_revision: args.model.revision.clone(),
             random_weights: args.random_weights,
             data,
             image_folder: tmp.path().to_owned(),

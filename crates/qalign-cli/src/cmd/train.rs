@@ -191,6 +191,7 @@ impl Args {
         Ok(TrainConfig {
             model_dir,
             model_name: self.base.model.clone(),
+            model_revision: self.base.revision.clone(),
             random_weights: self.random_weights,
             data: self.data.clone(),
             image_folder: self.image_folder.clone(),
