@@ -156,6 +156,18 @@ fn supported_format(head: &[u8]) -> Result<ImageFormat, Failure> {
     if head.is_empty() {
         return Err(Failure::Corrupt("file is empty".to_string()));
     }
+    // HEIF/HEIC (what phones save): ISO-BMFF with a still-image brand, which `image` does not
+    // name. Pillow cannot open it either without the pillow-heif plugin.
+    if head.get(4..8) == Some(b"ftyp")
+        && qalign_core::vocab::MediaKind::sniff(head) == Some(qalign_core::vocab::MediaKind::Image)
+        && image::guess_format(head).is_err()
+    {
+        return Err(Failure::Unsupported(
+            "HEIF/HEIC images are not supported (expected JPEG, PNG, BMP, WebP, TIFF or GIF); \
+             convert them first, e.g. `heif-convert in.heic out.jpg`"
+                .to_string(),
+        ));
+    }
     let format = image::guess_format(head).map_err(|_| {
         Failure::Corrupt(
             "not a recognised image (expected JPEG, PNG, BMP, WebP, TIFF or GIF data)".to_string(),

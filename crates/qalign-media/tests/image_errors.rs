@@ -299,6 +299,34 @@ fn recognised_but_unsupported_format() {
 }
 
 #[test]
+fn heic_is_named_as_unsupported_not_as_corrupt() {
+    // The `ftyp` box of an iPhone photo (brand heic, compatible mif1), then box data.
+    let mut heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic".to_vec();
+    heic.extend_from_slice(&[0x5a; 600]);
+    let (_, result) = load_bytes("IMG_0001.HEIC", &heic);
+    match result {
+        Err(err @ MediaError::Unsupported { .. }) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("HEIF/HEIC images are not supported"),
+                "{text}"
+            );
+            assert!(text.contains("IMG_0001.HEIC"), "{text}");
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    // AVIF keeps the `image` crate's own name for it.
+    let mut avif = b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf".to_vec();
+    avif.extend_from_slice(&[0x5a; 600]);
+    let (_, result) = load_bytes("a.avif", &avif);
+    let err = result.unwrap_err();
+    assert!(
+        err.to_string().contains("Avif images are not supported"),
+        "{err}"
+    );
+}
+
+#[test]
 fn in_memory_errors_name_the_source() {
     let err = decode_rgb(b"", &DecodeOptions::default()).unwrap_err();
     assert!(err.to_string().contains("<in-memory image>"), "{err}");
