@@ -197,8 +197,45 @@ fn bench_rejects_random_weights_for_a_hub_id() {
             "q-future/one-align",
         ])
         .assert()
-        .failure()
+        .code(2)
         .stderr(predicate::str::contains(
             "--random-weights needs --model to be a folder",
         ));
+}
+
+/// Flags `--train` would ignore, or values out of range: usage errors (exit 2) before any work.
+#[test]
+fn bench_bad_flags_are_usage_errors() {
+    let model = fixtures().join("tiny-onealign");
+    let image = fixtures().join("images/singapore_flyer.jpg");
+    let image = image.to_str().unwrap();
+    for extra in [
+        &["--train", image][..],
+        &["--train", "--frames", "2"],
+        &["--train", "--file-batches", "1"],
+        &["--train", "--quant", "q4k"],
+        &["--train-mode", "full"],
+        &["--iters", "0"],
+        &["--iters", "10001"],
+        &["--batch-sizes", "0"],
+        &["--batch-sizes", "1,,2"],
+        &["--batch-sizes", "1025"],
+        &["--warmup", "1001"],
+        &["--frames", "1025"],
+        &["--dtype", "f8"],
+        &["--device", "tpu"],
+        &["--format", "xml"],
+    ] {
+        let out = qalign()
+            .args(["bench", "--offline", "--model"])
+            .arg(&model)
+            .args(extra)
+            .env_remove("QALIGN_MODEL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{extra:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{extra:?}");
+    }
 }

@@ -37,7 +37,7 @@ enum BenchFormat {
 pub struct Args {
     /// Images (files, directories or globs) to preprocess and score; videos among them are
     /// skipped. Without any, a synthetic 640×480 image is used and preprocessing excludes decoding.
-    #[arg(value_name = "IMAGE")]
+    #[arg(value_name = "IMAGE", conflicts_with = "train")]
     images: Vec<String>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -56,11 +56,13 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1000))]
     warmup: u64,
     /// Frames of the video clip rows (0 leaves them out).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    #[arg(long, default_value_t = 8, conflicts_with = "train",
+          value_parser = clap::value_parser!(u64).range(0..=1024))]
     frames: u64,
     /// Batches of the IMAGE files scored per timed run of the `files_1q` rows, which time
     /// `qalign score`'s path (decoding overlapped with scoring); 0 leaves them out.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    #[arg(long, default_value_t = 4, conflicts_with = "train",
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     file_batches: u64,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
@@ -324,10 +326,10 @@ pub fn load_scorer_showing_progress(
 
 pub fn run(args: Args) -> Result<ExitCode> {
     if args.random_weights && !Path::new(&args.model.model).is_dir() {
-        bail!(
+        return Ok(crate::cmd::usage_error(&format!(
             "--random-weights needs --model to be a folder with config.json, not `{}`",
             args.model.model
-        );
+        )));
     }
     if args.train {
         if args.model.quant.is_some() {
@@ -945,4 +947,36 @@ fn run_train(args: &Args) -> Result<ExitCode> {
     }
     w.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Row;
+
+    /// Against numpy 2.4: `np.median(ms)`, `ms.min()`, each over 4 items, and
+    /// `4 / (np.median(ms) / 1e3)`, with `ms = np.array(seconds) * 1e3`.
+    #[test]
+    fn row_figures_equal_numpy() {
+        for (seconds, median, items_per_s) in [
+            (
+                &[0.003, 0.001, 0.0042, 0.0015, 0.005][..],
+                3.0,
+                1333.3333333333333,
+            ),
+            (
+                &[0.003, 0.001, 0.0042, 0.0015, 0.005, 0.0091][..],
+                3.6,
+                1111.111111111111,
+            ),
+        ] {
+            let row = Row::new("encode", String::new(), Some(4), 4, seconds);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+            assert_eq!(row.runs, seconds.len());
+            assert!(close(row.median_ms, median), "{row:?}");
+            assert!(close(row.min_ms, 1.0), "{row:?}");
+            assert!(close(row.median_ms_per_item, median / 4.0), "{row:?}");
+            assert!(close(row.min_ms_per_item, 0.25), "{row:?}");
+            assert!(close(row.items_per_s, items_per_s), "{row:?}");
+        }
+    }
 }
