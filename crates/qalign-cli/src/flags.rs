@@ -18,6 +18,16 @@ pub fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A duration in seconds above 0 and at most a day (timeouts, grace periods): a larger one is
+/// surely a typo, and one past `Duration`'s range would not convert.
+pub fn seconds(s: &str) -> Result<f64, String> {
+    const DAY: f64 = 86_400.0;
+    match positive(s)? {
+        v if v <= DAY => Ok(v),
+        _ => Err(format!("expected at most {DAY} seconds (a day), got `{s}`")),
+    }
+}
+
 /// A finite number ≥ 0 (learning rate, weight decay, gradient-norm clip).
 pub fn non_negative(s: &str) -> Result<f64, String> {
     match number(s)? {

@@ -35,7 +35,8 @@ Exit codes:
   1  error: bad input file, model not found or not loadable, stdout closed or full, nothing could be done
   2  invalid command-line arguments (unknown flag, bad flag value)
   3  some inputs failed, or could not be read while searching directories and globs, and were skipped; \
-the others were processed";
+the others were processed
+  130  interrupted by Ctrl-C (SIGINT); `loadtest` still prints the report of the requests that finished";
 
 #[derive(Subcommand)]
 enum Command {

@@ -640,7 +640,7 @@ fn help_lists_the_exit_codes_and_quiet_is_accepted() {
         .split("Exit codes:")
         .nth(1)
         .unwrap_or_else(|| panic!("no exit codes in --help:\n{}", r.stdout));
-    for code in ["0", "1", "2", "3"] {
+    for code in ["0", "1", "2", "3", "130"] {
         assert!(
             section
                 .lines()

@@ -380,6 +380,30 @@ fn bad_flags_and_a_bad_model_fail_clearly() {
     let mut cmd = common::qalign();
     cmd.args(["serve", "--max-batch-size", "0"]);
     common::run_expecting(&mut cmd, 2);
+    // --random-weights builds a folder's config.json: a hub id is a usage error, for every command.
+    for command in [&["serve"][..], &["score", "x.png"], &["bench"]] {
+        let mut cmd = common::qalign();
+        cmd.args(command)
+            .args(["--random-weights", "--model", "org/none"]);
+        let run = common::run_expecting(&mut cmd, 2);
+        assert!(
+            run.stderr
+                .contains("--random-weights needs --model to be a folder"),
+            "{command:?}: {}",
+            run.stderr
+        );
+    }
+    // Durations past a day (or past what a `Duration` holds) are usage errors, not a panic.
+    for flag in ["--request-timeout-s", "--shutdown-grace-s"] {
+        let mut cmd = common::qalign();
+        cmd.args(["serve", flag, "1e300"]);
+        let run = common::run_expecting(&mut cmd, 2);
+        assert!(
+            run.stderr.contains("at most 86400 seconds"),
+            "{}",
+            run.stderr
+        );
+    }
     let mut cmd = common::qalign();
     cmd.args(["loadtest", "localhost:8080", "--images", "x.png"]);
     let run = common::run_expecting(&mut cmd, 2);

@@ -325,11 +325,8 @@ pub fn load_scorer_showing_progress(
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    if args.random_weights && !Path::new(&args.model.model).is_dir() {
-        return Ok(crate::cmd::usage_error(&format!(
-            "--random-weights needs --model to be a folder with config.json, not `{}`",
-            args.model.model
-        )));
+    if let Some(message) = args.model.random_weights_conflict(args.random_weights) {
+        return Ok(crate::cmd::usage_error(&message));
     }
     if args.train {
         if args.model.quant.is_some() {

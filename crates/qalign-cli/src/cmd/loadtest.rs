@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use qalign_server::loadtest::{
-    LoadtestConfig, LoadtestReport, MAX_REQUESTS, MAX_TIMEOUT, check_url, run as run_load,
+    LoadtestConfig, LoadtestReport, MAX_REQUESTS, check_url, run as run_load,
 };
 
 /// The exit code of a run stopped with Ctrl-C (128 + SIGINT, as a shell reports it).
-const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,19 +37,8 @@ pub struct Args {
     #[arg(long, env = "QALIGN_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Per-request client timeout in seconds (at most a day).
-    #[arg(long, default_value_t = 300.0, value_parser = timeout_s)]
+    #[arg(long, default_value_t = 300.0, value_parser = crate::flags::seconds)]
     timeout_s: f64,
-}
-
-/// A timeout in seconds: above 0 and at most [`MAX_TIMEOUT`].
-fn timeout_s(s: &str) -> Result<f64, String> {
-    match crate::flags::positive(s)? {
-        v if v <= MAX_TIMEOUT.as_secs_f64() => Ok(v),
-        _ => Err(format!(
-            "expected at most {} seconds, got `{s}`",
-            MAX_TIMEOUT.as_secs()
-        )),
-    }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -117,7 +105,7 @@ fn verdict(report: &LoadtestReport) -> u8 {
              the figures are of the 200 answers among those",
             report.completed, report.requests, report.ok
         );
-        return EXIT_INTERRUPTED;
+        return crate::cmd::EXIT_INTERRUPTED;
     }
     if report.ok == report.requests {
         return 0;

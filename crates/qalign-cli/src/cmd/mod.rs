@@ -17,6 +17,9 @@ pub const EXIT_USAGE: u8 = 2;
 /// Some inputs failed and were skipped; the others were processed.
 pub const EXIT_PARTIAL: u8 = 3;
 
+/// Interrupted by Ctrl-C (SIGINT), as a shell reports a process the signal killed (128 + 2).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
 /// Reports a usage error that clap could not see (it depends on several flags or on files).
 pub fn usage_error(message: &str) -> std::process::ExitCode {
     eprintln!("error: {message}");

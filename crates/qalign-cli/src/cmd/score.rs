@@ -187,6 +187,17 @@ impl ModelArgs {
                 .is_file()
     }
 
+    /// `--random-weights` builds the network of a folder's config.json: a hub id or a missing
+    /// folder is a usage error.
+    pub fn random_weights_conflict(&self, random_weights: bool) -> Option<String> {
+        (random_weights && !std::path::Path::new(&self.model).is_dir()).then(|| {
+            format!(
+                "--random-weights needs --model to be a folder with config.json, not `{}`",
+                self.model
+            )
+        })
+    }
+
     /// A combination of these flags that cannot run (a usage error, found before any work):
     /// quantised weights run with f32 activations only.
     pub fn conflict(&self) -> Option<String> {
@@ -305,6 +316,9 @@ impl Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if let Some(message) = args.model.random_weights_conflict(args.random_weights) {
+        return Ok(usage_error(&message));
+    }
     if args.manifest.as_deref().is_some_and(stdin::is_stdin)
         && args.paths.iter().any(|p| stdin::is_stdin(p))
     {
@@ -364,12 +378,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let options = builder
         .scorer_options()
         .map_err(|e| args.model.adapter_context(e))?;
-    if args.random_weights && !std::path::Path::new(&args.model.model).is_dir() {
-        bail!(
-            "--random-weights needs --model to be a folder with config.json, not `{}`",
-            args.model.model
-        );
-    }
     let scorer =
         crate::cmd::bench::load_scorer_showing_progress(&dir, &options, args.random_weights)?;
     eprintln!("model loaded in {:.1} s", started.elapsed().as_secs_f64());

@@ -3,12 +3,12 @@
 //! while the socket already answers `/health` with 503.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use qalign_server::{EngineConfig, Limits, ServerConfig, ServerEvent};
 
 use crate::cmd::bench::load_scorer;
@@ -49,10 +49,10 @@ pub struct Args {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     max_body_mb: u64,
     /// Time from a request's arrival to its answer, upload included; past it, 504.
-    #[arg(long, default_value_t = 120.0, value_parser = crate::flags::positive)]
+    #[arg(long, default_value_t = 120.0, value_parser = crate::flags::seconds)]
     request_timeout_s: f64,
     /// After SIGTERM/SIGINT, how long accepted requests may take to finish.
-    #[arg(long, default_value_t = 30.0, value_parser = crate::flags::positive)]
+    #[arg(long, default_value_t = 30.0, value_parser = crate::flags::seconds)]
     shutdown_grace_s: f64,
     /// Apply the EXIF orientation tag before scoring (off, as in the official code).
     #[arg(long)]
@@ -67,11 +67,8 @@ fn non_empty(s: &str) -> Result<String, String> {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    if args.random_weights && !Path::new(&args.model.model).is_dir() {
-        bail!(
-            "--random-weights needs --model to be a folder with config.json, not `{}`",
-            args.model.model
-        );
+    if let Some(message) = args.model.random_weights_conflict(args.random_weights) {
+        return Ok(crate::cmd::usage_error(&message));
     }
     let builder = args.model.builder().exif_orientation(args.exif_orientation);
     let dir = builder.resolve()?;
