@@ -69,11 +69,10 @@ fn quant_with_half_activations_is_refused_clearly() {
     );
     assert!(!r.stderr.contains("loading model"), "{}", r.stderr);
     assert!(r.stdout.is_empty());
-    // Training a quantised model is a usage error too.
+    // Training a quantised model is a usage error too (`bench --train` takes no images).
     let r = run_expecting(
         qalign()
             .arg("bench")
-            .arg(&image)
             .arg("--model")
             .arg(tiny_model())
             .args(["--train", "--quant", "q8_0"]),

@@ -184,6 +184,35 @@ fn broken_or_mismatched_gguf_files_fail_clearly() {
         &["model.gguf", "GGUF"],
     );
     fails_with(&variant("empty", b""), &["model.gguf"]);
+    // A header declaring `general.alignment` 0 (candle's reader divided by it and panicked), and
+    // one whose dimensions multiply past 2^64.
+    let mut zero_align = bytes[..24].to_vec();
+    let kvs = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    zero_align[16..24].copy_from_slice(&(kvs + 1).to_le_bytes());
+    zero_align.extend(17u64.to_le_bytes());
+    zero_align.extend(b"general.alignment");
+    zero_align.extend(4u32.to_le_bytes());
+    zero_align.extend(0u32.to_le_bytes());
+    zero_align.extend(&bytes[24..]);
+    fails_with(
+        &variant("zero-alignment", &zero_align),
+        &["model.gguf", "`general.alignment` is 0"],
+    );
+    let mut huge = bytes.clone();
+    let name = b"model.vision_model.encoder.layers.0.mlp.fc2.weight";
+    let at = huge.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(u32::from_le_bytes(huge[at..at + 4].try_into().unwrap()), 2);
+    for d in 0..2 {
+        huge[at + 4 + 8 * d..at + 12 + 8 * d].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    }
+    fails_with(
+        &variant("huge-dims", &huge),
+        &[
+            "model.gguf",
+            "model.vision_model.encoder.layers.0.mlp.fc2.weight",
+            "truncated or corrupt",
+        ],
+    );
     // A GGUF from elsewhere: valid header, no qalign layout.
     let mut foreign = bytes.clone();
     let at = foreign

@@ -217,7 +217,7 @@ pub(crate) fn q4k_factors(block: &[u8]) -> ([f32; 8], [f32; 8]) {
 }
 
 /// The 6-bit (scale, min) of Q4K sub-block `j` (0..8), packed in 12 bytes as ggml does.
-fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
+pub(crate) fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -230,6 +230,8 @@ fn scale_min(j: usize, s: &[u8; 12]) -> (u8, u8) {
 
 /// Weight rows per worker: a multiple of both micro-kernels' row counts (8 and 6).
 const GROUP: usize = 48;
+// A slice of `KC` values holds whole blocks of either format.
+const _: () = assert!(KC.is_multiple_of(Q4K_VALUES) && KC.is_multiple_of(32));
 
 /// `C = A·Wᵀ` for `a` `[m, k]` and `blocks` of `W` `[n, k]`, computed as `Cᵀ = W·Aᵀ` so that the
 /// dequantised weight rows, which come out of the blocks along `k`, are the micro-kernel's
@@ -431,6 +433,90 @@ pub(crate) mod tests {
                     prop_assert_eq!(got[i].to_bits(), want[i].to_bits(), "{:?} at {}", format, i);
                     prop_assert_eq!(portable[i].to_bits(), want[i].to_bits(), "{:?} at {}", format, i);
                 }
+            }
+        }
+    }
+
+    /// Q8_0 blocks as gguf-py 0.19 (`gguf.quants.quantize`, bit-exact with ggml's
+    /// `quantize_row_q8_0_ref`) writes them for the same 64 values, halves rounding away from 0.
+    #[test]
+    fn q8_0_blocks_equal_ggmls_reference() {
+        let mut x: Vec<f32> = vec![127.0, 0.5, -0.5, 2.5, -2.5, 1.5, -1.5, 126.5];
+        x.extend((0..24).map(|i| (i - 12) as f32));
+        x.extend((0..32).map(|i| ((i * 37 % 101) - 50) as f32 / 7.0));
+        let w = Tensor::from_vec(x, (1, 64), &Device::Cpu).unwrap();
+        let q = crate::quant::quantize_weight(&w, crate::Quant::Q8_0).unwrap();
+        let want: [u8; 68] = [
+            0, 60, 127, 1, 255, 3, 253, 2, 254, 127, 244, 245, 246, 247, 248, 249, 250, 251, 252,
+            253, 254, 255, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 51, 43, 129, 223, 61, 154, 248,
+            86, 180, 18, 112, 205, 43, 137, 231, 69, 162, 0, 94, 187, 25, 119, 213, 51, 144, 238,
+            76, 170, 8, 102, 195, 33, 127, 220,
+        ];
+        assert_eq!(&q.data().unwrap()[..], &want[..]);
+    }
+
+    /// A Q4K block written by ggml's `quantize_row_q4_K_ref` decodes to what gguf-py 0.19's
+    /// `dequantize` gives (values at a few places and the sum of all 256), on every path.
+    #[test]
+    fn q4k_decoding_equals_ggufs_reference() {
+        let block: [u8; 144] = [
+            16, 27, 53, 38, 240, 240, 255, 240, 190, 185, 192, 239, 160, 64, 255, 192, 0, 85, 170,
+            255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170,
+            255, 0, 85, 170, 255, 0, 85, 170, 255, 3, 87, 171, 255, 3, 87, 171, 255, 3, 87, 171,
+            255, 3, 87, 171, 255, 3, 87, 171, 255, 4, 87, 171, 255, 4, 87, 171, 255, 4, 87, 171,
+            255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170,
+            255, 0, 85, 170, 255, 0, 85, 170, 255, 0, 85, 170, 255, 83, 167, 251, 15, 83, 167, 251,
+            15, 83, 167, 251, 15, 84, 167, 251, 15, 84, 167, 251, 0, 84, 167, 251, 0, 84, 168, 251,
+            0, 84, 168, 251, 0,
+        ];
+        let picks: [(usize, u32); 8] = [
+            (0, 0xbfc06b00),
+            (31, 0x3f7aca00),
+            (32, 0xbfb0e680),
+            (70, 0x4018f280),
+            (95, 0x40509080),
+            (130, 0x3f230e00),
+            (200, 0xbf603100),
+            (255, 0xbfba3600),
+        ];
+        let q = QTensor::new(
+            candle_core::quantized::QStorage::from_data(
+                Cow::Borrowed(&block[..]),
+                &Device::Cpu,
+                GgmlDType::Q4K,
+            )
+            .unwrap(),
+            (1, 256),
+        )
+        .unwrap();
+        let candle: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mut fast, mut portable) = (vec![0f32; 256], vec![0f32; 256]);
+        Format::Q4K.decode(&block, &mut fast);
+        Format::Q4K.decode_portable(&block, &mut portable);
+        for got in [&candle, &fast, &portable] {
+            for (i, bits) in picks {
+                assert_eq!(got[i].to_bits(), bits, "at {i}");
+            }
+            assert_eq!(
+                got.iter().map(|&v| v as f64).sum::<f64>(),
+                67.88775634765625
+            );
+        }
+    }
+
+    #[test]
+    fn one_row_and_the_real_models_depth() {
+        // OneAlign's LLM MLP input (11008 = 43 Q4K blocks), one activation row, odd widths.
+        for tier in tiers() {
+            for (m, n) in [(1, 1), (1, 7), (3, 49)] {
+                check(m, 11008, n, GgmlDType::Q4K, tier, 3);
+                check(m, 11008, n, GgmlDType::Q8_0, tier, 4);
             }
         }
     }

@@ -495,6 +495,17 @@ mod tests {
     }
 
     #[test]
+    fn one_row_and_the_real_models_depth() {
+        // OneAlign's LLM MLP input (11008 values: 43 Q4K or 344 Q8_0 blocks), odd widths.
+        for isa in isas() {
+            for (m, n) in [(1, 1), (1, 7), (17, 33)] {
+                check(isa, m, 43, n, Format::Q4K, 3);
+                check(isa, m, 344, n, Format::Q8_0, 4);
+            }
+        }
+    }
+
+    #[test]
     fn both_kernels_give_equal_products() {
         if Isa::Avx512.supported() && Isa::Avx256.supported() {
             for (m, blocks, n, format) in

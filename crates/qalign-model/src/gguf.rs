@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,6 +108,18 @@ impl GgufStore {
             })?
             .len();
         let mut reader = BufReader::new(file);
+        // candle's reader divides by the declared alignment unchecked: a 0 would panic.
+        if declared_alignment(&mut reader, len) == Some(0) {
+            return Err(bad(
+                "not a readable GGUF file: its `general.alignment` is 0".into(),
+            ));
+        }
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|source| ModelError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
         match content.metadata.get(KEY_LAYOUT) {
@@ -128,14 +140,23 @@ impl GgufStore {
             _ => return Err(bad("no `qalign.quant` in its metadata".into())),
         };
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .and_then(|start| start.checked_add(bytes));
-            if !elems.is_multiple_of(block) || end.is_none_or(|end| end > len) {
+            // The dimensions are the file's: their product may overflow.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let block = info.ggml_dtype.block_size().max(1) as u64;
+            let end = elems
+                .filter(|elems| elems.is_multiple_of(block))
+                .and_then(|elems| (elems / block).checked_mul(info.ggml_dtype.type_size() as u64))
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                });
+            if end.is_none_or(|end| end > len) {
                 return Err(bad(format!(
                     "tensor `{name}` ({:?}, {:?}) lies beyond the end of the file ({len} bytes): the file is truncated or corrupt",
                     info.shape.dims(),
@@ -256,6 +277,109 @@ impl GgufStore {
     }
 }
 
+/// The `general.alignment` of a GGUF header, if it declares an integer one, found by walking the
+/// metadata without allocating (every length is checked against the file's `len`). `None` also
+/// for a header too broken to walk: candle's reader then says what is wrong with it.
+fn declared_alignment<R: Read + Seek>(r: &mut R, len: u64) -> Option<u64> {
+    fn u32_of<R: Read>(r: &mut R) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_of<R: Read>(r: &mut R) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    /// A count or string length: u32 in GGUF v1, u64 since.
+    fn length<R: Read>(r: &mut R, v1: bool) -> Option<u64> {
+        if v1 {
+            u32_of(r).map(u64::from)
+        } else {
+            u64_of(r)
+        }
+    }
+    /// Skips `n` bytes, refusing to pass the end of the file.
+    fn skip<R: Read + Seek>(r: &mut R, n: u64, len: u64) -> Option<()> {
+        let at = r.stream_position().ok()?;
+        (at.checked_add(n)? <= len).then_some(())?;
+        r.seek(SeekFrom::Current(i64::try_from(n).ok()?)).ok()?;
+        Some(())
+    }
+    /// The byte size of a scalar value type (GGUF's numbering), `None` for strings and arrays.
+    fn scalar_size(t: u32) -> Option<u64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    fn skip_value<R: Read + Seek>(
+        r: &mut R,
+        t: u32,
+        v1: bool,
+        len: u64,
+        depth: usize,
+    ) -> Option<()> {
+        if let Some(size) = scalar_size(t) {
+            return skip(r, size, len);
+        }
+        match t {
+            8 => {
+                let n = length(r, v1)?;
+                skip(r, n, len)
+            }
+            9 if depth <= 64 => {
+                let (inner, n) = (u32_of(r)?, length(r, v1)?);
+                match scalar_size(inner) {
+                    Some(size) => skip(r, n.checked_mul(size)?, len),
+                    None => {
+                        // Each element takes at least a byte: a count past the file is corrupt.
+                        (n <= len).then_some(())?;
+                        (0..n).try_for_each(|_| skip_value(r, inner, v1, len, depth + 1))
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).ok()?;
+    let v1 = u32_of(r)? == 1;
+    let _tensors = length(r, v1)?;
+    let kvs = length(r, v1)?;
+    (kvs <= len).then_some(())?;
+    // As candle reads it: the last entry of that key wins, and keys lose trailing NULs.
+    let mut alignment = None;
+    for _ in 0..kvs {
+        let key_len = length(r, v1)?;
+        let mut key = [0u8; 64];
+        let is_alignment = if key_len <= key.len() as u64 {
+            let key = &mut key[..key_len as usize];
+            r.read_exact(key).ok()?;
+            let end = key.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            &key[..end] == b"general.alignment"
+        } else {
+            skip(r, key_len, len)?;
+            false
+        };
+        let t = u32_of(r)?;
+        if is_alignment {
+            alignment = None;
+            if matches!(t, 0..=5) {
+                let mut b = [0u8; 4];
+                r.read_exact(&mut b[..scalar_size(t)? as usize]).ok()?;
+                alignment = Some(u64::from(u32::from_le_bytes(b)));
+                continue;
+            }
+        }
+        skip_value(r, t, v1, len, 0)?;
+    }
+    alignment
+}
+
 /// Everything [`write`] needs: where the dense tensors come from, and the captured kernels.
 pub(crate) struct Contents<'a> {
     /// Checkpoint keys with their shapes, in checkpoint order.
@@ -354,6 +478,124 @@ mod tests {
             ]
         );
         assert_eq!(expand_braces("a.b"), vec!["a.b"]);
+    }
+
+    /// A GGUF v3 header: `kvs` metadata entries (already encoded), then `tensors` tensor infos.
+    fn header(kvs: &[Vec<u8>], tensors: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((kvs.len() as u64).to_le_bytes());
+        b.extend(kvs.concat());
+        b.extend(tensors.concat());
+        b
+    }
+
+    fn string(s: &[u8]) -> Vec<u8> {
+        let mut b = (s.len() as u64).to_le_bytes().to_vec();
+        b.extend(s);
+        b
+    }
+
+    fn kv_string(key: &[u8], value: &str) -> Vec<u8> {
+        let mut b = string(key);
+        b.extend(8u32.to_le_bytes());
+        b.extend(string(value.as_bytes()));
+        b
+    }
+
+    fn kv_u32(key: &[u8], value: u32) -> Vec<u8> {
+        let mut b = string(key);
+        b.extend(4u32.to_le_bytes());
+        b.extend(value.to_le_bytes());
+        b
+    }
+
+    /// The metadata every qalign GGUF carries.
+    fn qalign_kvs() -> Vec<Vec<u8>> {
+        vec![
+            kv_string(KEY_LAYOUT.as_bytes(), LAYOUT),
+            kv_string(KEY_QUANT.as_bytes(), "q4k"),
+        ]
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<GgufStore> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(GGUF_FILE);
+        std::fs::write(&path, bytes).unwrap();
+        GgufStore::open(&path)
+    }
+
+    #[test]
+    fn a_zero_alignment_is_a_clear_error_not_a_panic() {
+        // candle's reader divides by it; it used to panic ("attempt to divide by zero").
+        let zero = |key: &[u8]| {
+            let mut kvs = qalign_kvs();
+            kvs.push(kv_u32(key, 0));
+            header(&kvs, &[])
+        };
+        for bytes in [
+            zero(b"general.alignment"),
+            // candle drops a key's trailing NULs, and the last of two entries wins.
+            zero(b"general.alignment\0"),
+            header(
+                &[
+                    kv_u32(b"general.alignment", 32),
+                    kv_string(b"other", "x"),
+                    kv_u32(b"general.alignment", 0),
+                ],
+                &[],
+            ),
+        ] {
+            let err = open_bytes(&bytes).unwrap_err();
+            assert!(
+                err.to_string().contains("`general.alignment` is 0"),
+                "{err}"
+            );
+        }
+        // A usable alignment, or a later entry that replaces the 0, reads as before.
+        let mut kvs = qalign_kvs();
+        kvs.push(kv_u32(b"general.alignment", 0));
+        kvs.push(kv_u32(b"general.alignment", 64));
+        let store = open_bytes(&header(&kvs, &[])).unwrap();
+        assert_eq!((store.quant(), store.keys().len()), (Quant::Q4K, 0));
+    }
+
+    #[test]
+    fn dimensions_whose_product_overflows_are_a_clear_error() {
+        let mut info = string(b"x.weight");
+        info.extend(3u32.to_le_bytes());
+        for _ in 0..3 {
+            info.extend((1u64 << 32).to_le_bytes());
+        }
+        info.extend(0u32.to_le_bytes()); // F32
+        info.extend(0u64.to_le_bytes());
+        let mut bytes = header(&qalign_kvs(), &[info]);
+        bytes.resize(bytes.len() + 64, 0);
+        let err = open_bytes(&bytes).unwrap_err();
+        assert!(matches!(err, ModelError::WeightFile { .. }), "{err}");
+        assert!(err.to_string().contains("tensor `x.weight`"), "{err}");
+        assert!(err.to_string().contains("truncated or corrupt"), "{err}");
+    }
+
+    #[test]
+    fn huge_declared_counts_and_lengths_are_refused_without_allocating() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend((1u64 << 60).to_le_bytes());
+        bytes.extend(2u64.to_le_bytes());
+        bytes.extend(qalign_kvs().concat());
+        let err = open_bytes(&bytes).unwrap_err();
+        assert!(err.to_string().contains("not a readable GGUF"), "{err}");
+        // A metadata string that claims 2^62 bytes.
+        let mut bytes = header(&[], &[]);
+        bytes[16..24].copy_from_slice(&1u64.to_le_bytes());
+        bytes.extend(string(b"k"));
+        bytes.extend(8u32.to_le_bytes());
+        bytes.extend((1u64 << 62).to_le_bytes());
+        bytes.extend(b"abc");
+        let err = open_bytes(&bytes).unwrap_err();
+        assert!(err.to_string().contains("not a readable GGUF"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,10 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
+use half::f16;
+
 use crate::config::ModelConfig;
+use crate::cpu_quant::{Q4K_BYTES, Q4K_VALUES, scale_min};
 use crate::device::Quant;
 use crate::error::{ModelError, Result};
 use crate::gguf::KernelCapture;
@@ -25,12 +28,15 @@ use crate::gguf::KernelCapture;
 /// the same bytes.
 pub(crate) fn quantize_weight(weight: &Tensor, format: Quant) -> Result<QTensor> {
     match format {
-        Quant::Q8_0 => quantize_blocks::<BlockQ8_0>(weight),
-        Quant::Q4K => quantize_blocks::<BlockQ4K>(weight),
+        Quant::Q8_0 => quantize_blocks::<BlockQ8_0>(weight, BlockQ8_0::from_float),
+        Quant::Q4K => quantize_blocks::<BlockQ4K>(weight, q4k_from_float),
     }
 }
 
-fn quantize_blocks<B: GgmlType + 'static>(weight: &Tensor) -> Result<QTensor> {
+fn quantize_blocks<B: GgmlType + 'static>(
+    weight: &Tensor,
+    from_float: fn(&[f32], &mut [B]),
+) -> Result<QTensor> {
     let (out_dim, in_dim) = weight.dims2()?;
     if in_dim == 0 || !in_dim.is_multiple_of(B::BLCK_SIZE) {
         return Err(ModelError::Quant(format!(
@@ -60,7 +66,7 @@ fn quantize_blocks<B: GgmlType + 'static>(weight: &Tensor) -> Result<QTensor> {
         values[start..end]
             .par_chunks(rows * in_dim)
             .zip(blocks.par_chunks_mut(rows * blocks_per_row))
-            .for_each(|(xs, ys)| B::from_float(xs, ys));
+            .for_each(|(xs, ys)| from_float(xs, ys));
     }
     drop(host);
     let on_host = QTensor::new(QStorage::Cpu(Box::new(blocks)), (out_dim, in_dim))?;
@@ -70,6 +76,129 @@ fn quantize_blocks<B: GgmlType + 'static>(weight: &Tensor) -> Result<QTensor> {
     let bytes = on_host.data()?;
     let storage = QStorage::from_data(Cow::Borrowed(&bytes), &device, B::DTYPE)?;
     Ok(QTensor::new(storage, (out_dim, in_dim))?)
+}
+
+// The byte view in `q4k_from_float` relies on ggml's 144-byte layout without padding.
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == Q4K_BYTES);
+
+/// Q4K blocks of `xs` (whole blocks of 256) by candle's rule (ggml's `make_qkx1_quants` search of
+/// 2023, `BlockQ4K::from_float`), with one correction that ggml's later rule also makes: a
+/// 32-value sub-block's min is clamped to ≤ 0 *before* testing for a constant run. candle tests
+/// first, so 32 equal non-zero weights came out as zeros; every other block is candle's, byte
+/// for byte. (ggml's current search, `make_qkx2_quants`, has ~4% less RMS error on the tiny
+/// model's weights but takes about 4× as long, which `--quant q4k` would pay at every start.)
+fn q4k_from_float(xs: &[f32], ys: &mut [BlockQ4K]) {
+    // SAFETY: `BlockQ4K` is `repr(C)`, 144 bytes of f16s and u8s without padding (asserted
+    // above), so every byte pattern is a valid block.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(ys))
+    };
+    for (x, out) in xs
+        .chunks_exact(Q4K_VALUES)
+        .zip(bytes.chunks_exact_mut(Q4K_BYTES))
+    {
+        q4k_block(x, out);
+    }
+}
+
+/// One Q4K block: 256 values into 144 bytes (layout in [`crate::cpu_quant`]).
+fn q4k_block(x: &[f32], out: &mut [u8]) {
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        (scales[j], mins[j]) = q4k_scale_min(sub);
+    }
+    let max_scale = scales.iter().fold(0.0, |max, &val| val.max(max));
+    let max_min = mins.iter().fold(0.0, |max, &val| val.max(max));
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        let ls = nearest_int(inv_scale * scales[j]).min(63) as u8;
+        let lm = nearest_int(inv_min * mins[j]).min(63) as u8;
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    let mut l = [0u8; Q4K_VALUES];
+    for j in 0..8 {
+        let (sc, m) = scale_min(j, &packed);
+        let d = d.to_f32() * sc as f32;
+        if d != 0.0 {
+            let dm = dmin.to_f32() * m as f32;
+            for i in 32 * j..32 * (j + 1) {
+                l[i] = nearest_int((x[i] + dm) / d).clamp(0, 15) as u8;
+            }
+        }
+    }
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    out[2..4].copy_from_slice(&dmin.to_le_bytes());
+    out[4..16].copy_from_slice(&packed);
+    for (q, pair) in out[16..].chunks_exact_mut(32).zip(l.chunks_exact(64)) {
+        for (i, q) in q.iter_mut().enumerate() {
+            *q = pair[i] | (pair[i + 32] << 4);
+        }
+    }
+}
+
+fn nearest_int(v: f32) -> i32 {
+    v.round() as i32
+}
+
+/// The (scale, min) of one 32-value sub-block for 4-bit levels: candle's `make_qkx1_quants(15, 5)`
+/// with the min clamped before the constant test (value ≈ scale·l − min).
+fn q4k_scale_min(x: &[f32]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let n = x.len();
+    let mut l = [0u8; 32];
+    let min = *x.iter().min_by(|a, b| a.total_cmp(b)).unwrap_or(&x[0]);
+    let max = *x.iter().max_by(|a, b| a.total_cmp(b)).unwrap_or(&x[0]);
+    let mut min = min.min(0.);
+    if max == min {
+        // Zero, or a constant run ≤ 0 (kept in the min); a positive run has min 0 < max.
+        return (0.0, -min);
+    }
+    let mut iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    for _ in 0..5 {
+        let mut sumlx = 0.0;
+        let mut suml2 = 0;
+        let mut did_change = false;
+        for (i, value) in x.iter().enumerate() {
+            let li = nearest_int(iscale * (value - min)).clamp(0, NMAX);
+            if li as u8 != l[i] {
+                l[i] = li as u8;
+                did_change = true;
+            }
+            sumlx += (value - min) * li as f32;
+            suml2 += li * li;
+        }
+        scale = sumlx / suml2 as f32;
+        let sum: f32 = x
+            .iter()
+            .zip(l.iter())
+            .map(|(xi, &li)| xi - scale * li as f32)
+            .sum();
+        min = sum / n as f32;
+        if min > 0.0 {
+            min = 0.0;
+        }
+        iscale = 1.0 / scale;
+        if !did_change {
+            break;
+        }
+    }
+    (scale, -min)
 }
 
 impl Serialize for Quant {
@@ -280,6 +409,73 @@ mod tests {
         let ours = quantize_weight(&bf16, Quant::Q4K).unwrap();
         let candle = QTensor::quantize(&bf16, Quant::Q4K.ggml()).unwrap();
         assert!(ours.data().unwrap() == candle.data().unwrap());
+    }
+
+    fn decoded(q: &QTensor) -> Vec<f32> {
+        q.dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn q4k_keeps_runs_of_one_value() {
+        // Sub-blocks 1..4 hold one value each; candle's rule stored the non-zero ones as 0.
+        // ggml's reference quantiser (llama.cpp's quantize_row_q4_K_ref) decodes this row's
+        // runs to 0.04908 and -0.04999.
+        let mut row: Vec<f32> = (0..512).map(|i| (i as f32 * 0.37).sin() * 0.1).collect();
+        row[32..64].fill(0.05);
+        row[64..96].fill(-0.05);
+        row[96..128].fill(0.0);
+        row[256..].fill(1.0); // a whole block of one positive value
+        let w = Tensor::from_vec(row.clone(), (1, 512), &Device::Cpu).unwrap();
+        let ours = decoded(&quantize_weight(&w, Quant::Q4K).unwrap());
+        // Within the block's step (its range 0.2 over 15 levels), as the other values are.
+        let step = 0.2 / 15.0;
+        for (range, want, tol) in [
+            (32..64, 0.05, step / 2.0),
+            (64..96, -0.05, step / 2.0),
+            (96..128, 0.0, 0.0),
+            (256..512, 1.0, 0.001),
+        ] {
+            for &v in &ours[range.clone()] {
+                assert!((v - want).abs() <= tol, "{range:?}: {v} for {want}");
+            }
+        }
+        // The rest of the row as candle quantises it.
+        let candle = decoded(&QTensor::quantize(&w, Quant::Q4K.ggml()).unwrap());
+        assert_eq!(
+            candle[40], 0.0,
+            "candle's rule, which this replaces, loses the run"
+        );
+        let err = |d: &[f32]| {
+            (0..32)
+                .chain(128..256)
+                .map(|i| (d[i] - row[i]).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(err(&ours) <= step, "{}", err(&ours));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Away from constant runs the blocks are candle's, byte for byte, including sub-blocks
+        /// that are all positive or all negative.
+        #[test]
+        fn q4k_blocks_are_candles_without_constant_runs(
+            seed in 0u32..10_000, amplitude in 0.001f32..50.0, offset in -2.0f32..2.0,
+        ) {
+            let values: Vec<f32> = (0..4 * 256)
+                .map(|i| ((i as f32 + seed as f32) * 0.7131).sin() * amplitude + offset * amplitude)
+                .collect();
+            let w = Tensor::from_vec(values, (4, 256), &Device::Cpu).unwrap();
+            let ours = quantize_weight(&w, Quant::Q4K).unwrap();
+            let candle = QTensor::quantize(&w, Quant::Q4K.ggml()).unwrap();
+            proptest::prop_assert!(ours.data().unwrap() == candle.data().unwrap());
+        }
     }
 
     #[test]
