@@ -251,12 +251,26 @@ impl ApiError {
     }
 
     /// An axum rejection (body too large, malformed multipart, ...) with its own status.
-    fn rejection(status: StatusCode, text: String) -> Self {
+    /// An extractor's rejection; a body over the limit names the limit (axum says only "payload
+    /// too large").
+    fn rejection(status: StatusCode, text: String, max_body_bytes: usize) -> Self {
         let error_type = match status {
             StatusCode::PAYLOAD_TOO_LARGE => ErrorType::PayloadTooLarge,
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorType::UnsupportedMediaType,
             s if s.is_server_error() => ErrorType::Backend,
             _ => ErrorType::Validation,
+        };
+        let text = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            let limit = if max_body_bytes.is_multiple_of(1 << 20) {
+                format!("{} MiB", max_body_bytes >> 20)
+            } else {
+                format!("{max_body_bytes} bytes")
+            };
+            format!(
+                "the request body is larger than this server's limit of {limit} (--max-body-mb)"
+            )
+        } else {
+            text
         };
         Self::new(status, error_type, text)
     }
@@ -780,9 +794,13 @@ async fn parse_multipart(
     request: Request,
     dir: tempfile::TempDir,
 ) -> Result<Parsed, ApiError> {
-    let mut multipart = Multipart::from_request(request, state)
-        .await
-        .map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
+    let mut multipart = Multipart::from_request(request, state).await.map_err(|e| {
+        ApiError::rejection(
+            e.status(),
+            e.body_text(),
+            state.config.limits.max_body_bytes,
+        )
+    })?;
     let max_files = state.config.limits.max_client_batch_size;
     let mut raw = RawParams::default();
     let mut parts = Vec::new();
@@ -790,7 +808,13 @@ async fn parse_multipart(
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(e) => return Err(ApiError::rejection(e.status(), e.body_text())),
+            Err(e) => {
+                return Err(ApiError::rejection(
+                    e.status(),
+                    e.body_text(),
+                    state.config.limits.max_body_bytes,
+                ));
+            }
         };
         let field_name = field.name().unwrap_or("").to_string();
         if field_name == "file" || field_name == "files" {
@@ -810,7 +834,13 @@ async fn parse_multipart(
                 match field.chunk().await {
                     Ok(Some(chunk)) => file.write_all(&chunk).await.map_err(spool_error)?,
                     Ok(None) => break,
-                    Err(e) => return Err(ApiError::rejection(e.status(), e.body_text())),
+                    Err(e) => {
+                        return Err(ApiError::rejection(
+                            e.status(),
+                            e.body_text(),
+                            state.config.limits.max_body_bytes,
+                        ));
+                    }
                 }
             }
             file.flush().await.map_err(spool_error)?;
@@ -832,10 +862,13 @@ async fn parse_multipart(
                 )));
             }
         };
-        let text = field
-            .text()
-            .await
-            .map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
+        let text = field.text().await.map_err(|e| {
+            ApiError::rejection(
+                e.status(),
+                e.body_text(),
+                state.config.limits.max_body_bytes,
+            )
+        })?;
         *slot = Some(text);
     }
     Ok(Parsed {
@@ -850,9 +883,13 @@ async fn parse_json(
     request: Request,
     dir: tempfile::TempDir,
 ) -> Result<Parsed, ApiError> {
-    let body = Bytes::from_request(request, state)
-        .await
-        .map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
+    let body = Bytes::from_request(request, state).await.map_err(|e| {
+        ApiError::rejection(
+            e.status(),
+            e.body_text(),
+            state.config.limits.max_body_bytes,
+        )
+    })?;
     let request: JsonScoreRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::validation(format!("malformed JSON body: {e}")))?;
     let raw = RawParams {

@@ -593,6 +593,10 @@ async fn bad_requests_get_clear_4xx() {
     let (status, body, _) = send(&server, &[("big.png", &big)], &[]).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error_type"], "payload_too_large");
+    assert_eq!(
+        body["error"],
+        "the request body is larger than this server's limit of 4096 bytes (--max-body-mb)"
+    );
     let (status, body, _) = send(&server, &[("a.png", &[1])], &[("colour", "red")]).await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("`colour`"));
