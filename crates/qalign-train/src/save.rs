@@ -38,17 +38,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     qalign_core::atomic::write_bytes_atomic(path, bytes).map_err(write_err(path))
 }
 
-/// candle writes the file by path (its own owner-only temporary file renamed over `tmp`);
+/// The header metadata `save_pretrained` writes. transformers' loader (4.36, the version the
+/// official code pins) reads `__metadata__["format"]` and fails on a file without it.
+fn safetensors_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// safetensors writes the file by path (its own owner-only temporary file renamed over `tmp`);
 /// [`qalign_core::atomic::write_atomic`] then gives it an ordinary mode and syncs it.
 fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     qalign_core::atomic::write_atomic(path, |_, tmp| {
-        // For a device or pipe, `tmp` is the destination itself, which candle would replace.
+        // For a device or pipe, `tmp` is the destination itself, which would be replaced.
         if !std::fs::metadata(tmp)?.is_file() {
             return Err(std::io::Error::other(
                 "not a regular file (safetensors are only written to files)",
             ));
         }
-        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+        safetensors::serialize_to_file(tensors, Some(safetensors_metadata()), tmp)
+            .map_err(std::io::Error::other)
     })
     .map_err(write_err(path))
 }
@@ -458,6 +465,17 @@ mod tests {
         }
         write_dir_atomic(&out, &own, |dir| write_atomic(&dir.join("a.bin"), b"1")).unwrap();
         assert_eq!(names(tmp.path()), [".old-x3", ".other.tmp-x2", "out"]);
+    }
+
+    #[test]
+    fn safetensors_carry_the_metadata_transformers_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        write_checkpoint(tmp.path(), &HashMap::from([("w".to_string(), t)]), None).unwrap();
+        let bytes = std::fs::read(tmp.path().join(MODEL_SAFETENSORS)).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata(), &Some(safetensors_metadata()));
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
     }
 
     #[test]
