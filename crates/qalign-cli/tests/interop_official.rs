@@ -119,7 +119,8 @@ fn safetensors_header(path: &Path) -> (Option<Value>, HashMap<String, String>) {
 /// What transformers requires of a checkpoint folder, and what the official scorer reads from it:
 /// `model.safetensors` with `format: pt` metadata (transformers 4.36 fails on a file without it)
 /// holding exactly the base's tensors, in `dtype` or (None) each in the base's dtype; no index file
-/// (one unsharded file); and the base's config, tokenizer and preprocessor files, unchanged.
+/// (one unsharded file); the base's config (its `torch_dtype` naming the weights' dtype), tokenizer
+/// and preprocessor files.
 fn assert_checkpoint_folder(dir: &Path, dtype: Option<&str>) {
     let (meta, dtypes) = safetensors_header(&dir.join("model.safetensors"));
     assert_eq!(
@@ -138,8 +139,26 @@ fn assert_checkpoint_folder(dir: &Path, dtype: Option<&str>) {
         let want = dtype.unwrap_or(&base[key]);
         assert_eq!(stored, want, "{}: dtype of {key}", dir.display());
     }
+    // config.json is the base's but for `torch_dtype`, which names the weights' dtype (bf16 for a
+    // merge that keeps the base's dtypes: then the file is the base's byte for byte).
+    let read =
+        |path: &Path| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+    let config = read(&dir.join("config.json"));
+    let mut want = read(&tiny_model().join("config.json"));
+    want["torch_dtype"] = match dtype {
+        Some("F32") => "float32".into(),
+        _ => "bfloat16".into(),
+    };
+    assert_eq!(config, want, "{}: config.json", dir.display());
+    if dtype.is_none() {
+        assert_eq!(
+            std::fs::read(dir.join("config.json")).unwrap(),
+            std::fs::read(tiny_model().join("config.json")).unwrap(),
+            "{}: config.json as in the base",
+            dir.display()
+        );
+    }
     for name in [
-        "config.json",
         "generation_config.json",
         "preprocessor_config.json",
         "special_tokens_map.json",

@@ -202,8 +202,45 @@ pub fn write_checkpoint(
 ) -> Result<()> {
     if let Some(model_dir) = model_dir {
         copy_companions(model_dir, dir)?;
+        set_torch_dtype(&dir.join("config.json"), tensors)?;
     }
     save_safetensors(&dir.join(MODEL_SAFETENSORS), tensors)
+}
+
+/// Makes `config.json`'s `torch_dtype` name the dtype most of the written parameters have, as
+/// `save_pretrained` does (f32 weights trained from a bf16 base would otherwise load as bf16
+/// under `torch_dtype="auto"`). A config that already says so is left byte for byte.
+fn set_torch_dtype(config_path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut elements: HashMap<DType, usize> = HashMap::new();
+    for t in tensors.values() {
+        *elements.entry(t.dtype()).or_default() += t.elem_count();
+    }
+    let Some(name) =
+        elements
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .and_then(|(dtype, _)| match dtype {
+                DType::F32 => Some("float32"),
+                DType::F16 => Some("float16"),
+                DType::BF16 => Some("bfloat16"),
+                _ => None,
+            })
+    else {
+        return Ok(());
+    };
+    let Ok(text) = std::fs::read(config_path) else {
+        return Ok(());
+    };
+    let Ok(serde_json::Value::Object(mut config)) = serde_json::from_slice(&text) else {
+        return Ok(());
+    };
+    if config.get("torch_dtype").and_then(|v| v.as_str()) == Some(name) {
+        return Ok(());
+    }
+    config.insert("torch_dtype".into(), name.into());
+    let json =
+        serde_json::to_vec_pretty(&config).map_err(|e| TrainError::Internal(e.to_string()))?;
+    write_atomic(config_path, &json)
 }
 
 /// Copies the base model's configuration, tokenizer and preprocessor files into `to`.
@@ -476,6 +513,35 @@ mod tests {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata(), &Some(safetensors_metadata()));
         assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn config_torch_dtype_follows_the_written_weights() {
+        let base = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tiny-onealign"
+        ));
+        let base_config = std::fs::read(base.join("config.json")).unwrap();
+        let tensors = |dtype: DType| {
+            let big = Tensor::zeros((4, 4), dtype, &Device::Cpu).unwrap();
+            let small = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+            HashMap::from([("big".to_string(), big), ("small".to_string(), small)])
+        };
+        // Mostly bf16, as the base says: the config is copied byte for byte.
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(tmp.path(), &tensors(DType::BF16), Some(base)).unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("config.json")).unwrap(),
+            base_config
+        );
+        // f32 weights (full SFT on the CPU): the config says float32, the rest unchanged.
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(tmp.path(), &tensors(DType::F32), Some(base)).unwrap();
+        let read = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap();
+        let written = read(&std::fs::read(tmp.path().join("config.json")).unwrap());
+        let mut want = read(&base_config);
+        want["torch_dtype"] = "float32".into();
+        assert_eq!(written, want);
     }
 
     #[test]
