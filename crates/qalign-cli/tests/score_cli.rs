@@ -880,16 +880,7 @@ fn dash_scores_an_image_from_stdin_and_names_it_dash() {
 fn a_revision_of_a_cached_hub_id_is_scored_offline() {
     let image = images_dir().join("boy_colorful.jpg");
     let hf_home = tempfile::tempdir().unwrap();
-    let repo = hf_home.path().join("hub/models--org--tiny");
-    let commit = "fedcba9876543210fedcba9876543210fedcba98";
-    let snapshot = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    for entry in std::fs::read_dir(tiny_model()).unwrap() {
-        let path = entry.unwrap().path();
-        std::os::unix::fs::symlink(&path, snapshot.join(path.file_name().unwrap())).unwrap();
-    }
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/v1"), commit).unwrap();
+    hub_cache_with_tiny_model(hf_home.path(), "v1");
     let score = |extra: &[&str]| {
         let mut cmd = qalign();
         cmd.env("HF_HOME", hf_home.path())
@@ -903,7 +894,7 @@ fn a_revision_of_a_cached_hub_id_is_scored_offline() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let records: Value = serde_json::from_str(&r.stdout).unwrap();
     check_against_fixture(&records[0], "1-5");
-    assert_eq!(score(&["--revision", commit]).code, 0);
+    assert_eq!(score(&["--revision", TINY_COMMIT]).code, 0);
 
     let r = score(&[]);
     assert_eq!(r.code, 1, "{}", r.stderr);

@@ -896,16 +896,7 @@ fn an_explicit_zero_learning_rate_is_warned_about_and_trains_nothing() {
 #[test]
 fn the_base_revision_is_written_into_the_adapter_config() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("hub/models--org--tiny");
-    let commit = "fedcba9876543210fedcba9876543210fedcba98";
-    let snapshot = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    for entry in std::fs::read_dir(tiny_model()).unwrap() {
-        let path = entry.unwrap().path();
-        std::os::unix::fs::symlink(&path, snapshot.join(path.file_name().unwrap())).unwrap();
-    }
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/v1"), commit).unwrap();
+    common::hub_cache_with_tiny_model(tmp.path(), "v1");
     let out = tmp.path().join("out");
     let mut cmd = qalign();
     cmd.env("HF_HOME", tmp.path())

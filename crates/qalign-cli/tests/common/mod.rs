@@ -32,6 +32,23 @@ pub fn tiny_model() -> PathBuf {
     fixtures().join("tiny-onealign")
 }
 
+/// The commit of the tiny model's snapshot in [`hub_cache_with_tiny_model`].
+pub const TINY_COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+/// A Hugging Face cache under `hf_home` (as `HF_HOME`) holding the tiny model as the hub id
+/// `org/tiny` at [`TINY_COMMIT`], which the ref `tag` names (`main` is not cached).
+pub fn hub_cache_with_tiny_model(hf_home: &std::path::Path, tag: &str) {
+    let repo = hf_home.join("hub/models--org--tiny");
+    let snapshot = repo.join("snapshots").join(TINY_COMMIT);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join(tag), TINY_COMMIT).unwrap();
+}
+
 pub fn images_dir() -> PathBuf {
     fixtures().join("images")
 }
