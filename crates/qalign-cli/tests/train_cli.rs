@@ -920,3 +920,209 @@ fn the_base_revision_is_written_into_the_adapter_config() {
     assert_eq!(config["base_model_name_or_path"], "org/tiny");
     assert_eq!(config["revision"], "v1");
 }
+
+/// A checkpoint that cannot be written stops the run with an error naming it, is not tried
+/// again, and the message says which checkpoint the run goes on from.
+#[test]
+fn a_checkpoint_that_cannot_be_written_names_it_and_the_one_to_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    // checkpoint-2 holds a file of the user's: replacing the folder would delete it.
+    std::fs::create_dir_all(out.join("checkpoint-2")).unwrap();
+    std::fs::write(out.join("checkpoint-2/mine.txt"), b"keep").unwrap();
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &out,
+    );
+    cmd.args([
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+    ]);
+    let r = run_expecting(&mut cmd, 1);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    let named = format!("cannot write {}", out.join("checkpoint-2").display());
+    assert!(r.stderr.contains(&named), "{}", r.stderr);
+    let hint = format!("--resume {}", out.join("checkpoint-1").display());
+    assert!(r.stderr.contains(&hint), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(out.join("checkpoint-2/mine.txt")).unwrap(),
+        b"keep"
+    );
+    assert!(!out.join("adapter_config.json").exists());
+    // The checkpoint it names resumes the run to its end.
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &tmp.path().join("resumed"),
+    );
+    cmd.args([
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "3",
+        "--resume",
+    ])
+    .arg(out.join("checkpoint-1"));
+    run_expecting(&mut cmd, 0);
+    assert!(tmp.path().join("resumed/adapter_config.json").is_file());
+}
+
+/// A damaged checkpoint (truncated optimizer state, truncated log, an impossible step) or a
+/// folder that is no checkpoint is refused with the file named, and nothing is written.
+#[test]
+fn a_damaged_checkpoint_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut cmd = train_cmd(
+        &fixtures().join("training/sft_batch.json"),
+        &fixtures().join("images"),
+        &out,
+    );
+    cmd.args([
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+    ]);
+    run_expecting(&mut cmd, 0);
+    let good = out.join("checkpoint-1");
+    let damage = |name: &str, f: &dyn Fn(&Path)| -> PathBuf {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&good).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        f(&dir);
+        dir
+    };
+    let truncate = |file: &'static str, len: u64| {
+        move |dir: &Path| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(file))
+                .unwrap();
+            f.set_len(len).unwrap();
+        }
+    };
+    let cases: Vec<(PathBuf, String)> = vec![
+        (
+            damage("opt", &truncate("optimizer.safetensors", 100)),
+            "optimizer.safetensors is damaged".into(),
+        ),
+        (
+            damage("log", &truncate("training_log.jsonl", 0)),
+            "training_log.jsonl is damaged: 0 steps logged, 1 done".into(),
+        ),
+        (
+            damage("step", &|dir: &Path| {
+                let path = dir.join("trainer_state.json");
+                let mut state = read_json(&path);
+                state["global_step"] = 99.into();
+                std::fs::write(&path, state.to_string()).unwrap();
+            }),
+            "trainer_state.json is damaged: step 99 of a 2-step run".into(),
+        ),
+        (out.clone(), "has no trainer_state.json".into()),
+    ];
+    for (dir, message) in cases {
+        let dest = tmp.path().join("resumed");
+        let mut cmd = train_cmd(
+            &fixtures().join("training/sft_batch.json"),
+            &fixtures().join("images"),
+            &dest,
+        );
+        cmd.args([
+            "--lora-r",
+            "4",
+            "--batch-size",
+            "1",
+            "--max-steps",
+            "2",
+            "--resume",
+        ])
+        .arg(&dir);
+        let r = run_expecting(&mut cmd, 1);
+        assert!(r.stderr.contains(&message), "{message}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(!dest.exists(), "{message}: nothing written");
+    }
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM during training: the run stops before its next micro-batch, keeps a
+/// checkpoint of the last completed step (resumable, named in the message), writes no adapter, and
+/// exits as a shell reports the signal (130, 143).
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_the_run_keeping_a_checkpoint_of_the_last_step() {
+    use std::io::BufRead;
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("qalign"))
+            .arg("train")
+            .arg("--model")
+            .arg(tiny_model())
+            .arg("--data")
+            .arg(fixtures().join("training/sft_batch.json"))
+            .arg("--image-folder")
+            .arg(fixtures().join("images"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--lora-r", "4", "--batch-size", "1", "--max-steps", "1000"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut text = String::new();
+        while !text.contains("step 1/1000") {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "{text}");
+            text.push_str(&line);
+        }
+        let killed = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{text}");
+        let step = read_json(
+            &std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("checkpoint-")
+                })
+                .unwrap_or_else(|| panic!("no checkpoint: {text}"))
+                .join("trainer_state.json"),
+        )["global_step"]
+            .as_u64()
+            .unwrap();
+        assert!(step >= 1, "{text}");
+        let hint = format!(
+            "--resume {}",
+            out.join(format!("checkpoint-{step}")).display()
+        );
+        assert!(text.contains(&hint), "{text}");
+        assert!(!out.join("adapter_config.json").exists(), "{text}");
+    }
+}

@@ -122,6 +122,17 @@ fn sample_error(path: &Path, index: usize, id: &str, message: impl Into<String>)
 impl Dataset {
     /// Reads and checks every sample of an SFT JSON file (a JSON array).
     pub fn load(path: &Path, tokenizer: &Tokenizer, opts: &DataOptions) -> Result<Self> {
+        Self::load_with_progress(path, tokenizer, opts, &mut |_, _| {})
+    }
+
+    /// [`Dataset::load`], calling `checked(done, total)` as the samples are checked (a large
+    /// dataset takes a while: every media file's header is read).
+    pub fn load_with_progress(
+        path: &Path,
+        tokenizer: &Tokenizer,
+        opts: &DataOptions,
+        checked: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
             path: path.to_owned(),
             source,
@@ -134,10 +145,15 @@ impl Dataset {
         if raw.is_empty() {
             return Err(TrainError::EmptyDataset(path.to_owned()));
         }
+        let total = raw.len();
         let samples = raw
             .into_iter()
             .enumerate()
-            .map(|(index, raw)| Self::check(path, index, raw, tokenizer, opts))
+            .map(|(index, raw)| {
+                let sample = Self::check(path, index, raw, tokenizer, opts);
+                checked(index + 1, total);
+                sample
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             path: path.to_owned(),

@@ -58,6 +58,15 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The stop flag ([`crate::Trainer::set_stop`]) was raised: Ctrl-C or SIGTERM.
+    #[error("interrupted before step {0} was complete")]
+    Interrupted(usize),
+    /// Training stopped on `source` after some steps; `kept` says what was saved to resume from.
+    #[error("{source}\n{kept}")]
+    Stopped {
+        source: Box<TrainError>,
+        kept: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +30,22 @@ use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, AdamWConfig, Schedule, clip, grad_norm, lr_factor, warmup_steps};
 use crate::save;
 use crate::soft::SoftTargets;
+
+/// An error from writing into `path` that names it, unless it already names the file.
+fn naming(path: &Path, err: TrainError) -> TrainError {
+    match err {
+        TrainError::Write { .. } | TrainError::Io { .. } | TrainError::Overwrite(_) => err,
+        other => wrapped(path, other),
+    }
+}
+
+/// `err` as a failure to write `path`.
+fn wrapped(path: &Path, err: TrainError) -> TrainError {
+    TrainError::Write {
+        path: path.to_owned(),
+        source: std::io::Error::other(err.to_string()),
+    }
+}
 
 /// The official LoRA targets: every LLM query projection and the visual value projection.
 pub const DEFAULT_LORA_TARGETS: [&str; 2] = ["self_attn.q_proj", "self_attn.v_proj.multiway.1"];
@@ -254,6 +271,7 @@ pub struct Trainer {
     adapter_config: Option<AdapterConfig>,
     soft: Option<SoftTargets>,
     log: Vec<StepLog>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// Every LLM linear layer of a configuration, by module name (the LoRA candidates).
@@ -304,6 +322,14 @@ pub fn resolve_targets(targets: &[String], modules: &[String]) -> Result<Vec<Str
 impl Trainer {
     /// Reads the data, loads the model with its trainable tensors, and checks everything.
     pub fn new(config: TrainConfig) -> Result<Self> {
+        Self::with_progress(config, &mut |_, _| {})
+    }
+
+    /// [`Trainer::new`], calling `checked(done, total)` as the data's samples are checked.
+    pub fn with_progress(
+        config: TrainConfig,
+        checked: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         config.check()?;
         // Before anything is read: a full run would write model.safetensors over the base's.
         save::refuse_model_folder(&config.output, &config.model_dir, "the training output")?;
@@ -331,7 +357,7 @@ impl Trainer {
             sampling: config.sampling,
             level_words: levels.words().to_vec(),
         };
-        let dataset = Dataset::load(&config.data, &tokenizer, &data_opts)?;
+        let dataset = Dataset::load_with_progress(&config.data, &tokenizer, &data_opts, checked)?;
         let soft = match config.loss {
             LossKind::Hard => None,
             LossKind::Soft { sigma } => {
@@ -427,7 +453,15 @@ impl Trainer {
             adapter_config,
             soft,
             log: Vec::new(),
+            stop: None,
         })
+    }
+
+    /// A flag that, once raised (by a signal handler), stops [`Trainer::run`] before its next
+    /// micro-batch: the unfinished step is dropped, a checkpoint of the last completed one is
+    /// written, and the run returns [`TrainError::Interrupted`] wrapped in [`TrainError::Stopped`].
+    pub fn set_stop(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
     }
 
     /// The trainable tensors.
@@ -564,8 +598,18 @@ impl Trainer {
         let mut step_samples = 0usize;
         let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let mut losses = Vec::new();
+        // The step of the newest checkpoint this run wrote or resumed from.
+        let mut saved_step = if self.config.resume.is_some() {
+            state.global_step
+        } else {
+            0
+        };
+        let mut tried_step = saved_step;
         let result = (|| -> Result<()> {
             while state.global_step < total {
+                if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                    return Err(TrainError::Interrupted(state.global_step + 1));
+                }
                 let epoch = state.micro_batches / per_epoch;
                 let in_epoch = state.micro_batches % per_epoch;
                 let order = self.epoch_order(epoch);
@@ -637,22 +681,42 @@ impl Trainer {
                     && state.global_step.is_multiple_of(every)
                     && state.global_step < total
                 {
+                    tried_step = state.global_step;
                     self.save_checkpoint(&state, &opt)?;
+                    saved_step = state.global_step;
                 }
             }
             Ok(())
         })();
         self.adaptation.set_training(false);
         if let Err(err) = result {
-            // Keep what was learnt: a checkpoint of the last completed step, then the error.
-            if state.global_step > 0 {
-                self.save_checkpoint(&state, &opt)?;
-            } else if made_output {
-                let _ = std::fs::remove_dir(&self.config.output);
+            if state.global_step == 0 {
+                if made_output {
+                    let _ = std::fs::remove_dir(&self.config.output);
+                }
+                return Err(err);
             }
-            return Err(err);
+            // Keep what was learnt: a checkpoint of the last completed step (unless writing that
+            // very checkpoint is what failed), then the error, saying what there is to resume from.
+            let step = state.global_step;
+            let kept = if saved_step == step || tried_step == step {
+                self.resume_hint(saved_step)
+            } else {
+                match self.save_checkpoint(&state, &opt) {
+                    Ok(_) => self.resume_hint(step),
+                    Err(e) => format!(
+                        "the checkpoint of step {step} could not be written either ({e}); {}",
+                        self.resume_hint(saved_step)
+                    ),
+                }
+            };
+            return Err(TrainError::Stopped {
+                source: Box::new(err),
+                kept,
+            });
         }
-        self.write_output(&opt)?;
+        self.write_output(&opt)
+            .map_err(|e| naming(&self.config.output, e))?;
         Ok(TrainSummary {
             steps: state.global_step,
             total_steps: total,
@@ -760,12 +824,38 @@ impl Trainer {
         }
     }
 
-    fn save_checkpoint(&self, state: &TrainerState, opt: &AdamW) -> Result<()> {
-        let dest = self
-            .config
-            .output
-            .join(format!("checkpoint-{}", state.global_step));
-        save::write_dir_atomic(&dest, &CHECKPOINT, |dir| {
+    fn checkpoint_dir(&self, step: usize) -> PathBuf {
+        self.config.output.join(format!("checkpoint-{step}"))
+    }
+
+    /// Where a stopped run goes on from: the checkpoint of step `saved` (0: none), the one this
+    /// run resumed from included.
+    fn resume_hint(&self, saved: usize) -> String {
+        let dir = match &self.config.resume {
+            Some(from) if !self.checkpoint_dir(saved).is_dir() => from.clone(),
+            _ => self.checkpoint_dir(saved),
+        };
+        if saved == 0 {
+            "no checkpoint was written, so nothing is kept".into()
+        } else {
+            format!(
+                "training can go on from step {saved}: --resume {}",
+                dir.display()
+            )
+        }
+    }
+
+    /// Writes `checkpoint-N` for the state's step; returns its folder.
+    fn save_checkpoint(&self, state: &TrainerState, opt: &AdamW) -> Result<PathBuf> {
+        let dest = self.checkpoint_dir(state.global_step);
+        // Its files are written under a temporary folder name: the message names the checkpoint.
+        self.write_checkpoint_to(&dest, state, opt)
+            .map_err(|e| wrapped(&dest, e))?;
+        Ok(dest)
+    }
+
+    fn write_checkpoint_to(&self, dest: &Path, state: &TrainerState, opt: &AdamW) -> Result<()> {
+        save::write_dir_atomic(dest, &CHECKPOINT, |dir| {
             self.write_weights(dir, opt)?;
             save::write_optimizer(dir, &opt.state())?;
             save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;
@@ -792,6 +882,12 @@ impl Trainer {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TrainError::Io { path, source })
         };
+        if !dir.join(STATE_FILE).is_file() {
+            return Err(TrainError::Resume(format!(
+                "{} has no {STATE_FILE}: it is not a checkpoint-N folder of `qalign train --save-steps`",
+                dir.display()
+            )));
+        }
         let state: TrainerState =
             serde_json::from_str(&read(STATE_FILE)?).map_err(|source| TrainError::Json {
                 path: dir.join(STATE_FILE),
@@ -826,6 +922,14 @@ impl Trainer {
                 )));
             }
         }
+        if state.global_step == 0 || state.global_step >= fresh.total_steps {
+            return Err(TrainError::Resume(format!(
+                "{} is damaged: step {} of a {}-step run",
+                dir.join(STATE_FILE).display(),
+                state.global_step,
+                fresh.total_steps
+            )));
+        }
         let saved = self.saved_params(dir)?;
         for p in &self.params {
             let t = saved.get(&p.name).ok_or_else(|| {
@@ -843,13 +947,29 @@ impl Trainer {
                 .set(&t.to_device(p.var.device())?.to_dtype(p.var.dtype())?)?;
         }
         let opt_path = dir.join(save::OPTIMIZER_SAFETENSORS);
-        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)?;
-        opt.load_state(&opt_state, state.global_step)?;
+        let damaged = |path: &Path, e: &dyn std::fmt::Display| {
+            TrainError::Resume(format!("{} is damaged: {e}", path.display()))
+        };
+        let opt_state = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+            .map_err(|e| damaged(&opt_path, &e))?;
+        opt.load_state(&opt_state, state.global_step)
+            .map_err(|e| damaged(&opt_path, &e))?;
+        let log_path = dir.join(TRAINING_LOG);
         self.log = read(TRAINING_LOG)?
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Resume(e.to_string())))
+            .map(|l| serde_json::from_str(l).map_err(|e| damaged(&log_path, &e)))
             .collect::<Result<_>>()?;
+        if self.log.len() != state.global_step {
+            return Err(damaged(
+                &log_path,
+                &format!(
+                    "{} steps logged, {} done",
+                    self.log.len(),
+                    state.global_step
+                ),
+            ));
+        }
         if let Some(path) = &self.config.log_json {
             save::write_atomic(path, &self.log_bytes())?;
         }

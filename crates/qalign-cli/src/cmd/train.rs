@@ -4,12 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use qalign_model::candle::{DType, Device};
 use qalign_train::optim::Schedule;
-use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, Trainer};
+use qalign_train::{DEFAULT_LORA_TARGETS, LossKind, Mode, TrainConfig, TrainError, Trainer};
 
 use crate::cmd::score::DtypeArg;
 use crate::flags;
@@ -231,7 +233,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         config.data.display()
     );
     let (lr, schedule, warmup_ratio) = (config.lr, config.schedule, config.warmup_ratio);
-    let mut trainer = Trainer::new(config).context("cannot set up training")?;
+    // Every sample's media header is read before training: a bar for a large dataset.
+    let mut check_bar = None;
+    let trainer = Trainer::with_progress(config, &mut |done, total| {
+        check_bar
+            .get_or_insert_with(|| crate::progress::bar(total as u64, "checking the data"))
+            .set_position(done as u64);
+    });
+    if let Some(bar) = check_bar {
+        bar.finish_and_clear();
+    }
+    let mut trainer = trainer.context("cannot set up training")?;
     let total = trainer.total_steps();
     let n_params: usize = trainer.params().iter().map(|p| p.var.elem_count()).sum();
     eprintln!(
@@ -262,6 +274,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
              use --warmup-ratio 0"
         );
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicU8::new(0));
+    catch_stop_signals(stop.clone(), signal.clone())?;
+    trainer.set_stop(stop);
     let bar = crate::progress::bar(total as u64, "training");
     let summary = trainer.run(&mut |log, _| {
         bar.set_position(log.step as u64);
@@ -275,8 +291,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 log.step, log.loss, log.lr, log.grad_norm, log.samples_per_s
             );
         }
-    })?;
+    });
     bar.finish_and_clear();
+    let summary = match summary {
+        Err(err @ (TrainError::Interrupted(_) | TrainError::Stopped { .. }))
+            if signal.load(Ordering::SeqCst) != 0 =>
+        {
+            eprintln!("error: {err}");
+            return Ok(ExitCode::from(signal.load(Ordering::SeqCst)));
+        }
+        other => other?,
+    };
     eprintln!(
         "trained {} steps on {} samples in {:.1} s: loss {} → {}; wrote {}",
         summary.steps,
@@ -287,6 +312,46 @@ pub fn run(args: Args) -> Result<ExitCode> {
         summary.output.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// From here on, the first Ctrl-C (SIGINT) or SIGTERM raises `stop` (the trainer then stops
+/// before its next micro-batch and keeps a checkpoint of the last completed step) and records the
+/// exit code a shell gives that signal (130, 143) in `signal`; a second one ends the process at once.
+fn catch_stop_signals(stop: Arc<AtomicBool>, signal: Arc<AtomicU8>) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal as on};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot catch Ctrl-C")?;
+        let (mut int, mut term) = runtime
+            .block_on(async {
+                anyhow::Ok((on(SignalKind::interrupt())?, on(SignalKind::terminate())?))
+            })
+            .context("cannot catch Ctrl-C")?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    let code: u8 = tokio::select! {
+                        _ = int.recv() => 130,
+                        _ = term.recv() => 143,
+                    };
+                    if signal.swap(code, Ordering::SeqCst) != 0 {
+                        std::process::exit(i32::from(code));
+                    }
+                    stop.store(true, Ordering::SeqCst);
+                    eprintln!(
+                        "\nstopping: the unfinished step is dropped and a checkpoint of the last \
+                         completed one is written (signal again to quit at once, keeping nothing new)"
+                    );
+                }
+            });
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (stop, signal);
+    Ok(())
 }
 
 #[derive(clap::Args)]
