@@ -36,7 +36,8 @@ Exit codes:
   2  invalid command-line arguments (unknown flag, bad flag value)
   3  some inputs failed, or could not be read while searching directories and globs, and were skipped; \
 the others were processed
-  130  interrupted by Ctrl-C (SIGINT); `loadtest` still prints the report of the requests that finished";
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: `train` keeps a checkpoint of the last completed step, \
+`loadtest` prints the report of the requests that finished";
 
 #[derive(Subcommand)]
 enum Command {

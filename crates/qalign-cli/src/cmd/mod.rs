@@ -19,6 +19,8 @@ pub const EXIT_PARTIAL: u8 = 3;
 
 /// Interrupted by Ctrl-C (SIGINT), as a shell reports a process the signal killed (128 + 2).
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// Stopped by SIGTERM (128 + 15).
+pub const EXIT_TERMINATED: u8 = 143;
 
 /// Reports a usage error that clap could not see (it depends on several flags or on files).
 pub fn usage_error(message: &str) -> std::process::ExitCode {

@@ -334,8 +334,8 @@ fn catch_stop_signals(stop: Arc<AtomicBool>, signal: Arc<AtomicU8>) -> Result<()
             runtime.block_on(async move {
                 loop {
                     let code: u8 = tokio::select! {
-                        _ = int.recv() => 130,
-                        _ = term.recv() => 143,
+                        _ = int.recv() => crate::cmd::EXIT_INTERRUPTED,
+                        _ = term.recv() => crate::cmd::EXIT_TERMINATED,
                     };
                     if signal.swap(code, Ordering::SeqCst) != 0 {
                         std::process::exit(i32::from(code));
