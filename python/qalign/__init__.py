@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import operator
 import os
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._qalign import QAlignError, __version__
 from ._qalign import Scorer as _RustScorer
@@ -28,6 +28,8 @@ SCALES = ("1-5", "0-1")
 PATH_RUN = 256
 
 _Rgb = Tuple[bytes, int, int]
+#: One record: the fields of ``qalign score --format json`` (or ``path`` and ``error``).
+_Record = Dict[str, Any]
 
 
 def _task_name(name: Any) -> str:
@@ -110,7 +112,7 @@ def _chained(message: str, cause: Exception) -> QAlignError:
     return error
 
 
-def _records(name: str, records: List[str]) -> Iterator[dict]:
+def _records(name: str, records: List[str]) -> Iterator[_Record]:
     for text in records:
         record = json.loads(text)
         # The caller's own string: the engine's rendering of a path is lossy when not UTF-8.
@@ -161,7 +163,7 @@ class Scorer:
         scale: str = "1-5",
         batch_size: int = 8,
         errors: str = "raise",
-    ) -> List[dict]:
+    ) -> List[_Record]:
         """Scores one input or an iterable of them; returns one dict per input and task, in order.
 
         Inputs are read as they are scored (a generator of images is never held whole). With
@@ -179,7 +181,7 @@ class Scorer:
             inputs = [inputs]
         elif not isinstance(inputs, Iterable):
             raise TypeError(f"cannot score a {type(inputs).__name__}: give paths, bytes, PIL images or numpy arrays")
-        out: List[dict] = []
+        out: List[_Record] = []
 
         def add(name: str, records: Optional[List[str]], error: Optional[QAlignError]) -> None:
             if error is None:

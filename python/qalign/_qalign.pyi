@@ -3,6 +3,8 @@
 import os
 from typing import List, Optional, Tuple, Union, final
 
+__all__ = ["Scorer", "QAlignError", "__version__"]
+
 __version__: str
 
 class QAlignError(Exception):
@@ -12,8 +14,9 @@ _Outcome = Tuple[Optional[List[str]], Optional[str]]
 
 @final
 class Scorer:
-    def __init__(
-        self,
+    # `__new__`, not `__init__`: a PyO3 class is built by `#[new]`, which is `__new__`.
+    def __new__(
+        cls,
         model: str,
         device: str = "cpu",
         dtype: str = "f32",
@@ -21,7 +24,7 @@ class Scorer:
         lora: Optional[Union[str, os.PathLike[str]]] = None,
         offline: bool = False,
         revision: Optional[str] = None,
-    ) -> None: ...
+    ) -> "Scorer": ...
     def score_paths(
         self,
         paths: List[str],

@@ -1,8 +1,10 @@
 """The Python package against the golden fixtures (the official PyTorch code's scores on the tiny
-model), for every input kind; bad inputs; the pyiqa-style metric."""
+model), for every input kind; bad inputs; the pyiqa-style metric; the type stubs against the extension."""
 
+import ast
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +166,56 @@ def test_hub_revision_and_offline_from_the_environment(tmp_path, monkeypatch):
         qalign.Scorer("org/tiny")  # `main` is not cached
     with pytest.raises(qalign.QAlignError, match="applies to a hub id"):
         qalign.Scorer(MODEL, revision="v1")
+
+
+def _parameters(function: ast.FunctionDef) -> list:
+    """``(name, default)`` of each parameter after self / cls; no default is ``...``."""
+    args = function.args.args[1:]
+    defaults = [...] * (len(args) - len(function.args.defaults))
+    return [(a.arg, d) for a, d in zip(args, defaults + [ast.literal_eval(x) for x in function.args.defaults])]
+
+
+def test_type_stubs_match_the_extension():
+    """Every function of `_qalign.pyi` has the runtime's parameter names and defaults (what
+    mypy's stubtest checks, without needing mypy), and the stubs name every public method."""
+    from qalign import _qalign
+
+    stub = ast.parse(pathlib.Path(_qalign.__file__).with_name("_qalign.pyi").read_text())
+    [all_names] = [
+        ast.literal_eval(n.value)
+        for n in stub.body
+        if isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == ["__all__"]
+    ]
+    assert all_names == _qalign.__all__
+    [cls] = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Scorer"]
+    defs = [n for n in cls.body if isinstance(n, ast.FunctionDef)]
+    public = {name for name in dir(_qalign.Scorer) if not name.startswith("_")}
+    assert public == {d.name for d in defs if not d.name.startswith("_")}
+    for d in defs:
+        # A PyO3 class is built by `__new__` (its `#[new]`), whose signature is the class's
+        # (absent under Python 3.9's limited API); its `__init__` is object's.
+        runtime = _qalign.Scorer if d.name == "__new__" else getattr(_qalign.Scorer, d.name)
+        text = runtime.__text_signature__
+        if text is None and d.name == "__new__" and sys.version_info < (3, 10):
+            continue
+        [parsed] = ast.parse(f"def f{text.replace('$self', 'self')}: pass").body
+        if d.name == "__new__":
+            parsed.args.args.insert(0, ast.arg("cls"))
+        assert _parameters(d) == _parameters(parsed), d.name
+
+
+def test_package_metadata_matches_what_was_checked():
+    """The installed metadata: Python 3.9 on (the abi3 floor), nothing needed at run time (numpy
+    and Pillow are optional), and a Ray extra that imports: Ray 2.22 on (older Ray Data fails with
+    pyarrow 21+), plus typing-extensions, which Ray Data imports without declaring it."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    meta = metadata.metadata("qalign")
+    assert SpecifierSet(meta["Requires-Python"]) == SpecifierSet(">=3.9")
+    requires = [Requirement(r) for r in metadata.requires("qalign") or []]
+    assert all(r.marker is not None and "extra" in str(r.marker) for r in requires), requires
+    ray = {r.name: r.specifier for r in requires if r.marker.evaluate({"extra": "ray"})}
+    assert ray == {"ray": SpecifierSet(">=2.22"), "typing-extensions": SpecifierSet(">=4.4")}

@@ -1,5 +1,6 @@
 """The Python layer's promises beyond the numbers: Ctrl-C, fail-fast and per-item errors, lazy
-reading of inputs, odd paths and batch sizes, picklable errors, the metric on any iterable."""
+reading of inputs, odd paths and batch sizes, picklable errors, the metric on any iterable, numpy and
+Pillow optional."""
 
 import concurrent.futures
 import functools
@@ -9,6 +10,8 @@ import pathlib
 import pickle
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -38,6 +41,9 @@ def jpeg_score(scorer):
 
 
 def test_ctrl_c_stops_a_long_call(scorer):
+    # Python's own handler: a process started in the background by a shell without job control
+    # (`nohup pytest &`, some CI runners) inherits SIGINT ignored, and the call ran to its end.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     start = time.monotonic()
     timer.start()
@@ -46,6 +52,7 @@ def test_ctrl_c_stops_a_long_call(scorer):
             scorer.score([str(JPEG)] * 40, batch_size=1)  # ~1 s an image in a debug build
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 10
 
 
@@ -148,3 +155,32 @@ def test_metric_takes_any_iterable_and_checks_its_task_first(tmp_path, jpeg_scor
         qalign.create_metric("qalign", task="all", model=nowhere)
     with pytest.raises(qalign.QAlignError):  # the task is fine: only then does loading fail
         qalign.create_metric("qalign", task="Aesthetics", model=nowhere)
+
+
+@pytest.mark.parametrize("missing", [("numpy",), ("PIL",)])
+def test_numpy_and_pillow_are_optional(jpeg_score, missing, tmp_path):
+    """Without numpy or Pillow (neither is a dependency), `import qalign` works, paths and bytes
+    score, and the other library's inputs still do."""
+    pixels = tmp_path / "pixels.npy"
+    np.save(pixels, np.asarray(Image.open(JPEG).convert("RGB")))
+    code = f"""
+import sys
+for name in {missing!r}:
+    sys.modules[name] = None  # `import` raises ImportError, as when it is not installed
+import qalign
+import pathlib
+inputs = [{str(JPEG)!r}, pathlib.Path({str(JPEG)!r}).read_bytes()]
+if "PIL" not in {missing!r}:
+    from PIL import Image
+    inputs.append(Image.open({str(JPEG)!r}))
+if "numpy" not in {missing!r}:
+    import numpy
+    inputs.append(numpy.load({str(pixels)!r}))
+for record in qalign.Scorer({str(MODEL)!r}).score(inputs):
+    print(repr(record["score"]))
+"""
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    scores = [float(line) for line in out.stdout.split()]
+    assert scores == [jpeg_score] * 3
