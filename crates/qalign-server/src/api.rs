@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -403,7 +404,7 @@ async fn score(State(state): State<AppState>, request: Request) -> Response {
     // The handler keeps a hold on the body: a request that times out while its client is still
     // uploading is drained like an early error, so that the client reads the 504.
     let (head, body) = request.into_parts();
-    let body = SharedBody(Arc::new(Mutex::new(body.into_data_stream())));
+    let body = SharedBody::new(body.into_data_stream());
     let request = Request::from_parts(head, Body::from_stream(body.clone()));
     let response = match tokio::time::timeout(timeout, score_request(&state, request, &body)).await
     {
@@ -488,16 +489,38 @@ async fn discard<E>(mut stream: impl Stream<Item = Result<Bytes, E>> + Unpin, li
 /// A request body that the parser reads through while the handler keeps a hold on it, so that
 /// what a parser that failed early left unread can still be discarded.
 #[derive(Clone)]
-struct SharedBody(Arc<Mutex<BodyDataStream>>);
+struct SharedBody {
+    stream: Arc<Mutex<BodyDataStream>>,
+    /// Set once reading from the connection failed: the client closed it, or sent less than it
+    /// announced. (A body over the limit fails outside, in the extractor's limit.)
+    cut_off: Arc<AtomicBool>,
+}
+
+impl SharedBody {
+    fn new(stream: BodyDataStream) -> Self {
+        Self {
+            stream: Arc::new(Mutex::new(stream)),
+            cut_off: Arc::default(),
+        }
+    }
+
+    fn is_cut_off(&self) -> bool {
+        self.cut_off.load(Ordering::Relaxed)
+    }
+}
 
 impl Stream for SharedBody {
     type Item = Result<Bytes, axum::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.lock() {
+        let poll = match self.stream.lock() {
             Ok(mut stream) => stream.poll_next_unpin(cx),
             Err(_) => Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(Err(_))) = &poll {
+            self.cut_off.store(true, Ordering::Relaxed);
         }
+        poll
     }
 }
 
@@ -536,6 +559,13 @@ async fn score_admitted(
 ) -> Result<Response, ApiError> {
     let parsed = match parse(state, request).await {
         Ok(parsed) => parsed,
+        // A body cut off is the client's doing, not the server's (axum calls it a 500 for
+        // multipart): a 400, so that clients that go away mid-upload do not look like failures.
+        Err(_) if body.is_cut_off() => {
+            return Err(ApiError::validation(
+                "the request body was cut off: the client closed the connection or sent less than it announced",
+            ));
+        }
         Err(err) => {
             // The client may still be uploading: let it finish, then read the error.
             discard(body.clone(), state.config.limits.max_body_bytes).await;
