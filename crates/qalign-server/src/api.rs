@@ -251,9 +251,8 @@ impl ApiError {
         err
     }
 
-    /// An axum rejection (body too large, malformed multipart, ...) with its own status.
-    /// An extractor's rejection; a body over the limit names the limit (axum says only "payload
-    /// too large").
+    /// An axum rejection (body too large, malformed multipart, ...) with its own status; a body
+    /// over the limit names the limit (axum says only "payload too large").
     fn rejection(status: StatusCode, text: String, max_body_bytes: usize) -> Self {
         let error_type = match status {
             StatusCode::PAYLOAD_TOO_LARGE => ErrorType::PayloadTooLarge,
@@ -824,13 +823,10 @@ async fn parse_multipart(
     request: Request,
     dir: tempfile::TempDir,
 ) -> Result<Parsed, ApiError> {
-    let mut multipart = Multipart::from_request(request, state).await.map_err(|e| {
-        ApiError::rejection(
-            e.status(),
-            e.body_text(),
-            state.config.limits.max_body_bytes,
-        )
-    })?;
+    let limit = state.config.limits.max_body_bytes;
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::rejection(e.status(), e.body_text(), limit))?;
     let max_files = state.config.limits.max_client_batch_size;
     let mut raw = RawParams::default();
     let mut parts = Vec::new();
@@ -839,11 +835,7 @@ async fn parse_multipart(
             Ok(Some(field)) => field,
             Ok(None) => break,
             Err(e) => {
-                return Err(ApiError::rejection(
-                    e.status(),
-                    e.body_text(),
-                    state.config.limits.max_body_bytes,
-                ));
+                return Err(ApiError::rejection(e.status(), e.body_text(), limit));
             }
         };
         let field_name = field.name().unwrap_or("").to_string();
@@ -865,11 +857,7 @@ async fn parse_multipart(
                     Ok(Some(chunk)) => file.write_all(&chunk).await.map_err(spool_error)?,
                     Ok(None) => break,
                     Err(e) => {
-                        return Err(ApiError::rejection(
-                            e.status(),
-                            e.body_text(),
-                            state.config.limits.max_body_bytes,
-                        ));
+                        return Err(ApiError::rejection(e.status(), e.body_text(), limit));
                     }
                 }
             }
@@ -892,13 +880,10 @@ async fn parse_multipart(
                 )));
             }
         };
-        let text = field.text().await.map_err(|e| {
-            ApiError::rejection(
-                e.status(),
-                e.body_text(),
-                state.config.limits.max_body_bytes,
-            )
-        })?;
+        let text = field
+            .text()
+            .await
+            .map_err(|e| ApiError::rejection(e.status(), e.body_text(), limit))?;
         *slot = Some(text);
     }
     Ok(Parsed {
@@ -913,13 +898,10 @@ async fn parse_json(
     request: Request,
     dir: tempfile::TempDir,
 ) -> Result<Parsed, ApiError> {
-    let body = Bytes::from_request(request, state).await.map_err(|e| {
-        ApiError::rejection(
-            e.status(),
-            e.body_text(),
-            state.config.limits.max_body_bytes,
-        )
-    })?;
+    let limit = state.config.limits.max_body_bytes;
+    let body = Bytes::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::rejection(e.status(), e.body_text(), limit))?;
     let request: JsonScoreRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::validation(format!("malformed JSON body: {e}")))?;
     let raw = RawParams {

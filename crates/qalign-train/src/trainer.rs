@@ -703,7 +703,7 @@ impl Trainer {
                 self.resume_hint(saved_step)
             } else {
                 match self.save_checkpoint(&state, &opt) {
-                    Ok(_) => self.resume_hint(step),
+                    Ok(()) => self.resume_hint(step),
                     Err(e) => format!(
                         "the checkpoint of step {step} could not be written either ({e}); {}",
                         self.resume_hint(saved_step)
@@ -845,17 +845,10 @@ impl Trainer {
         }
     }
 
-    /// Writes `checkpoint-N` for the state's step; returns its folder.
-    fn save_checkpoint(&self, state: &TrainerState, opt: &AdamW) -> Result<PathBuf> {
+    /// Writes `checkpoint-N` for the state's step.
+    fn save_checkpoint(&self, state: &TrainerState, opt: &AdamW) -> Result<()> {
         let dest = self.checkpoint_dir(state.global_step);
-        // Its files are written under a temporary folder name: the message names the checkpoint.
-        self.write_checkpoint_to(&dest, state, opt)
-            .map_err(|e| wrapped(&dest, e))?;
-        Ok(dest)
-    }
-
-    fn write_checkpoint_to(&self, dest: &Path, state: &TrainerState, opt: &AdamW) -> Result<()> {
-        save::write_dir_atomic(dest, &CHECKPOINT, |dir| {
+        save::write_dir_atomic(&dest, &CHECKPOINT, |dir| {
             self.write_weights(dir, opt)?;
             save::write_optimizer(dir, &opt.state())?;
             save::write_atomic(&dir.join(TRAINING_LOG), &self.log_bytes())?;
@@ -863,6 +856,8 @@ impl Trainer {
                 .map_err(|e| TrainError::Internal(e.to_string()))?;
             save::write_atomic(&dir.join(STATE_FILE), &json)
         })
+        // Its files are written under a temporary folder name: the message names the checkpoint.
+        .map_err(|e| wrapped(&dest, e))
     }
 
     fn write_output(&self, opt: &AdamW) -> Result<()> {

@@ -11,8 +11,6 @@ use qalign_server::loadtest::{
     LoadtestConfig, LoadtestReport, MAX_REQUESTS, check_url, run as run_load,
 };
 
-/// The exit code of a run stopped with Ctrl-C (128 + SIGINT, as a shell reports it).
-
 #[derive(clap::Args)]
 pub struct Args {
     /// The server's base URL, e.g. http://127.0.0.1:8080 (requests go to URL/v1/score).
